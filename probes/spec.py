@@ -1,0 +1,388 @@
+"""The probe's request and result types: frozen, validated, JSON-serialisable.
+
+Field names marked *fixed* in ``DESIGN.md`` §4 are relied on by clients and keep their
+spelling here. Every type is a frozen pydantic model, so one definition validates the CLI's
+flags, the API's body and the child's input, and ``model_dump(mode="json")`` is the wire form.
+
+This module imports no torch: the service and the search use it too.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+JsonValue = Any
+"""A value that ``json.dumps`` accepts (kept loose: model configs nest freely)."""
+
+
+class Frozen(BaseModel):
+    """Base for every spec and result type: immutable, no unknown fields."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Precision(StrEnum):
+    """Training precision, in Lightning's names."""
+
+    #: plain fp32 weights and compute
+    FP32 = "32-true"
+    #: fp16 autocast with a gradient scaler, fp32 master weights (HF ``fp16=True``)
+    FP16_MIXED = "16-mixed"
+    #: bf16 autocast, fp32 master weights (HF ``bf16=True``)
+    BF16_MIXED = "bf16-mixed"
+    #: weights, grads and optimizer state in bf16 (a model loaded with ``dtype=bfloat16``)
+    BF16_TRUE = "bf16-true"
+
+    @property
+    def needs_bf16(self) -> bool:
+        return self in (Precision.BF16_MIXED, Precision.BF16_TRUE)
+
+
+PRECISION_ALIASES: dict[str, Precision] = {
+    "32-true": Precision.FP32,
+    "32": Precision.FP32,
+    "fp32": Precision.FP32,
+    "float32": Precision.FP32,
+    "16-mixed": Precision.FP16_MIXED,
+    "16": Precision.FP16_MIXED,
+    "fp16": Precision.FP16_MIXED,
+    "float16": Precision.FP16_MIXED,
+    "bf16-mixed": Precision.BF16_MIXED,
+    "bf16": Precision.BF16_MIXED,
+    "bfloat16": Precision.BF16_MIXED,
+    "bf16-true": Precision.BF16_TRUE,
+}
+"""Accepted spellings (Lightning's names and the HF ``TrainingArguments`` flags)."""
+
+
+def parse_precision(value: str) -> Precision:
+    """The precision a user's spelling names; ``ValueError`` lists the accepted ones."""
+    key = value.strip().lower()
+    if key in PRECISION_ALIASES:
+        return PRECISION_ALIASES[key]
+    known = ", ".join(sorted(PRECISION_ALIASES))
+    raise ValueError(f"unknown precision {value!r}; use one of: {known}")
+
+
+class Outcome(StrEnum):
+    """What one trial at one batch size came to."""
+
+    #: the steps ran and the peak left at least the headroom free
+    FIT = "fit"
+    #: the device ran out of memory (typed error, or a recognised message)
+    OOM = "oom"
+    #: the steps ran, but the peak left less free memory than the headroom
+    OVER_HEADROOM = "over_headroom"
+    #: any other exception; the child that saw it is discarded
+    ERROR = "error"
+    #: the trial ran past its time limit and its child was killed
+    TIMEOUT = "timeout"
+    #: the child process died (signal, abort, non-zero exit without a report)
+    CRASH = "crash"
+
+
+class ConfigStatus(StrEnum):
+    #: searched; ``max_batch_size`` is set (or no size fits: then it is ``None`` with a reason)
+    OK = "ok"
+    #: not run, for the reason given (bf16 on a GPU without native bf16, say)
+    SKIPPED = "skipped"
+    #: the search could not finish (errors, crashes, timeouts), for the reason given
+    FAILED = "failed"
+
+
+DEVICE_PATTERN = re.compile(r"^(cuda(:\d+)?|simulated|predict)$")
+
+
+class ModelSpec(Frozen):
+    """Which model to build: an architecture with config overrides, or a name or local path."""
+
+    architecture: str | None = Field(
+        default=None, description="a transformers model type, e.g. gpt2, llama, mistral, qwen2"
+    )
+    config: dict[str, JsonValue] = Field(
+        default_factory=dict, description="overrides for the architecture's default config"
+    )
+    name_or_path: str | None = Field(
+        default=None, description="a local directory holding config.json, or a hub id"
+    )
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> ModelSpec:
+        if (self.architecture is None) == (self.name_or_path is None):
+            raise ValueError("give exactly one of model.architecture or model.name_or_path")
+        return self
+
+    @property
+    def label(self) -> str:
+        """A short human name for lists and logs."""
+        return self.architecture or self.name_or_path or "?"
+
+
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+class ProbeSpec(Frozen):
+    """One request: a model, a shape, the configs to try, the device and the target."""
+
+    model: ModelSpec
+    task: Literal["causal-lm"] = "causal-lm"
+    seq_len: PositiveInt
+    precisions: tuple[Precision, ...] = tuple(Precision)
+    gradient_checkpointing: tuple[bool, ...] = (False, True)
+    optimizer: Literal["adamw"] = "adamw"
+    target_effective_batch_size: PositiveInt
+    world_size: PositiveInt = 1
+    device: str = "simulated"
+    memory_limit_bytes: PositiveInt | None = Field(
+        default=None,
+        description="memory for tensors; required for simulated and predict, optional on cuda",
+    )
+    gpu: str | None = Field(default=None, description="a GPU name from the predict table, e.g. H100-80GB")
+    headroom_bytes: int = Field(default=0, ge=0, description="free memory a passing trial must leave")
+    max_batch_size_limit: PositiveInt | None = None
+    dataset_size: PositiveInt | None = None
+    num_train_epochs: float | None = Field(default=None, gt=0)
+    warmup_ratio: float | None = Field(default=None, ge=0, lt=1)
+    trial_accumulation_steps: int = Field(
+        default=2, ge=2, le=16, description="micro-steps per optimizer step in every trial (>= 2)"
+    )
+    trial_optimizer_steps: int = Field(
+        default=2, ge=2, le=16, description="optimizer steps per trial (>= 2: AdamW state exists after one)"
+    )
+    confirm_optimizer_steps: int = Field(
+        default=4, ge=2, le=64, description="optimizer steps of the fresh-process confirmation"
+    )
+    trial_timeout_seconds: float = Field(default=600.0, gt=0, le=86_400)
+    seed: int = 0
+
+    @field_validator("precisions", mode="before")
+    @classmethod
+    def _parse_precisions(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list | tuple):
+            parsed = [parse_precision(v) if isinstance(v, str) else v for v in value]
+            return tuple(dict.fromkeys(parsed))
+        return value
+
+    @field_validator("precisions")
+    @classmethod
+    def _non_empty_precisions(cls, value: tuple[Precision, ...]) -> tuple[Precision, ...]:
+        if not value:
+            raise ValueError("precisions must name at least one precision")
+        return value
+
+    @field_validator("gradient_checkpointing", mode="before")
+    @classmethod
+    def _dedupe_checkpointing(cls, value: object) -> object:
+        if isinstance(value, bool):
+            return (value,)
+        if isinstance(value, list | tuple):
+            return tuple(dict.fromkeys(value))
+        return value
+
+    @field_validator("gradient_checkpointing")
+    @classmethod
+    def _non_empty_checkpointing(cls, value: tuple[bool, ...]) -> tuple[bool, ...]:
+        if not value:
+            raise ValueError("gradient_checkpointing must list at least one of false, true")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value == "cuda":
+            value = "cuda:0"
+        if not DEVICE_PATTERN.match(value):
+            raise ValueError(f"unknown device {value!r}; use cuda:N, simulated or predict")
+        return value
+
+    @model_validator(mode="after")
+    def _memory_for_simulated(self) -> ProbeSpec:
+        if self.device == "simulated" and self.memory_limit_bytes is None:
+            raise ValueError("device 'simulated' needs memory_limit_bytes (the memory cap to simulate)")
+        if self.device == "predict" and self.memory_limit_bytes is None and self.gpu is None:
+            raise ValueError("device 'predict' needs memory_limit_bytes or gpu (e.g. H100-80GB)")
+        if self.gpu is not None and self.device != "predict":
+            raise ValueError("gpu names a card to predict for; use it with device 'predict'")
+        if self.memory_limit_bytes is not None and self.headroom_bytes >= self.memory_limit_bytes:
+            raise ValueError("headroom_bytes must be smaller than memory_limit_bytes")
+        return self
+
+    @property
+    def device_kind(self) -> Literal["cuda", "simulated", "predict"]:
+        if self.device.startswith("cuda"):
+            return "cuda"
+        return "simulated" if self.device == "simulated" else "predict"
+
+    @property
+    def cuda_index(self) -> int | None:
+        if not self.device.startswith("cuda"):
+            return None
+        return int(self.device.split(":")[1])
+
+    def configs(self) -> list[tuple[Precision, bool]]:
+        """Every (precision, checkpointing) pair to probe, in request order."""
+        return [(p, c) for p in self.precisions for c in self.gradient_checkpointing]
+
+
+class TrialRecord(Frozen):
+    """One trial: a batch size run for a few optimizer steps in a child process."""
+
+    batch_size: int
+    outcome: Outcome
+    peak_reserved_bytes: int | None = None
+    peak_allocated_bytes: int | None = None
+    step_seconds: float | None = Field(default=None, description="mean seconds per optimizer step")
+    accumulation_steps: int = 1
+    optimizer_steps: int = 0
+    message: str | None = None
+    loss_flag: str | None = Field(
+        default=None, description="'nan', 'inf' or 'zero' when the fp16 loss overflowed or vanished"
+    )
+
+    @property
+    def peak_bytes(self) -> int | None:
+        """The peak that decides fit: reserved where the device reports it, else allocated."""
+        return self.peak_reserved_bytes if self.peak_reserved_bytes is not None else self.peak_allocated_bytes
+
+
+class Plan(Frozen):
+    """``per_device_train_batch_size × gradient_accumulation_steps × world_size``."""
+
+    per_device_train_batch_size: int
+    gradient_accumulation_steps: int
+    world_size: int
+    effective_batch_size: int
+    exact: bool = Field(description="true when effective_batch_size equals the target")
+    note: str | None = None
+
+
+class ConfigResult(Frozen):
+    """The search result for one (precision, checkpointing) pair."""
+
+    precision: Precision
+    gradient_checkpointing: bool
+    status: ConfigStatus
+    reason: str | None = None
+    max_batch_size: int | None = None
+    first_failing_batch_size: int | None = None
+    peak_memory_bytes: int | None = None
+    samples_per_second: float | None = None
+    tokens_per_second: float | None = None
+    confirmed: bool = False
+    warnings: tuple[str, ...] = ()
+    trials: tuple[TrialRecord, ...] = ()
+    plan: Plan | None = None
+
+
+class DeviceInfo(Frozen):
+    kind: Literal["cuda", "simulated", "predict"]
+    name: str
+    total_memory_bytes: int
+    memory_limit_bytes: int | None = None
+    compute_capability: str | None = None
+    bf16_supported: bool
+    timings_are_gpu_times: bool = False
+    predicted: bool = False
+    overhead_bytes: int = Field(default=0, description="predicted GPU overhead added to every peak")
+    uuid: str | None = None
+
+
+class Recommendation(Frozen):
+    precision: Precision
+    gradient_checkpointing: bool
+    plan: Plan
+    training_arguments: dict[str, JsonValue]
+    why: str
+
+
+class Versions(Frozen):
+    maxbatch: str
+    python: str
+    torch: str | None = None
+    transformers: str | None = None
+    cuda: str | None = None
+    driver: str | None = None
+
+
+class ProbeResult(Frozen):
+    spec: ProbeSpec
+    device: DeviceInfo
+    configs: tuple[ConfigResult, ...]
+    recommendation: Recommendation | None = None
+    versions: Versions
+    elapsed_seconds: float
+    timing_note: str | None = None
+
+
+class EventKind(StrEnum):
+    #: the search of one config starts
+    CONFIG_STARTED = "config_started"
+    #: one trial finished (any outcome)
+    TRIAL = "trial"
+    #: one config is done: searched, confirmed, planned (or skipped / failed)
+    CONFIG_DONE = "config_done"
+
+
+class ProbeEvent(Frozen):
+    """Progress of a running probe, as the engine reports it to its caller."""
+
+    kind: EventKind
+    precision: Precision
+    gradient_checkpointing: bool
+    config_index: int = Field(description="0-based position of the config in spec.configs()")
+    config_count: int
+    trial: TrialRecord | None = None
+    config: ConfigResult | None = None
+    phase: Literal["search", "confirm"] | None = None
+
+
+class ConfigTask(Frozen):
+    """What a trial child needs to build one config: the parent sends it once per child."""
+
+    model: ModelSpec
+    seq_len: PositiveInt
+    precision: Precision
+    gradient_checkpointing: bool
+    optimizer: Literal["adamw"] = "adamw"
+    device: str
+    memory_limit_bytes: int | None = None
+    headroom_bytes: int = 0
+    gpu: str | None = None
+    seed: int = 0
+    allow_remote_code: bool = False
+
+    @classmethod
+    def for_config(
+        cls, spec: ProbeSpec, precision: Precision, checkpointing: bool, *, allow_remote_code: bool = False
+    ) -> ConfigTask:
+        return cls(
+            model=spec.model,
+            seq_len=spec.seq_len,
+            precision=precision,
+            gradient_checkpointing=checkpointing,
+            optimizer=spec.optimizer,
+            device=spec.device,
+            memory_limit_bytes=spec.memory_limit_bytes,
+            headroom_bytes=spec.headroom_bytes,
+            gpu=spec.gpu,
+            seed=spec.seed,
+            allow_remote_code=allow_remote_code,
+        )
+
+
+class ModelFacts(Frozen):
+    """What building the config taught us (reported by the first child; validates the request)."""
+
+    model_type: str
+    architecture_class: str
+    parameter_count: int
+    max_positions: int | None
+    vocab_size: int
