@@ -1,0 +1,60 @@
+"""maxbatch's probe engine: measure the largest batch size that trains, per precision and checkpointing.
+
+Public API (torch-free to import; trials run in child processes)::
+
+    from probes import ModelSpec, ProbeSpec, run_probe
+    result = run_probe(ProbeSpec(model=ModelSpec(architecture="gpt2", config={"n_layer": 2}),
+                                 seq_len=128, target_effective_batch_size=256,
+                                 device="simulated", memory_limit_bytes=320 << 20))
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from probes.errors import ProbeError, ProbeFailed, ProbeInputError
+from probes.spec import (
+    ConfigResult,
+    ConfigStatus,
+    DeviceInfo,
+    ModelSpec,
+    Outcome,
+    Plan,
+    Precision,
+    ProbeEvent,
+    ProbeResult,
+    ProbeSpec,
+    Recommendation,
+    TrialRecord,
+)
+
+if TYPE_CHECKING:
+    from probes.engine import run_probe
+
+__all__ = [
+    "ConfigResult",
+    "ConfigStatus",
+    "DeviceInfo",
+    "ModelSpec",
+    "Outcome",
+    "Plan",
+    "Precision",
+    "ProbeError",
+    "ProbeEvent",
+    "ProbeFailed",
+    "ProbeInputError",
+    "ProbeResult",
+    "ProbeSpec",
+    "Recommendation",
+    "TrialRecord",
+    "run_probe",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # The engine pulls in the search and the process machinery: load it on first use.
+    if name == "run_probe":
+        from probes.engine import run_probe  # noqa: PLC0415
+
+        return run_probe
+    raise AttributeError(f"module 'probes' has no attribute {name!r}")

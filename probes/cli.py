@@ -1,0 +1,274 @@
+"""``maxbatch probe``: run a probe from the command line, with progress per config and trial.
+
+The ``maxbatch`` entry point (``app.cli``) registers :func:`probe`. The probe runs in this
+process's engine (torch-free) with every trial in a child process. ``--json`` prints the result
+object of DESIGN.md §4 and nothing else on stdout; progress goes to stderr. Bad input prints
+one line on stderr and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated, NoReturn
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from probes.errors import ProbeError, ProbeInputError
+from probes.spec import ConfigStatus, EventKind, ModelSpec, ProbeEvent, ProbeResult, ProbeSpec
+from probes.units import format_bytes, parse_bytes
+
+EXIT_INPUT = 2
+EXIT_FAILED = 3
+
+
+def fail_input(message: str) -> NoReturn:
+    """One line on stderr, exit code 2."""
+    sys.stderr.write(f"maxbatch: error: {message}\n")
+    raise typer.Exit(EXIT_INPUT)
+
+
+def _validation_message(exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors():
+        where = ".".join(str(p) for p in error["loc"]) or "request"
+        parts.append(f"{where}: {error['msg']}")
+    return "; ".join(parts)
+
+
+def _checkpointing(values: list[str]) -> list[bool]:
+    table = {"on": True, "off": False, "true": True, "false": False, "yes": True, "no": False}
+    try:
+        return [table[v.strip().lower()] for v in values]
+    except KeyError as exc:
+        fail_input(f"--checkpointing takes on or off, not {exc.args[0]!r}")
+
+
+def build_spec(
+    *,
+    architecture: str | None,
+    config_json: str | None,
+    model: str | None,
+    trust_remote_code: bool,
+    seq_len: int,
+    precision: list[str],
+    checkpointing: list[str],
+    target_batch_size: int,
+    world_size: int,
+    device: str,
+    memory: str | None,
+    gpu: str | None,
+    headroom: str | None,
+    max_batch_size: int | None,
+    dataset_size: int | None,
+    epochs: float | None,
+    warmup_ratio: float | None,
+    trial_timeout: float,
+    confirm_steps: int,
+) -> ProbeSpec:
+    """The spec the flags describe; every problem ends in :func:`fail_input`."""
+    overrides: object = {}
+    if config_json is not None:
+        try:
+            overrides = json.loads(config_json)
+        except json.JSONDecodeError as exc:
+            fail_input(f"--config-json is not valid JSON: {exc}")
+        if not isinstance(overrides, dict):
+            fail_input("--config-json must be a JSON object, e.g. '{\"n_layer\": 2}'")
+    try:
+        memory_bytes = parse_bytes(memory) if memory is not None else None
+        headroom_bytes = parse_bytes(headroom) if headroom is not None else 0
+    except ValueError as exc:
+        fail_input(str(exc))
+    chosen: dict[str, object] = {}
+    if precision:
+        chosen["precisions"] = tuple(precision)
+    if checkpointing:
+        chosen["gradient_checkpointing"] = tuple(_checkpointing(checkpointing))
+    try:
+        return ProbeSpec(
+            **chosen,  # type: ignore[arg-type]
+            model=ModelSpec(
+                architecture=architecture,
+                config=overrides,  # type: ignore[arg-type]
+                name_or_path=model,
+                trust_remote_code=trust_remote_code,
+            ),
+            seq_len=seq_len,
+            target_effective_batch_size=target_batch_size,
+            world_size=world_size,
+            device=device,
+            memory_limit_bytes=memory_bytes,
+            gpu=gpu,
+            headroom_bytes=headroom_bytes,
+            max_batch_size_limit=max_batch_size,
+            dataset_size=dataset_size,
+            num_train_epochs=epochs,
+            warmup_ratio=warmup_ratio,
+            trial_timeout_seconds=trial_timeout,
+            confirm_optimizer_steps=confirm_steps,
+        )
+    except ValidationError as exc:
+        fail_input(_validation_message(exc))
+
+
+class _ProgressView:
+    """One progress bar per config; each trial advances its bar."""
+
+    def __init__(self, progress: Progress, labels: list[str]) -> None:
+        self._progress = progress
+        self._tasks: list[TaskID] = [
+            progress.add_task(label, total=None, start=False, detail="waiting") for label in labels
+        ]
+
+    def __call__(self, event: ProbeEvent) -> None:
+        task = self._tasks[event.config_index]
+        if event.kind is EventKind.CONFIG_STARTED:
+            self._progress.start_task(task)
+            self._progress.update(task, detail="searching")
+        elif event.kind is EventKind.TRIAL and event.trial is not None:
+            trial = event.trial
+            peak = f" peak {format_bytes(trial.peak_bytes)}" if trial.peak_bytes is not None else ""
+            self._progress.update(
+                task, advance=1, detail=f"{event.phase} b={trial.batch_size}: {trial.outcome.value}{peak}"
+            )
+        elif event.kind is EventKind.CONFIG_DONE and event.config is not None:
+            config = event.config
+            detail = (
+                f"max {config.max_batch_size}" if config.status is ConfigStatus.OK else config.status.value
+            )
+            self._progress.update(task, total=len(config.trials) or 1, completed=len(config.trials) or 1)
+            self._progress.update(task, detail=detail)
+            self._progress.stop_task(task)
+
+
+def _label(precision: str, checkpointing: bool) -> str:
+    return f"{precision:<10} ckpt {'on ' if checkpointing else 'off'}"
+
+
+def render_table(result: ProbeResult, console: Console) -> None:
+    """A human summary of a result: one row per config, then the recommendation."""
+    table = Table(title=f"{result.spec.model.label} · seq {result.spec.seq_len} · {result.device.name}")
+    for column in ("precision", "ckpt", "status", "max batch", "first fail", "trials", "peak", "plan"):
+        table.add_column(column)
+    for config in result.configs:
+        plan = config.plan
+        table.add_row(
+            config.precision.value,
+            "on" if config.gradient_checkpointing else "off",
+            config.status.value if not config.reason else f"{config.status.value}: {config.reason}",
+            str(config.max_batch_size or "-"),
+            str(config.first_failing_batch_size or "-"),
+            str(len(config.trials)),
+            format_bytes(config.peak_memory_bytes) if config.peak_memory_bytes else "-",
+            (
+                f"{plan.per_device_train_batch_size} x {plan.gradient_accumulation_steps} x {plan.world_size}"
+                f" = {plan.effective_batch_size}"
+                if plan
+                else "-"
+            ),
+        )
+    console.print(table)
+    rec = result.recommendation
+    if rec is None:
+        console.print("[bold red]no configuration reaches a plan[/]")
+        return
+    console.print(f"[bold]recommended:[/] {rec.precision.value}, checkpointing {rec.gradient_checkpointing} — {rec.why}")
+    console.print_json(json.dumps(rec.training_arguments))
+    if result.timing_note:
+        console.print(f"[dim]{result.timing_note}[/]")
+
+
+def probe(
+    seq_len: Annotated[int, typer.Option("--seq-len", help="sequence length; every sample is padded to it")],
+    target_batch_size: Annotated[
+        int, typer.Option("--target-batch-size", help="target effective batch size (all ranks)")
+    ],
+    architecture: Annotated[
+        str | None, typer.Option("--architecture", help="model type, e.g. gpt2, llama, mistral, qwen2")
+    ] = None,
+    config_json: Annotated[
+        str | None, typer.Option("--config-json", help="JSON object of config overrides")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", help="local directory with config.json, or a hub id")
+    ] = None,
+    precision: Annotated[
+        list[str] | None, typer.Option("--precision", help="32-true, 16-mixed, bf16-mixed, bf16-true (repeat)")
+    ] = None,
+    checkpointing: Annotated[
+        list[str] | None, typer.Option("--checkpointing", help="on or off (repeat for both)")
+    ] = None,
+    world_size: Annotated[int, typer.Option("--world-size", help="data-parallel ranks")] = 1,
+    device: Annotated[str, typer.Option("--device", help="cuda:N, simulated or predict")] = "simulated",
+    memory: Annotated[
+        str | None, typer.Option("--memory", help="memory for tensors, e.g. 320MiB, 80GiB")
+    ] = None,
+    gpu: Annotated[str | None, typer.Option("--gpu", help="predict for this card, e.g. H100-80GB")] = None,
+    headroom: Annotated[
+        str | None, typer.Option("--headroom", help="memory a passing trial must leave free")
+    ] = None,
+    max_batch_size: Annotated[int | None, typer.Option("--max-batch-size", help="never try more")] = None,
+    dataset_size: Annotated[int | None, typer.Option("--dataset-size", help="samples per epoch")] = None,
+    epochs: Annotated[float | None, typer.Option("--epochs", help="epochs, for max_steps")] = None,
+    warmup_ratio: Annotated[float | None, typer.Option("--warmup-ratio", help="warm-up share")] = None,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
+    allow_remote_code: Annotated[
+        bool, typer.Option("--allow-remote-code", help="operator's consent to run a model's own code")
+    ] = False,
+    trial_timeout: Annotated[float, typer.Option("--trial-timeout", help="seconds per trial")] = 600.0,
+    confirm_steps: Annotated[int, typer.Option("--confirm-steps", help="optimizer steps")] = 4,
+    as_json: Annotated[bool, typer.Option("--json", help="print the result JSON only")] = False,
+) -> None:
+    """Find the largest batch size per precision × checkpointing, and the accumulation plan."""
+    from probes.engine import run_probe  # noqa: PLC0415 — keep `maxbatch --help` fast
+
+    spec = build_spec(
+        architecture=architecture,
+        config_json=config_json,
+        model=model,
+        trust_remote_code=trust_remote_code,
+        seq_len=seq_len,
+        precision=precision or [],
+        checkpointing=checkpointing or [],
+        target_batch_size=target_batch_size,
+        world_size=world_size,
+        device=device,
+        memory=memory,
+        gpu=gpu,
+        headroom=headroom,
+        max_batch_size=max_batch_size,
+        dataset_size=dataset_size,
+        epochs=epochs,
+        warmup_ratio=warmup_ratio,
+        trial_timeout=trial_timeout,
+        confirm_steps=confirm_steps,
+    )
+    console = Console(stderr=True)
+    labels = [_label(p.value, c) for p, c in spec.configs()]
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed} trials"),
+        TextColumn("{task.fields[detail]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=as_json,
+    ) as progress:
+        view = _ProgressView(progress, labels)
+        try:
+            result = run_probe(spec, on_event=view, allow_remote_code=allow_remote_code)
+        except ProbeInputError as exc:
+            known = f" (known: {', '.join(exc.known[:40])}{', …' if len(exc.known) > 40 else ''})" if exc.known else ""
+            fail_input(exc.message + known)
+        except ProbeError as exc:
+            sys.stderr.write(f"maxbatch: probe failed: {exc.message}\n")
+            raise typer.Exit(EXIT_FAILED) from exc
+    if as_json:
+        sys.stdout.write(result.model_dump_json(indent=2) + "\n")
+    else:
+        render_table(result, Console())

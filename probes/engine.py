@@ -1,0 +1,268 @@
+"""Run a whole probe: every config's search in trial children, confirmation, plans, recommendation.
+
+This is the parent side and imports no torch, so the service and the CLI can call it directly.
+Per config the pure :class:`probes.search.LadderSearch` proposes batch sizes; each trial runs in
+a :class:`probes.isolate.TrialChild` that keeps the model built between passing trials and is
+replaced after any other outcome (an OOM can leave the allocator fragmented; an error can leave
+a CUDA context poisoned). The chosen size is then re-run in a fresh child for
+``confirm_optimizer_steps`` optimizer steps before it is reported as safe; a failed confirmation
+reopens the search below it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from probes.isolate import TrialChild, raise_reply_error, trial_from_reply
+from probes.plan import make_plan
+from probes.recommend import TrainingArgumentsSupport, recommend
+from probes.search import LadderSearch
+from probes.spec import (
+    ConfigResult,
+    ConfigStatus,
+    ConfigTask,
+    DeviceInfo,
+    EventKind,
+    ModelFacts,
+    Outcome,
+    Precision,
+    ProbeEvent,
+    ProbeResult,
+    ProbeSpec,
+    TrialRecord,
+    Versions,
+)
+
+EventSink = Callable[[ProbeEvent], None]
+
+_INFO_TIMEOUT_SECONDS = 600.0
+MAX_CONFIRMATION_ROUNDS = 3
+
+
+@dataclass(frozen=True)
+class ProbeContext:
+    """What the first child learnt: the device, the versions, the model, the transformers API."""
+
+    device: DeviceInfo
+    versions: Versions
+    model: ModelFacts
+    support: TrainingArgumentsSupport
+
+
+def _skip_reason(precision: Precision, device: DeviceInfo) -> str | None:
+    if precision.needs_bf16 and not device.bf16_supported:
+        capability = device.compute_capability or "unknown"
+        return (
+            f"{device.name} has no native bf16 (compute capability {capability} < 8.0); "
+            "use 16-mixed or 32-true"
+        )
+    return None
+
+
+def _fp16_warnings(trials: list[TrialRecord]) -> tuple[str, ...]:
+    flagged = [t for t in trials if t.loss_flag]
+    if not flagged:
+        return ()
+    first = flagged[0]
+    return (
+        f"fp16 loss was {first.loss_flag} at batch size {first.batch_size}: the loss scale cannot "
+        "hold this model's range; train in bf16-mixed (where supported) or 32-true",
+    )
+
+
+@dataclass
+class _ConfigRun:
+    """One config's search, driven trial by trial through replaceable children."""
+
+    spec: ProbeSpec
+    task: ConfigTask
+    capacity_bytes: int
+    emit: Callable[[EventKind, TrialRecord | None, ConfigResult | None, str | None], None]
+    cancel: threading.Event | None
+    child: TrialChild | None = None
+    all_trials: list[TrialRecord] = field(default_factory=list)
+
+    def _trial(self, batch_size: int, optimizer_steps: int, phase: str, *, fresh: bool) -> TrialRecord:
+        if fresh and self.child is not None:
+            self.child.close()
+            self.child = None
+        if self.child is None:
+            self.child = TrialChild(self.task, cancel=self.cancel)
+        reply = self.child.request(
+            {
+                "op": "trial",
+                "batch_size": batch_size,
+                "accumulation_steps": self.spec.trial_accumulation_steps,
+                "optimizer_steps": optimizer_steps,
+            },
+            timeout_seconds=self.spec.trial_timeout_seconds,
+        )
+        trial, discard = trial_from_reply(batch_size, reply)
+        if discard:
+            self.child.close()
+            self.child = None
+        self.all_trials.append(trial)
+        self.emit(EventKind.TRIAL, trial, None, phase)
+        return trial
+
+    def run(self) -> tuple[LadderSearch, TrialRecord | None]:
+        """Search, then confirm; returns the search and the passing confirmation trial."""
+        search = LadderSearch(capacity_bytes=self.capacity_bytes, upper_limit=self.spec.max_batch_size_limit)
+        try:
+            for _ in range(MAX_CONFIRMATION_ROUNDS):
+                while (size := search.next_size()) is not None:
+                    search.record(self._trial(size, self.spec.trial_optimizer_steps, "search", fresh=False))
+                best = search.max_batch_size
+                if best is None or search.aborted_reason is not None:
+                    return search, None
+                confirmation = self._trial(best, self.spec.confirm_optimizer_steps, "confirm", fresh=True)
+                if confirmation.outcome is Outcome.FIT:
+                    return search, confirmation
+                if confirmation.outcome not in (Outcome.OOM, Outcome.OVER_HEADROOM):
+                    search.reject(best, confirmation)
+                    return search, None
+                search.reject(best, confirmation)
+            return search, None
+        finally:
+            if self.child is not None:
+                self.child.close()
+                self.child = None
+
+
+def _config_result(
+    spec: ProbeSpec,
+    precision: Precision,
+    checkpointing: bool,
+    search: LadderSearch,
+    confirmation: TrialRecord | None,
+    trials: list[TrialRecord],
+) -> ConfigResult:
+    common = {
+        "precision": precision,
+        "gradient_checkpointing": checkpointing,
+        "trials": tuple(trials),
+        "first_failing_batch_size": search.first_failing_batch_size,
+        "warnings": _fp16_warnings(trials),
+    }
+    if search.aborted_reason is not None:
+        return ConfigResult(status=ConfigStatus.FAILED, reason=search.aborted_reason, **common)
+    best = search.max_batch_size
+    if best is None:
+        return ConfigResult(
+            status=ConfigStatus.OK, reason="batch size 1 does not fit: no batch size trains here", **common
+        )
+    if confirmation is None:
+        last = trials[-1]
+        return ConfigResult(
+            status=ConfigStatus.FAILED,
+            reason=f"the confirmation run at batch size {last.batch_size} failed: {last.outcome.value}"
+            + (f" ({last.message})" if last.message else ""),
+            **common,
+        )
+    samples_per_second = tokens_per_second = None
+    if confirmation.step_seconds:
+        samples_per_second = best * spec.trial_accumulation_steps / confirmation.step_seconds
+        tokens_per_second = samples_per_second * spec.seq_len
+    return ConfigResult(
+        status=ConfigStatus.OK,
+        max_batch_size=best,
+        peak_memory_bytes=confirmation.peak_bytes,
+        samples_per_second=samples_per_second,
+        tokens_per_second=tokens_per_second,
+        confirmed=True,
+        plan=make_plan(
+            max_batch_size=best, target=spec.target_effective_batch_size, world_size=spec.world_size
+        ),
+        **common,
+    )
+
+
+def _inspect(task: ConfigTask, cancel: threading.Event | None) -> ProbeContext:
+    child = TrialChild(task, cancel=cancel)
+    try:
+        reply = raise_reply_error(child.request({"op": "info"}, timeout_seconds=_INFO_TIMEOUT_SECONDS))
+    finally:
+        child.close()
+    return ProbeContext(
+        device=DeviceInfo.model_validate(reply["device"]),
+        versions=Versions.model_validate(reply["versions"]),
+        model=ModelFacts.model_validate(reply["model"]),
+        support=TrainingArgumentsSupport.model_validate(reply["training_args"]),
+    )
+
+
+def run_probe(
+    spec: ProbeSpec,
+    *,
+    on_event: EventSink | None = None,
+    cancel: threading.Event | None = None,
+    allow_remote_code: bool = False,
+) -> ProbeResult:
+    """Probe every config of ``spec``; raises :mod:`probes.errors` for bad input.
+
+    ``on_event`` is called from this thread for every config start, trial and config end.
+    Setting ``cancel`` kills the running child and raises :class:`probes.isolate.ProbeCancelled`.
+    """
+    started = time.monotonic()
+    configs = spec.configs()
+    first = ConfigTask.for_config(spec, *configs[0], allow_remote_code=allow_remote_code)
+    context = _inspect(first, cancel)
+    device = context.device
+    limit = device.memory_limit_bytes or device.total_memory_bytes
+    capacity = limit - spec.headroom_bytes - device.overhead_bytes
+
+    results: list[ConfigResult] = []
+    for index, (precision, checkpointing) in enumerate(configs):
+
+        def emit(
+            kind: EventKind,
+            trial: TrialRecord | None,
+            config: ConfigResult | None,
+            phase: str | None,
+            *,
+            _p: Precision = precision,
+            _c: bool = checkpointing,
+            _i: int = index,
+        ) -> None:
+            if on_event is not None:
+                on_event(
+                    ProbeEvent(
+                        kind=kind,
+                        precision=_p,
+                        gradient_checkpointing=_c,
+                        config_index=_i,
+                        config_count=len(configs),
+                        trial=trial,
+                        config=config,
+                        phase=phase,  # type: ignore[arg-type]
+                    )
+                )
+
+        emit(EventKind.CONFIG_STARTED, None, None, None)
+        skip = _skip_reason(precision, device)
+        if skip is not None:
+            result = ConfigResult(
+                precision=precision, gradient_checkpointing=checkpointing, status=ConfigStatus.SKIPPED, reason=skip
+            )
+        else:
+            task = ConfigTask.for_config(spec, precision, checkpointing, allow_remote_code=allow_remote_code)
+            run = _ConfigRun(spec=spec, task=task, capacity_bytes=capacity, emit=emit, cancel=cancel)
+            search, confirmation = run.run()
+            result = _config_result(spec, precision, checkpointing, search, confirmation, run.all_trials)
+        results.append(result)
+        emit(EventKind.CONFIG_DONE, None, result, None)
+
+    return ProbeResult(
+        spec=spec,
+        device=device,
+        configs=tuple(results),
+        recommendation=recommend(results, spec=spec, device=device, support=context.support),
+        versions=context.versions,
+        elapsed_seconds=round(time.monotonic() - started, 3),
+        timing_note=None
+        if device.timings_are_gpu_times
+        else f"times were measured on the {device.kind} device's CPU, not on a GPU: compare them with each other only",
+    )

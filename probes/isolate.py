@@ -1,0 +1,194 @@
+"""Trial children: one process per config session, replaced whenever it saw trouble.
+
+The parent side of the probe engine lives here and imports no torch. Each :class:`TrialChild`
+is a process that builds one config's model (in :mod:`probes.worker`) and answers requests over
+a pipe. A child that dies, hangs past its deadline or reports a poisoned CUDA context becomes an
+outcome (``crash``, ``timeout``, ``error``) for the request it was serving, never an exception
+or a hang of the caller.
+
+Children start from a *forkserver* that has already imported torch and transformers: a fresh
+interpreter pays ~3.4 s for those imports on our CPUs, a fork from the preloaded server a small
+fraction of that. The server only imports; it never initialises CUDA or runs an op, so every
+child starts clean. Where forkserver is unavailable, children are spawned.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.context import BaseContext
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+from probes.errors import INPUT_ERRORS, ProbeError, ProbeFailed
+from probes.spec import ConfigTask, Outcome, TrialRecord
+
+PRELOAD_MODULE = "probes.worker"
+_POLL_SECONDS = 0.05
+
+
+class ProbeCancelled(ProbeError):
+    """The caller's cancel event was set; the running child was killed."""
+
+    code = "cancelled"
+
+
+@dataclass(frozen=True)
+class ChildDied:
+    """How a child ended without answering: the outcome class and a reason a person can read."""
+
+    outcome: Outcome
+    reason: str
+
+
+def _child_main(conn: Connection, task_json: str) -> None:
+    """Child entry point; imports the torch side only here, so the parent never does."""
+    from probes.worker import serve  # noqa: PLC0415 — deliberate: torch loads in the child only
+
+    serve(conn, task_json)
+
+
+_context_lock = threading.Lock()
+_context: BaseContext | None = None
+
+
+def child_context() -> BaseContext:
+    """The multiprocessing context for trial children (forkserver with torch preloaded)."""
+    global _context  # noqa: PLW0603 — one forkserver per process, created on first use
+    with _context_lock:
+        if _context is None:
+            if "forkserver" in multiprocessing.get_all_start_methods():
+                ctx = multiprocessing.get_context("forkserver")
+                ctx.set_forkserver_preload([PRELOAD_MODULE])
+                _context = ctx
+            else:
+                _context = multiprocessing.get_context("spawn")
+        return _context
+
+
+def _describe_exit(process: BaseProcess) -> str:
+    code = process.exitcode
+    if code is None:
+        return "the child process is still running"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"the child process was killed by {name}"
+    return f"the child process exited with code {code} without reporting"
+
+
+class TrialChild:
+    """One child process serving one config; see the module docstring."""
+
+    def __init__(self, task: ConfigTask, *, cancel: threading.Event | None = None) -> None:
+        self.task = task
+        self._cancel = cancel
+        ctx = child_context()
+        parent_conn, child_conn = ctx.Pipe()
+        self._conn: Connection = parent_conn
+        self._process: BaseProcess = ctx.Process(  # type: ignore[attr-defined]
+            target=_child_main, args=(child_conn, task.model_dump_json()), daemon=True
+        )
+        self._process.start()
+        child_conn.close()
+        #: set once the child must not serve another request
+        self.spent = False
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid
+
+    def request(self, message: dict[str, Any], *, timeout_seconds: float) -> dict[str, Any] | ChildDied:
+        """Send one request and wait for its reply, the child's death, the deadline or a cancel."""
+        if self.spent:
+            raise RuntimeError("this child is spent; start a new one")
+        try:
+            self._conn.send(message)
+        except (BrokenPipeError, OSError):
+            self.spent = True
+            self._process.join(timeout=5)
+            return ChildDied(Outcome.CRASH, _describe_exit(self._process))
+        deadline = time.monotonic() + timeout_seconds
+        while True:
+            if self._cancel is not None and self._cancel.is_set():
+                self.kill()
+                raise ProbeCancelled("the probe was cancelled")
+            try:
+                ready = self._conn.poll(_POLL_SECONDS)
+            except (EOFError, OSError):
+                ready = False
+            if ready:
+                try:
+                    reply: dict[str, Any] = self._conn.recv()
+                except (EOFError, OSError):
+                    self.spent = True
+                    self._process.join(timeout=5)
+                    return ChildDied(Outcome.CRASH, _describe_exit(self._process))
+                return reply
+            if not self._process.is_alive():
+                self.spent = True
+                return ChildDied(Outcome.CRASH, _describe_exit(self._process))
+            if time.monotonic() > deadline:
+                self.kill()
+                return ChildDied(Outcome.TIMEOUT, f"no answer within {timeout_seconds:g} s; the child was killed")
+
+    def kill(self) -> None:
+        """End the child now (SIGKILL)."""
+        self.spent = True
+        if self._process.is_alive():
+            self._process.kill()
+        self._process.join(timeout=10)
+        self._conn.close()
+
+    def close(self) -> None:
+        """Ask the child to stop, and kill it if it does not within a few seconds."""
+        if not self.spent and self._process.is_alive():
+            try:
+                self._conn.send({"op": "stop"})
+            except (BrokenPipeError, OSError):
+                pass
+            self._process.join(timeout=5)
+        self.kill()
+
+
+def trial_from_reply(batch_size: int, reply: dict[str, Any] | ChildDied) -> tuple[TrialRecord, bool]:
+    """The trial a reply describes, and whether the child must be discarded after it."""
+    if isinstance(reply, ChildDied):
+        return TrialRecord(batch_size=batch_size, outcome=reply.outcome, message=reply.reason), True
+    if "error" in reply:
+        return (
+            TrialRecord(batch_size=batch_size, outcome=Outcome.ERROR, message=str(reply["error"]["message"])),
+            True,
+        )
+    trial = TrialRecord.model_validate(reply["trial"])
+    return trial, bool(reply.get("poisoned", False)) or trial.outcome is not Outcome.FIT
+
+
+def raise_reply_error(reply: dict[str, Any] | ChildDied) -> dict[str, Any]:
+    """The reply itself, or the error it carries raised as the matching :mod:`probes.errors` class."""
+    if isinstance(reply, ChildDied):
+        raise ProbeFailed(f"{reply.outcome.value}: {reply.reason}")
+    if "error" in reply:
+        error = reply["error"]
+        cls = INPUT_ERRORS.get(str(error.get("code")), None)
+        if cls is None:
+            raise ProbeFailed(str(error.get("message")))
+        raise cls(str(error.get("message")), known=list(error.get("known") or []))
+    return reply
+
+
+@contextmanager
+def trial_child(task: ConfigTask, *, cancel: threading.Event | None = None) -> Iterator[TrialChild]:
+    child = TrialChild(task, cancel=cancel)
+    try:
+        yield child
+    finally:
+        child.close()

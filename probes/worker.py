@@ -1,0 +1,95 @@
+"""The child side of a trial session: build one config, answer requests over a pipe.
+
+Requests (dicts) and replies:
+
+- ``{"op": "info"}`` → ``{"device", "versions", "model", "training_args"}`` — validates the model
+  (input errors come back as ``{"error": {"code", "message", "known"}}``);
+- ``{"op": "trial", "batch_size", "accumulation_steps", "optimizer_steps"}`` →
+  ``{"trial": TrialRecord, "poisoned": bool}``;
+- ``{"op": "stop"}`` → the process exits.
+
+This module imports torch and transformers at import time on purpose: the forkserver preloads
+it, so every forked child starts with both already imported.
+"""
+
+from __future__ import annotations
+
+import inspect
+import traceback
+from multiprocessing.connection import Connection
+from typing import Any
+
+import torch  # noqa: F401 — preloaded in the forkserver
+import transformers  # noqa: F401 — preloaded in the forkserver
+
+from probes.environment import collect_versions
+from probes.errors import ProbeError
+from probes.models import inspect_model
+from probes.recommend import TrainingArgumentsSupport
+from probes.spec import ConfigTask
+from probes.trial import TrialSession
+
+
+def training_arguments_support() -> TrainingArgumentsSupport:
+    """Which ``TrainingArguments`` keys the installed transformers accepts."""
+    from transformers import TrainingArguments  # noqa: PLC0415 — heavy; only when asked
+
+    parameters = inspect.signature(TrainingArguments.__init__).parameters
+    warmup = parameters.get("warmup_steps")
+    output_dir = parameters.get("output_dir")
+    return TrainingArgumentsSupport(
+        transformers_version=transformers.__version__,
+        has_activation_checkpointing="activation_checkpointing" in parameters,
+        has_warmup_ratio="warmup_ratio" in parameters,
+        warmup_steps_accepts_ratio=warmup is not None and "float" in str(warmup.annotation),
+        output_dir_required=output_dir is not None and output_dir.default is inspect.Parameter.empty,
+    )
+
+
+def _error_reply(exc: BaseException) -> dict[str, Any]:
+    if isinstance(exc, ProbeError):
+        return {"error": {"code": exc.code, "message": exc.message, "known": exc.known}}
+    line = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    return {"error": {"code": "probe-error", "message": line, "trace": traceback.format_exc(limit=5)}}
+
+
+def _info(task: ConfigTask, session: TrialSession) -> dict[str, Any]:
+    facts = inspect_model(task.model, task.seq_len, allow_remote_code=task.allow_remote_code)
+    return {
+        "device": session.device_info().model_dump(mode="json"),
+        "versions": collect_versions().model_dump(mode="json"),
+        "model": facts.model_dump(mode="json"),
+        "training_args": training_arguments_support().model_dump(mode="json"),
+    }
+
+
+def serve(conn: Connection, task_json: str) -> None:
+    """Answer requests until ``stop`` or the parent goes away."""
+    task = ConfigTask.model_validate_json(task_json)
+    session = TrialSession(task)
+    try:
+        while True:
+            try:
+                message: dict[str, Any] = conn.recv()
+            except (EOFError, OSError):
+                return
+            op = message.get("op")
+            if op == "stop":
+                return
+            try:
+                if op == "info":
+                    reply = _info(task, session)
+                elif op == "trial":
+                    trial = session.run(
+                        int(message["batch_size"]),
+                        accumulation_steps=int(message["accumulation_steps"]),
+                        optimizer_steps=int(message["optimizer_steps"]),
+                    )
+                    reply = {"trial": trial.model_dump(mode="json"), "poisoned": session.poisoned}
+                else:
+                    reply = {"error": {"code": "probe-error", "message": f"unknown request {op!r}"}}
+            except Exception as exc:  # noqa: BLE001 — every failure becomes a reply, never a dead pipe
+                reply = _error_reply(exc)
+            conn.send(reply)
+    finally:
+        session.close()
