@@ -245,7 +245,10 @@ def run_probe(
         skip = _skip_reason(precision, device)
         if skip is not None:
             result = ConfigResult(
-                precision=precision, gradient_checkpointing=checkpointing, status=ConfigStatus.SKIPPED, reason=skip
+                precision=precision,
+                gradient_checkpointing=checkpointing,
+                status=ConfigStatus.SKIPPED,
+                reason=skip,
             )
         else:
             task = ConfigTask.for_config(spec, precision, checkpointing, allow_remote_code=allow_remote_code)
@@ -264,5 +267,6 @@ def run_probe(
         elapsed_seconds=round(time.monotonic() - started, 3),
         timing_note=None
         if device.timings_are_gpu_times
-        else f"times were measured on the {device.kind} device's CPU, not on a GPU: compare them with each other only",
+        else f"times were measured on the {device.kind} device's CPU, not on a GPU: compare them "
+        "with each other only",
     )

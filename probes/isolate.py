@@ -19,7 +19,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.context import BaseContext
@@ -49,7 +49,7 @@ class ChildDied:
 
 def _child_main(conn: Connection, task_json: str) -> None:
     """Child entry point; imports the torch side only here, so the parent never does."""
-    from probes.worker import serve  # noqa: PLC0415 — deliberate: torch loads in the child only
+    from probes.worker import serve
 
     serve(conn, task_json)
 
@@ -138,7 +138,9 @@ class TrialChild:
                 return ChildDied(Outcome.CRASH, _describe_exit(self._process))
             if time.monotonic() > deadline:
                 self.kill()
-                return ChildDied(Outcome.TIMEOUT, f"no answer within {timeout_seconds:g} s; the child was killed")
+                return ChildDied(
+                    Outcome.TIMEOUT, f"no answer within {timeout_seconds:g} s; the child was killed"
+                )
 
     def kill(self) -> None:
         """End the child now (SIGKILL)."""
@@ -151,10 +153,8 @@ class TrialChild:
     def close(self) -> None:
         """Ask the child to stop, and kill it if it does not within a few seconds."""
         if not self.spent and self._process.is_alive():
-            try:
+            with suppress(BrokenPipeError, OSError):
                 self._conn.send({"op": "stop"})
-            except (BrokenPipeError, OSError):
-                pass
             self._process.join(timeout=5)
         self.kill()
 
