@@ -28,6 +28,7 @@ from probes.spec import (
     EventKind,
     ModelFacts,
     Outcome,
+    Phase,
     Precision,
     ProbeEvent,
     ProbeResult,
@@ -80,12 +81,12 @@ class _ConfigRun:
     spec: ProbeSpec
     task: ConfigTask
     capacity_bytes: int
-    emit: Callable[[EventKind, TrialRecord | None, ConfigResult | None, str | None], None]
+    emit: Callable[[EventKind, TrialRecord | None, ConfigResult | None, Phase | None], None]
     cancel: threading.Event | None
     child: TrialChild | None = None
     all_trials: list[TrialRecord] = field(default_factory=list)
 
-    def _trial(self, batch_size: int, optimizer_steps: int, phase: str, *, fresh: bool) -> TrialRecord:
+    def _trial(self, batch_size: int, optimizer_steps: int, phase: Phase, *, fresh: bool) -> TrialRecord:
         if fresh and self.child is not None:
             self.child.close()
             self.child = None
@@ -221,7 +222,7 @@ def run_probe(
             kind: EventKind,
             trial: TrialRecord | None,
             config: ConfigResult | None,
-            phase: str | None,
+            phase: Phase | None,
             *,
             _p: Precision = precision,
             _c: bool = checkpointing,
@@ -237,7 +238,7 @@ def run_probe(
                         config_count=len(configs),
                         trial=trial,
                         config=config,
-                        phase=phase,  # type: ignore[arg-type]
+                        phase=phase,
                     )
                 )
 

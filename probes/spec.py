@@ -322,6 +322,10 @@ class ProbeResult(Frozen):
     timing_note: str | None = None
 
 
+Phase = Literal["search", "confirm"]
+"""Which part of a config's run a trial belongs to."""
+
+
 class EventKind(StrEnum):
     #: the search of one config starts
     CONFIG_STARTED = "config_started"
@@ -341,7 +345,7 @@ class ProbeEvent(Frozen):
     config_count: int
     trial: TrialRecord | None = None
     config: ConfigResult | None = None
-    phase: Literal["search", "confirm"] | None = None
+    phase: Phase | None = None
 
 
 class ConfigTask(Frozen):

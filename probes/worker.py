@@ -14,36 +14,18 @@ it, so every forked child starts with both already imported.
 
 from __future__ import annotations
 
-import inspect
 import traceback
 from multiprocessing.connection import Connection
 from typing import Any
 
 import torch  # noqa: F401 — preloaded in the forkserver
-import transformers  # noqa: F401 — preloaded in the forkserver
 
 from probes.environment import collect_versions
 from probes.errors import ProbeError
+from probes.hf_support import training_arguments_support
 from probes.models import inspect_model
-from probes.recommend import TrainingArgumentsSupport
 from probes.spec import ConfigTask
 from probes.trial import TrialSession
-
-
-def training_arguments_support() -> TrainingArgumentsSupport:
-    """Which ``TrainingArguments`` keys the installed transformers accepts."""
-    from transformers import TrainingArguments  # noqa: PLC0415 — heavy; only when asked
-
-    parameters = inspect.signature(TrainingArguments.__init__).parameters
-    warmup = parameters.get("warmup_steps")
-    output_dir = parameters.get("output_dir")
-    return TrainingArgumentsSupport(
-        transformers_version=transformers.__version__,
-        has_activation_checkpointing="activation_checkpointing" in parameters,
-        has_warmup_ratio="warmup_ratio" in parameters,
-        warmup_steps_accepts_ratio=warmup is not None and "float" in str(warmup.annotation),
-        output_dir_required=output_dir is not None and output_dir.default is inspect.Parameter.empty,
-    )
 
 
 def _error_reply(exc: BaseException) -> dict[str, Any]:

@@ -1,0 +1,176 @@
+"""The recommendation, and `training_arguments` that the installed transformers accepts."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+
+from probes.hf_support import training_arguments_support
+from probes.recommend import TrainingArgumentsSupport, optimizer_steps, recommend, training_arguments
+from probes.spec import (
+    ConfigResult,
+    ConfigStatus,
+    DeviceInfo,
+    ModelSpec,
+    Plan,
+    Precision,
+    ProbeSpec,
+)
+
+SIMULATED = DeviceInfo(kind="simulated", name="simulated", total_memory_bytes=1 << 30, bf16_supported=True)
+GPU = DeviceInfo(
+    kind="cuda", name="H200", total_memory_bytes=141 << 30, bf16_supported=True, timings_are_gpu_times=True
+)
+
+
+def _spec(**extra: object) -> ProbeSpec:
+    return ProbeSpec(
+        model=ModelSpec(architecture="gpt2"),
+        seq_len=128,
+        target_effective_batch_size=256,
+        memory_limit_bytes=1 << 30,
+        **extra,
+    )
+
+
+def _plan(micro: int, accumulation: int, world: int = 1, target: int = 256) -> Plan:
+    effective = micro * accumulation * world
+    return Plan(
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=accumulation,
+        world_size=world,
+        effective_batch_size=effective,
+        exact=effective == target,
+    )
+
+
+def _config(precision: Precision, ckpt: bool, plan: Plan, sps: float | None = None) -> ConfigResult:
+    return ConfigResult(
+        precision=precision,
+        gradient_checkpointing=ckpt,
+        status=ConfigStatus.OK,
+        max_batch_size=plan.per_device_train_batch_size,
+        plan=plan,
+        samples_per_second=sps,
+    )
+
+
+@pytest.fixture(scope="module")
+def support() -> TrainingArgumentsSupport:
+    return training_arguments_support()
+
+
+def _construct(args: dict[str, object]) -> object:
+    """Build TrainingArguments as a user would (use_cpu only because this machine has no GPU)."""
+    import torch
+    from transformers import TrainingArguments
+
+    extra: dict[str, object] = {} if torch.cuda.is_available() else {"use_cpu": True}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a deprecated key is a failure, not a warning
+        return TrainingArguments(**args, **extra, report_to="none")  # type: ignore[arg-type]
+
+
+def test_support_reads_the_installed_version(support: TrainingArgumentsSupport) -> None:
+    import transformers
+
+    assert support.transformers_version == transformers.__version__
+    major, minor = (int(p) for p in transformers.__version__.split(".")[:2])
+    # warmup_ratio was removed in 5.15.
+    assert support.has_warmup_ratio == ((major, minor) < (5, 15))
+
+
+@pytest.mark.parametrize("precision", list(Precision))
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_training_arguments_are_accepted(
+    precision: Precision, ckpt: bool, support: TrainingArgumentsSupport
+) -> None:
+    spec = _spec(dataset_size=10_000, num_train_epochs=3, warmup_ratio=0.1)
+    plan = _plan(16, 16)
+    args = training_arguments(
+        precision=precision, gradient_checkpointing=ckpt, plan=plan, spec=spec, support=support
+    )
+    built = _construct(args)
+    assert built.per_device_train_batch_size == 16  # type: ignore[attr-defined]
+    assert built.gradient_accumulation_steps == 16  # type: ignore[attr-defined]
+    assert built.fp16 is (precision is Precision.FP16_MIXED)  # type: ignore[attr-defined]
+    assert built.bf16 is precision.needs_bf16  # type: ignore[attr-defined]
+    key = "activation_checkpointing" if support.has_activation_checkpointing else "gradient_checkpointing"
+    assert getattr(built, key) is ckpt
+    # max_steps overrides num_train_epochs: 10_000 / 256 per step -> 40 steps per epoch, 3 epochs.
+    assert built.max_steps == 120  # type: ignore[attr-defined]
+    assert built.warmup_steps == 12  # type: ignore[attr-defined]
+    assert "warmup_ratio" not in args or support.has_warmup_ratio
+    assert "num_train_epochs" not in args
+
+
+def test_warmup_ratio_without_step_count(
+    support: TrainingArgumentsSupport,
+) -> None:
+    args = training_arguments(
+        precision=Precision.FP32,
+        gradient_checkpointing=False,
+        plan=_plan(32, 8),
+        spec=_spec(warmup_ratio=0.05),
+        support=support,
+    )
+    built = _construct(args)
+    if support.has_warmup_ratio:
+        assert built.warmup_ratio == 0.05  # type: ignore[attr-defined]
+    else:
+        assert args["warmup_steps"] == 0.05
+        assert built.warmup_steps == 0.05  # type: ignore[attr-defined]
+
+
+def test_optimizer_steps_counts_short_last_batches() -> None:
+    plan = _plan(8, 3, world=2, target=48)
+    # 1000 samples / (8 x 2) = 62.5 -> 63 micro batches per rank -> 21 optimizer steps per epoch.
+    assert optimizer_steps(dataset_size=1000, num_train_epochs=2, plan=plan) == 42
+    assert optimizer_steps(dataset_size=1000, num_train_epochs=0.5, plan=plan) == math.ceil(21 * 0.5)
+
+
+def test_gpu_recommendation_takes_the_fastest_exact_plan(support: TrainingArgumentsSupport) -> None:
+    configs = [
+        _config(Precision.FP32, False, _plan(8, 32), sps=100.0),
+        _config(Precision.BF16_MIXED, True, _plan(32, 8), sps=300.0),
+        _config(Precision.BF16_MIXED, False, _plan(16, 16), sps=250.0),
+        _config(Precision.FP16_MIXED, False, _plan(24, 10, target=256), sps=900.0),  # not exact
+    ]
+    rec = recommend(configs, spec=_spec(), device=GPU, support=support)
+    assert rec is not None
+    assert (rec.precision, rec.gradient_checkpointing) == (Precision.BF16_MIXED, True)
+    assert "300.0 samples/s" in rec.why
+
+
+def test_rule_without_gpu_times(support: TrainingArgumentsSupport) -> None:
+    configs = [
+        _config(Precision.FP32, False, _plan(16, 16)),
+        _config(Precision.BF16_TRUE, False, _plan(64, 4)),
+        _config(Precision.BF16_MIXED, True, _plan(64, 4)),
+        _config(Precision.BF16_MIXED, False, _plan(32, 8)),
+    ]
+    rec = recommend(configs, spec=_spec(), device=SIMULATED, support=support)
+    assert rec is not None
+    # Fewest accumulation steps first; between the two with 4, no checkpointing wins.
+    assert (rec.precision, rec.gradient_checkpointing) == (Precision.BF16_TRUE, False)
+    assert "dtype=torch.bfloat16" in rec.why
+    assert rec.training_arguments["gradient_accumulation_steps"] == 4
+
+
+def test_overflowing_fp16_is_not_recommended(support: TrainingArgumentsSupport) -> None:
+    flagged = _config(Precision.FP16_MIXED, False, _plan(64, 4)).model_copy(
+        update={"warnings": ("fp16 loss was nan",)}
+    )
+    configs = [flagged, _config(Precision.FP32, False, _plan(16, 16))]
+    rec = recommend(configs, spec=_spec(), device=SIMULATED, support=support)
+    assert rec is not None
+    assert rec.precision is Precision.FP32
+
+
+def test_nothing_planned_means_no_recommendation(support: TrainingArgumentsSupport) -> None:
+    skipped = ConfigResult(
+        precision=Precision.BF16_MIXED, gradient_checkpointing=False, status=ConfigStatus.SKIPPED, reason="x"
+    )
+    assert recommend([skipped], spec=_spec(), device=SIMULATED, support=support) is None
