@@ -54,7 +54,7 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     # The engine pulls in the search and the process machinery: load it on first use.
     if name == "run_probe":
-        from probes.engine import run_probe  # noqa: PLC0415
+        from probes.engine import run_probe
 
         return run_probe
     raise AttributeError(f"module 'probes' has no attribute {name!r}")

@@ -44,8 +44,8 @@ def _write(path: Path, payload: str) -> None:
 
 
 def _run(spec_path: Path, result_path: Path, *, allow_remote_code: bool) -> int:
-    from probes.engine import run_probe  # noqa: PLC0415 — keep `inspect-server` start-up lean
-    from probes.isolate import ProbeCancelled  # noqa: PLC0415
+    from probes.engine import run_probe
+    from probes.isolate import ProbeCancelled
 
     try:
         spec = ProbeSpec.model_validate_json(spec_path.read_text(encoding="utf-8"))
@@ -83,7 +83,7 @@ def _run(spec_path: Path, result_path: Path, *, allow_remote_code: bool) -> int:
 
 
 def _inspect_one(request: dict[str, Any]) -> dict[str, Any]:
-    from probes.models import inspect_model  # noqa: PLC0415 — loaded once, on the first request
+    from probes.models import inspect_model
 
     try:
         model = ModelSpec.model_validate(request["model"])
@@ -104,7 +104,11 @@ def _inspect_server(stdin: TextIO, stdout: TextIO) -> int:
             continue
         try:
             request = json.loads(line)
-            reply = _inspect_one(request) if isinstance(request, dict) else _error("invalid-probe", "not an object")
+            reply = (
+                _inspect_one(request)
+                if isinstance(request, dict)
+                else _error("invalid-probe", "not an object")
+            )
         except json.JSONDecodeError as exc:
             reply = {"ok": False, **_error("invalid-probe", f"not JSON: {exc}")}
         stdout.write(json.dumps(reply) + "\n")

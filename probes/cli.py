@@ -177,7 +177,9 @@ def render_table(result: ProbeResult, console: Console) -> None:
     if rec is None:
         console.print("[bold red]no configuration reaches a plan[/]")
         return
-    console.print(f"[bold]recommended:[/] {rec.precision.value}, checkpointing {rec.gradient_checkpointing} — {rec.why}")
+    console.print(
+        f"[bold]recommended:[/] {rec.precision.value}, checkpointing {rec.gradient_checkpointing} — {rec.why}"
+    )
     console.print_json(json.dumps(rec.training_arguments))
     if result.timing_note:
         console.print(f"[dim]{result.timing_note}[/]")
@@ -198,7 +200,8 @@ def probe(
         str | None, typer.Option("--model", help="local directory with config.json, or a hub id")
     ] = None,
     precision: Annotated[
-        list[str] | None, typer.Option("--precision", help="32-true, 16-mixed, bf16-mixed, bf16-true (repeat)")
+        list[str] | None,
+        typer.Option("--precision", help="32-true, 16-mixed, bf16-mixed, bf16-true (repeat)"),
     ] = None,
     checkpointing: Annotated[
         list[str] | None, typer.Option("--checkpointing", help="on or off (repeat for both)")
@@ -225,7 +228,7 @@ def probe(
     as_json: Annotated[bool, typer.Option("--json", help="print the result JSON only")] = False,
 ) -> None:
     """Find the largest batch size per precision × checkpointing, and the accumulation plan."""
-    from probes.engine import run_probe  # noqa: PLC0415 — keep `maxbatch --help` fast
+    from probes.engine import run_probe
 
     spec = build_spec(
         architecture=architecture,
@@ -263,7 +266,11 @@ def probe(
         try:
             result = run_probe(spec, on_event=view, allow_remote_code=allow_remote_code)
         except ProbeInputError as exc:
-            known = f" (known: {', '.join(exc.known[:40])}{', …' if len(exc.known) > 40 else ''})" if exc.known else ""
+            known = (
+                f" (known: {', '.join(exc.known[:40])}{', …' if len(exc.known) > 40 else ''})"
+                if exc.known
+                else ""
+            )
             fail_input(exc.message + known)
         except ProbeError as exc:
             sys.stderr.write(f"maxbatch: probe failed: {exc.message}\n")

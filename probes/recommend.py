@@ -73,7 +73,9 @@ def training_arguments(
         args[key] = True
     steps: int | None = None
     if spec.dataset_size is not None and spec.num_train_epochs is not None:
-        steps = optimizer_steps(dataset_size=spec.dataset_size, num_train_epochs=spec.num_train_epochs, plan=plan)
+        steps = optimizer_steps(
+            dataset_size=spec.dataset_size, num_train_epochs=spec.num_train_epochs, plan=plan
+        )
         args["max_steps"] = steps
     if spec.warmup_ratio is not None and spec.warmup_ratio > 0:
         if steps is not None:
