@@ -228,8 +228,6 @@ def probe(
     as_json: Annotated[bool, typer.Option("--json", help="print the result JSON only")] = False,
 ) -> None:
     """Find the largest batch size per precision × checkpointing, and the accumulation plan."""
-    from probes.engine import run_probe
-
     spec = build_spec(
         architecture=architecture,
         config_json=config_json,
@@ -251,6 +249,8 @@ def probe(
         trial_timeout=trial_timeout,
         confirm_steps=confirm_steps,
     )
+    from probes.engine import run_probe  # loaded after the flags are checked: `--help` stays fast
+
     console = Console(stderr=True)
     labels = [_label(p.value, c) for p, c in spec.configs()]
     with Progress(

@@ -1,0 +1,47 @@
+"""`maxbatch probe` turns bad flags into one line on stderr and exit code 2 (no probe runs)."""
+
+from __future__ import annotations
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from probes.cli import probe
+
+BASE = ["--seq-len", "128", "--target-batch-size", "256", "--device", "simulated", "--memory", "320MiB"]
+
+
+@pytest.fixture(scope="module")
+def app() -> typer.Typer:
+    cli = typer.Typer()
+    cli.command("probe")(probe)
+
+    @cli.command("noop")
+    def noop() -> None:  # a second command keeps `probe` a named sub-command
+        """Nothing."""
+
+    return cli
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--architecture", "gpt2", "--config-json", "{n_layer: 2}"], "--config-json is not valid JSON"),
+        (["--architecture", "gpt2", "--config-json", "[1, 2]"], "must be a JSON object"),
+        (["--architecture", "gpt2", "--precision", "fp8"], "unknown precision 'fp8'"),
+        (["--architecture", "gpt2", "--checkpointing", "maybe"], "--checkpointing takes on or off"),
+        (["--architecture", "gpt2", "--memory", "lots"], "cannot read 'lots' as a size"),
+        (["--model", "x", "--architecture", "gpt2"], "exactly one of model.architecture"),
+        ([], "exactly one of model.architecture"),
+        (["--architecture", "gpt2", "--world-size", "0"], "world_size"),
+        (["--architecture", "gpt2", "--gpu", "H100-80GB"], "use it with device 'predict'"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(app: typer.Typer, args: list[str], fragment: str) -> None:
+    result = CliRunner().invoke(app, ["probe", *BASE, *args])
+    assert result.exit_code == 2, result.output
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("maxbatch: error: ")
+    assert fragment in lines[0]
