@@ -1,0 +1,1 @@
+"""HTTP routes: thin functions that call the services and shape responses."""

@@ -1,0 +1,89 @@
+"""``maxbatch``: ``serve`` runs the HTTP service; ``probe`` runs one probe here (probes.cli)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+import probes.cli
+from app.settings import Settings, get_settings, is_loopback
+
+cli = typer.Typer(
+    name="maxbatch",
+    help="Find the largest batch size a training job can use on a GPU, before it launches.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+cli.command("probe")(probes.cli.probe)
+
+log = logging.getLogger("maxbatch")
+
+
+def check_exposure(settings: Settings) -> str:
+    """Refuse a non-loopback address without a token; return the start-up line about access."""
+    if settings.token is None:
+        if not is_loopback(settings.host):
+            raise ValueError(
+                f"refusing to listen on {settings.host}: without MAXBATCH_API_TOKEN anyone who reaches "
+                "it could start probes. Set MAXBATCH_API_TOKEN, or listen on 127.0.0.1"
+            )
+        return (
+            f"no MAXBATCH_API_TOKEN: listening on {settings.host} only (this machine); "
+            "POST endpoints need no token"
+        )
+    return (
+        f"listening on {settings.host}; POST endpoints require 'Authorization: Bearer <MAXBATCH_API_TOKEN>'"
+    )
+
+
+@cli.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="address to bind [MAXBATCH_HOST, 127.0.0.1]")] = None,
+    port: Annotated[int | None, typer.Option(help="port to bind [MAXBATCH_PORT, 8000]")] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option("--data-dir", help="store and job files [MAXBATCH_DATA_DIR, ./data]")
+    ] = None,
+    log_level: Annotated[str | None, typer.Option(help="critical … debug [MAXBATCH_LOG_LEVEL, info]")] = None,
+) -> None:
+    """Run the HTTP service (SQLite store, one worker per device, simulated device without a GPU)."""
+    import uvicorn
+
+    from app.main import create_app
+
+    overrides: dict[str, Any] = {
+        key: value
+        for key, value in {"host": host, "port": port, "data_dir": data_dir, "log_level": log_level}.items()
+        if value is not None
+    }
+    try:
+        settings = get_settings(**overrides)
+        access = check_exposure(settings)
+    except ValueError as exc:
+        typer.echo(f"maxbatch: error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if settings.token is None:
+        log.warning(access)
+    else:
+        log.info(access)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=10,
+    )
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="maxbatch")
+
+
+if __name__ == "__main__":
+    main()

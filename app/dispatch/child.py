@@ -1,0 +1,255 @@
+"""The work-horse: run one probe in a child process and classify how it ended.
+
+The child is ``<probe command> run --spec SPEC --result RESULT [--allow-remote-code]`` in its own
+session, so that it and every process it starts form one process group that cancel, timeout
+and shutdown kill together. Its stdout carries one JSON object per line
+(``{"type": "event", "event": <ProbeEvent>}``); its stderr goes to ``stderr.log`` in the job's
+work directory, whose tail explains a crash. The exit status is the outcome class:
+0 result, 2 input error, 3 probe failed, anything else (or a signal) a crash.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from pydantic import ValidationError
+
+import probes
+from app.dispatch.base import DispatchJob, RunOutcome, RunStatus
+from probes.spec import ProbeEvent, ProbeResult
+
+log = logging.getLogger("maxbatch.dispatch")
+
+JOB_ENV = "MAXBATCH_JOB_ID"
+"""Set in every probe child's environment (and so its descendants'): marks processes as ours."""
+
+EXIT_INPUT_ERROR = 2
+EXIT_PROBE_FAILED = 3
+_POLL_SECONDS = 0.1
+
+
+def child_env(job_id: str | None = None) -> dict[str, str]:
+    """The service's environment, plus: where ``probes`` lives, the job marker, PCI device order."""
+    env = dict(os.environ)
+    # `python -m probes` must find the engine next to this service even when not installed.
+    root = str(Path(probes.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    if job_id is not None:
+        env[JOB_ENV] = job_id
+    # cuda:N must mean NVML's index N: CUDA's default order (fastest first) may differ.
+    env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def kill_group(pgid: int, sig: signal.Signals = signal.SIGKILL) -> None:
+    """Signal every process in the group (SIGKILL by default); a group that is already gone is fine."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def stop_group(proc: subprocess.Popen[bytes] | subprocess.Popen[str], grace_seconds: float) -> None:
+    """SIGTERM the child's group (the engine exits cleanly on it), SIGKILL it after ``grace_seconds``."""
+    if proc.poll() is None:
+        kill_group(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=grace_seconds)
+    kill_group(proc.pid)
+
+
+def stderr_tail(path: Path, lines: int = 6, max_bytes: int = 4000) -> str:
+    try:
+        with path.open("rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            size = handle.tell()
+            handle.seek(max(0, size - max_bytes))
+            text = handle.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    return "\n".join(line for line in text.splitlines()[-lines:] if line.strip())
+
+
+def _read_error(path: Path) -> tuple[str | None, str | None, tuple[str, ...]]:
+    try:
+        payload = json.loads(path.read_text())
+        error = payload["error"]
+        known = tuple(str(k) for k in error.get("known") or ())
+        return str(error["code"]), str(error["message"]), known
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, None, ()
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+class _EventReader(threading.Thread):
+    """Reads the child's stdout: events go to the callback, other lines to the log."""
+
+    def __init__(self, stream: object, job_id: str, on_event: Callable[[ProbeEvent], None]) -> None:
+        super().__init__(name=f"probe-stdout-{job_id}", daemon=True)
+        self._stream = stream
+        self._job_id = job_id
+        self._on_event = on_event
+
+    def run(self) -> None:
+        for raw in self._stream:  # type: ignore[attr-defined]
+            line = raw.decode("utf-8", "replace").strip() if isinstance(raw, bytes) else str(raw).strip()
+            if line:
+                self._handle(line)
+
+    def _handle(self, line: str) -> None:
+        try:
+            message = json.loads(line)
+        except ValueError:
+            log.info("job %s: child said: %s", self._job_id, line[:500])
+            return
+        if not isinstance(message, dict) or message.get("type") != "event":
+            return
+        try:
+            event = ProbeEvent.model_validate(message.get("event"))
+        except ValidationError as exc:
+            log.warning("job %s: unreadable event: %s", self._job_id, str(exc)[:500])
+            return
+        try:
+            self._on_event(event)
+        except Exception:
+            log.exception("job %s: handling an event failed", self._job_id)
+
+
+def run_child(
+    command: list[str],
+    job: DispatchJob,
+    workdir: Path,
+    *,
+    timeout_seconds: float,
+    cancel: threading.Event,
+    stopping: threading.Event,
+    on_start: Callable[[int], bool],
+    on_event: Callable[[ProbeEvent], None],
+    grace_seconds: float = 3.0,
+) -> RunOutcome:
+    """Run the probe child for ``job`` to its end; never raises for anything the child does.
+
+    Cancel, shutdown and timeout stop the child's whole process group (SIGTERM, then SIGKILL
+    after ``grace_seconds``); after any end, strays left in the group are killed.
+    """
+    workdir = workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    spec_path, result_path = workdir / "spec.json", workdir / "result.json"
+    spec_path.write_text(job.spec_json)
+    result_path.unlink(missing_ok=True)
+    argv = [*command, "run", "--spec", str(spec_path), "--result", str(result_path)]
+    if job.allow_remote_code:
+        argv.append("--allow-remote-code")
+    with (workdir / "stderr.log").open("ab") as stderr:
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                start_new_session=True,
+                env=child_env(job.id),
+            )
+        except OSError as exc:
+            return RunOutcome(RunStatus.CRASH, message=f"could not start the probe child {argv[0]!r}: {exc}")
+    assert proc.stdout is not None
+    reader = _EventReader(proc.stdout, job.id, on_event)
+    reader.start()
+    try:
+        if not on_start(proc.pid):
+            cancel.set()
+        ended = _wait(proc, timeout_seconds, cancel, stopping)
+    finally:
+        stop_group(proc, grace_seconds)
+        proc.wait()
+        reader.join(timeout=5)
+        proc.stdout.close()
+    if ended is not None:
+        return ended
+    return _classify(proc.returncode, result_path, workdir / "stderr.log")
+
+
+def _wait(
+    proc: subprocess.Popen[bytes],
+    timeout_seconds: float,
+    cancel: threading.Event,
+    stopping: threading.Event,
+) -> RunOutcome | None:
+    """Wait for the exit; a cancel, a shutdown or the deadline ends it early (with that outcome)."""
+    deadline = time.monotonic() + timeout_seconds
+    while proc.poll() is None:
+        if cancel.is_set():
+            return RunOutcome(RunStatus.CANCELLED, message="cancelled by a client")
+        if stopping.is_set():
+            return RunOutcome(RunStatus.SHUTDOWN, message="the service shut down")
+        if time.monotonic() >= deadline:
+            return RunOutcome(
+                RunStatus.TIMEOUT,
+                message=f"the probe ran past the job timeout of {timeout_seconds:g} s and was killed",
+            )
+        cancel.wait(_POLL_SECONDS)
+    return None
+
+
+def _classify(returncode: int, result_path: Path, stderr_path: Path) -> RunOutcome:
+    if returncode == 0:
+        try:
+            result = ProbeResult.model_validate_json(result_path.read_bytes())
+        except (OSError, ValidationError) as exc:
+            return RunOutcome(
+                RunStatus.CRASH, message=f"the probe exited 0 but left no readable result: {str(exc)[:300]}"
+            )
+        return RunOutcome(RunStatus.SUCCEEDED, result_json=result.model_dump_json())
+    if returncode in (EXIT_INPUT_ERROR, EXIT_PROBE_FAILED):
+        code, message, known = _read_error(result_path)
+        status = RunStatus.INPUT_ERROR if returncode == EXIT_INPUT_ERROR else RunStatus.PROBE_FAILED
+        if code is not None:
+            return RunOutcome(status, code=code, message=message, known=known)
+    tail = stderr_tail(stderr_path)
+    how = (
+        f"the probe child was killed by {_signal_name(-returncode)}"
+        if returncode < 0
+        else f"the probe child exited with status {returncode}"
+    )
+    return RunOutcome(RunStatus.CRASH, message=f"{how}; last stderr lines:\n{tail}" if tail else how)
+
+
+def kill_leftovers(job_id: str, pgid: int) -> int:
+    """Kill processes a dead service left running for ``job_id`` (group ``pgid``, marked by env).
+
+    Only processes whose environment carries ``MAXBATCH_JOB_ID=<job_id>`` are touched, so a
+    recycled pid is never killed by mistake. Returns how many were signalled (Linux ``/proc``).
+    """
+    marker = f"{JOB_ENV}={job_id}".encode()
+    killed = 0
+    proc_root = Path("/proc")
+    if not proc_root.is_dir():
+        return 0
+    for entry in proc_root.iterdir():
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        try:
+            if os.getpgid(pid) != pgid:
+                continue
+            if marker not in (entry / "environ").read_bytes().split(b"\0"):
+                continue
+            os.kill(pid, signal.SIGKILL)
+            killed += 1
+        except (OSError, ProcessLookupError):
+            continue
+    return killed

@@ -1,0 +1,57 @@
+"""The FastAPI application: ``create_app(settings)`` wires routes, errors and the runtime's lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+
+import anyio
+from fastapi import FastAPI
+
+from app import errors
+from app.api import probes, system
+from app.dashboard.router import router as dashboard_router
+from app.inventory import Inventory
+from app.services.cache import package_version
+from app.services.runtime import Runtime
+from app.settings import Settings, get_settings
+
+DESCRIPTION = """\
+Measures the largest per-device batch size, and the gradient-accumulation plan, for a Hugging Face
+causal LM on a GPU, by running real training steps in isolated child processes.
+
+Errors are RFC 9457 `application/problem+json` documents with a machine-readable `code`.
+"""
+
+
+def create_app(settings: Settings | None = None, *, inventory: Inventory | None = None) -> FastAPI:
+    """Build the app. ``inventory`` replaces NVML (tests); the runtime starts with the lifespan."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+        runtime = await anyio.to_thread.run_sync(partial(Runtime.start, settings, loop, inventory=inventory))
+        app.state.runtime = runtime
+        try:
+            yield
+        finally:
+            app.state.runtime = None
+            await anyio.to_thread.run_sync(runtime.close)
+
+    app = FastAPI(
+        title="maxbatch",
+        version=package_version("maxbatch") or "0+unknown",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        max_body_size=settings.max_body_bytes,
+    )
+    app.state.settings = settings
+    app.state.runtime = None
+    errors.install(app)
+    app.include_router(probes.router)
+    app.include_router(system.router)
+    app.include_router(dashboard_router)
+    return app

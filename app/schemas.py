@@ -1,0 +1,186 @@
+"""The API's resource shapes (DESIGN.md §4); the request body itself is :class:`probes.spec.ProbeSpec`."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from probes.spec import ModelFacts, Precision, ProbeResult, ProbeSpec
+
+
+class JobStatus(StrEnum):
+    """Where a probe job is in its life."""
+
+    #: accepted and waiting for its device's worker
+    QUEUED = "queued"
+    #: a probe child is running it
+    RUNNING = "running"
+    #: finished; ``result`` holds the probe result
+    SUCCEEDED = "succeeded"
+    #: finished without a result; ``error`` says why (input, probe failure, crash, timeout, interrupted)
+    FAILED = "failed"
+    #: cancelled by a client before it finished
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_STATUSES
+
+
+TERMINAL_STATUSES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
+ACTIVE_STATUSES = frozenset({JobStatus.QUEUED, JobStatus.RUNNING})
+
+
+class Schema(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class JobError(Schema):
+    """Why a job failed, as a problem object (RFC 9457 members plus ``code``)."""
+
+    type: str
+    title: str
+    detail: str
+    code: str = Field(
+        description="input error codes from the engine (unknown-architecture, ...), probe-failed, "
+        "crash, timeout, interrupted, cancelled"
+    )
+    known: list[str] = Field(default_factory=list, description="accepted values, for name errors")
+
+
+class CurrentConfig(Schema):
+    precision: Precision
+    gradient_checkpointing: bool
+    config_index: int
+    phase: Literal["search", "confirm"] | None = None
+
+
+class Progress(Schema):
+    configs_total: int
+    configs_done: int = 0
+    trials_done: int = 0
+    current: CurrentConfig | None = None
+
+
+class Job(Schema):
+    """A probe job; ``result`` is set once it succeeded."""
+
+    id: str
+    status: JobStatus
+    device: str = Field(description="the device the probe runs on: cuda:N, simulated or predict")
+    model: str = Field(description="short label of the model (architecture or name_or_path)")
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    queued_seconds: float | None = Field(default=None, description="created_at → started_at")
+    run_seconds: float | None = Field(default=None, description="started_at → finished_at (or now)")
+    attempts: int = Field(description="how many times a probe child started for this job")
+    progress: Progress
+    error: JobError | None = None
+    spec: ProbeSpec
+    model_facts: ModelFacts | None = Field(default=None, description="what the model inspector found")
+    result: ProbeResult | None = None
+
+
+class JobSummary(Schema):
+    """A job in a list: everything but the spec and the result."""
+
+    id: str
+    status: JobStatus
+    device: str
+    model: str
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    attempts: int
+    progress: Progress
+    error: JobError | None = None
+
+
+class ProbeSubmission(Job):
+    """The answer to ``POST /v1/probes``: the job, and whether it was reused instead of created.
+
+    At most one of ``cached``, ``coalesced`` and ``replayed`` is true; all false means a new job
+    (status 202). Otherwise the status is 200.
+    """
+
+    cached: bool = Field(
+        default=False, description="an identical earlier request succeeded; this is its job and result"
+    )
+    coalesced: bool = Field(
+        default=False, description="an identical request's job is queued or running; this is that job"
+    )
+    replayed: bool = Field(
+        default=False, description="the Idempotency-Key was seen before with this body; this is its job"
+    )
+
+
+class JobPage(Schema):
+    """One page of jobs, newest first; pass ``next_after`` as ``after`` for the next page."""
+
+    items: list[JobSummary]
+    next_after: str | None = None
+
+
+class GpuProcess(Schema):
+    pid: int
+    used_memory_bytes: int | None
+
+
+class Gpu(Schema):
+    """A GPU as NVML reports it."""
+
+    device: str = Field(description="the name to request it by: cuda:N")
+    index: int
+    uuid: str
+    name: str
+    total_memory_bytes: int
+    used_memory_bytes: int
+    free_memory_bytes: int
+    compute_capability: str
+    bf16_supported: bool
+    other_processes: list[GpuProcess] = Field(
+        default_factory=list, description="processes outside this service holding memory on it"
+    )
+    other_processes_memory_bytes: int = 0
+    busy: bool = Field(description="other processes hold more than MAXBATCH_BUSY_MEMORY_BYTES")
+
+
+class DeviceEntry(Schema):
+    device: str
+    kind: Literal["cuda", "simulated", "predict"]
+    description: str
+    total_memory_bytes: int | None = None
+    gpu: Gpu | None = None
+    queued_jobs: int = 0
+    running_job: str | None = None
+
+
+class DeviceList(Schema):
+    devices: list[DeviceEntry]
+    nvml: Literal["ok", "unavailable", "off"]
+    nvml_error: str | None = None
+    driver_version: str | None = None
+
+
+class Health(Schema):
+    status: Literal["ok", "unavailable"]
+    checks: dict[str, str] = Field(default_factory=dict)
+
+
+class Problem(BaseModel):
+    """An RFC 9457 problem document (``application/problem+json``)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    instance: str
+    code: str
+    errors: list[dict[str, Any]] | None = None
+    known: list[str] | None = None

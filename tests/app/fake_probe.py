@@ -1,0 +1,212 @@
+"""A stand-in for ``python -m probes`` that speaks the same protocol, fast and without torch.
+
+``run --spec S --result R``: behaves as ``spec.model.config["fake"]`` says (default ``ok``):
+``ok`` events and a result; ``sleep`` hangs; ``sigkill`` kills itself; ``exit1`` / ``exit2`` /
+``exit3`` exit so; ``noresult`` exits 0 without a result; ``garbage`` prints non-JSON first;
+``spawn`` starts a sleeping grandchild (pid to ``fake_pidfile``) and hangs. ``fake_delay``
+sleeps before each event; ``fake_max`` is the largest fitting batch size. Every run appends
+``run <job id> <behaviour>`` to ``$MAXBATCH_FAKE_RUN_LOG`` (when set); ``fake_pidfile`` gets its pid.
+
+``inspect-server``: answers per line; architecture ``nope`` is unknown, ``seq_len`` over
+``n_positions`` (default 1024) is too long, ``name_or_path`` containing ``missing`` is not found,
+``fake_inspect`` = ``die`` / ``hang`` / ``slow`` makes it die, hang or take a second.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from probes.spec import (
+    ConfigResult,
+    ConfigStatus,
+    DeviceInfo,
+    EventKind,
+    ModelFacts,
+    Outcome,
+    Plan,
+    ProbeEvent,
+    ProbeResult,
+    ProbeSpec,
+    TrialRecord,
+    Versions,
+)
+
+
+def _log(line: str) -> None:
+    path = os.environ.get("MAXBATCH_FAKE_RUN_LOG")
+    if path:
+        with open(path, "a") as handle:
+            handle.write(line + "\n")
+
+
+def _emit(event: ProbeEvent, delay: float) -> None:
+    if delay:
+        time.sleep(delay)
+    print(json.dumps({"type": "event", "event": event.model_dump(mode="json")}), flush=True)
+
+
+def _error(path: Path, code: str, message: str, status: int) -> None:
+    path.write_text(json.dumps({"error": {"code": code, "message": message, "known": ["gpt2"]}}))
+    sys.exit(status)
+
+
+def run(spec_path: Path, result_path: Path) -> None:
+    spec = ProbeSpec.model_validate_json(spec_path.read_text())
+    cfg = spec.model.config
+    behaviour = str(cfg.get("fake", "ok"))
+    delay = float(cfg.get("fake_delay", 0))
+    largest = int(cfg.get("fake_max", 4))
+    _log(f"run {os.environ.get('MAXBATCH_JOB_ID')} {behaviour}")
+    if "fake_pidfile" in cfg:
+        Path(cfg["fake_pidfile"]).write_text(str(os.getpid()))
+    configs = spec.configs()
+    if behaviour == "garbage":
+        print("this is not json", flush=True)
+        print(json.dumps({"type": "something-new", "x": 1}), flush=True)
+        print(json.dumps({"type": "event", "event": {"kind": "nonsense"}}), flush=True)
+    if behaviour == "exit1":
+        print("Traceback (most recent call last):\nRuntimeError: boom from the fake probe", file=sys.stderr)
+        sys.exit(1)
+    if behaviour == "exit2":
+        _error(result_path, "sequence-too-long", "seq_len 4096 exceeds the model's 1024 positions", 2)
+    if behaviour == "exit3":
+        _error(result_path, "probe-failed", "every trial crashed", 3)
+    if behaviour == "noresult":
+        sys.exit(0)
+    results = []
+    for index, (precision, checkpointing) in enumerate(configs):
+        common = {
+            "precision": precision,
+            "gradient_checkpointing": checkpointing,
+            "config_index": index,
+            "config_count": len(configs),
+        }
+        _emit(ProbeEvent(kind=EventKind.CONFIG_STARTED, phase="search", **common), delay)
+        if behaviour in ("sleep", "spawn"):
+            if behaviour == "spawn":
+                child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
+                Path(cfg["fake_grandchild_pidfile"]).write_text(str(child.pid))
+            time.sleep(float(cfg.get("fake_seconds", 3600)))
+        trials = []
+        for size in (1, 2, 4, 8):
+            fits = size <= largest
+            trial = TrialRecord(
+                batch_size=size,
+                outcome=Outcome.FIT if fits else Outcome.OOM,
+                peak_allocated_bytes=1000 * size,
+                step_seconds=0.01,
+                accumulation_steps=2,
+                optimizer_steps=2,
+            )
+            trials.append(trial)
+            _emit(ProbeEvent(kind=EventKind.TRIAL, trial=trial, phase="search", **common), delay)
+            if behaviour == "sigkill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            if not fits:
+                break
+        best = max(t.batch_size for t in trials if t.outcome is Outcome.FIT)
+        accumulation = max(1, spec.target_effective_batch_size // (best * spec.world_size))
+        config = ConfigResult(
+            precision=precision,
+            gradient_checkpointing=checkpointing,
+            status=ConfigStatus.OK,
+            max_batch_size=best,
+            first_failing_batch_size=next(
+                (t.batch_size for t in trials if t.outcome is not Outcome.FIT), None
+            ),
+            peak_memory_bytes=1000 * best,
+            trials=tuple(trials),
+            plan=Plan(
+                per_device_train_batch_size=best,
+                gradient_accumulation_steps=accumulation,
+                world_size=spec.world_size,
+                effective_batch_size=best * accumulation * spec.world_size,
+                exact=best * accumulation * spec.world_size == spec.target_effective_batch_size,
+            ),
+        )
+        results.append(config)
+        _emit(ProbeEvent(kind=EventKind.CONFIG_DONE, config=config, **common), delay)
+    result = ProbeResult(
+        spec=spec,
+        device=DeviceInfo(
+            kind="simulated",
+            name="fake",
+            total_memory_bytes=spec.memory_limit_bytes or 1,
+            bf16_supported=False,
+        ),
+        configs=tuple(results),
+        versions=Versions(maxbatch="0", python=sys.version.split()[0]),
+        elapsed_seconds=0.01,
+    )
+    result_path.write_text(result.model_dump_json())
+
+
+def inspect_server() -> None:
+    for line in sys.stdin:
+        request = json.loads(line)
+        model = request["model"]
+        cfg = model.get("config") or {}
+        _log(f"inspect {model.get('architecture') or model.get('name_or_path')}")
+        mode = cfg.get("fake_inspect")
+        if mode == "die":
+            print("inspector: dying on purpose", file=sys.stderr, flush=True)
+            os._exit(1)
+        if mode == "hang":
+            time.sleep(3600)
+        if mode == "slow":
+            time.sleep(1)
+        print("a line that is not an answer", flush=True)
+        positions = int(cfg.get("n_positions", 1024))
+        if model.get("architecture") == "nope":
+            reply = {
+                "ok": False,
+                "error": {
+                    "code": "unknown-architecture",
+                    "message": "unknown architecture 'nope'",
+                    "known": ["gpt2", "llama", "mistral"],
+                },
+            }
+        elif "missing" in (model.get("name_or_path") or ""):
+            reply = {"ok": False, "error": {"code": "model-not-found", "message": "no such model"}}
+        elif request["seq_len"] > positions:
+            reply = {
+                "ok": False,
+                "error": {
+                    "code": "sequence-too-long",
+                    "message": f"seq_len {request['seq_len']} exceeds the model's {positions} positions",
+                },
+            }
+        else:
+            facts = ModelFacts(
+                model_type=model.get("architecture") or "gpt2",
+                architecture_class="GPT2LMHeadModel",
+                parameter_count=12345,
+                max_positions=positions,
+                vocab_size=int(cfg.get("vocab_size", 1000)),
+            )
+            reply = {"ok": True, "model": facts.model_dump(mode="json")}
+        print(json.dumps(reply), flush=True)
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    if args[:1] == ["inspect-server"]:
+        inspect_server()
+        return
+    if args[:1] != ["run"]:
+        sys.exit(f"fake probe: unknown command {args}")
+    spec = Path(args[args.index("--spec") + 1])
+    result = Path(args[args.index("--result") + 1])
+    run(spec, result)
+
+
+if __name__ == "__main__":
+    main()
