@@ -41,7 +41,7 @@ const CODE_FIELDS = {
 /** Field names that a model-level validation message may mention, most specific first. */
 const MENTIONS = [
   ["model.architecture", "model.architecture"], ["model.name_or_path", "model.name_or_path"],
-  ["memory_limit_bytes", "memory_limit_bytes"], ["headroom_bytes", "headroom_bytes"], ["gpu", "gpu"],
+  ["headroom_bytes", "headroom_bytes"], ["memory_limit_bytes", "memory_limit_bytes"], ["gpu", "gpu"],
   ["precisions", "precisions"], ["gradient_checkpointing", "gradient_checkpointing"], ["seq_len", "seq_len"],
   ["world_size", "world_size"], ["target_effective_batch_size", "target_effective_batch_size"],
   ["warmup_ratio", "warmup_ratio"], ["num_train_epochs", "num_train_epochs"], ["dataset_size", "dataset_size"],
@@ -122,6 +122,7 @@ export function formView(root, query) {
     "Trust remote code", h("p", { class: "field-error", id: `${fieldId("model.trust_remote_code")}-error`, hidden: true }));
   const gpuField = field("gpu", "GPU to predict for", textInput("gpu", start.gpu, { placeholder: "H100-80GB" }),
     "A card from the predict table; or give a memory limit instead");
+  const deviceHint = h("span", {}, "simulated: CPU tensors under a memory cap; predict: shapes only. GPUs found by NVML are listed too.");
   const memoryHint = h("span", {}, "How much memory the probe may use, e.g. 64MiB, 24GB. Optional on a GPU.");
   const memoryField = field("memory_limit_bytes", "Memory limit",
     textInput("memory_limit_bytes", bytesToInput(start.memory_limit_bytes), { placeholder: "64MiB" }), memoryHint);
@@ -154,7 +155,7 @@ export function formView(root, query) {
     h("section", { class: "card" },
       h("h2", {}, "Device"),
       h("div", { class: "grid-3" },
-        field("device", "Device", deviceSelect, "GPUs found by NVML are listed too"),
+        field("device", "Device", deviceSelect, deviceHint),
         memoryField,
         field("headroom_bytes", "Headroom", textInput("headroom_bytes", bytesToInput(start.headroom_bytes) || "0"),
           "Memory a fitting batch must leave free, e.g. 512MiB"),
@@ -190,12 +191,13 @@ export function formView(root, query) {
     const entry = devices.find((d) => d.device === deviceSelect.value);
     const cap = entry && entry.total_memory_bytes ? ` This device has ${formatBytes(entry.total_memory_bytes)}.` : "";
     memoryHint.textContent = `How much memory the probe may use, e.g. 64MiB, 24GB. Optional on a GPU.${cap}`;
+    if (entry && entry.description) deviceHint.textContent = entry.description;
   }
   api("devices", { signal: controller.signal }).then(({ data }) => {
     devices = (data && data.devices) || [];
     const chosen = deviceSelect.value;
     deviceSelect.replaceChildren(...devices.map((d) => h("option", { value: d.device },
-      `${d.device} — ${d.description}${d.gpu && d.gpu.busy ? " (busy)" : ""}`)));
+      `${d.device}${d.gpu ? ` — ${d.gpu.name}` : ""}${d.gpu && d.gpu.busy ? " (busy)" : ""}`)));
     if (!devices.some((d) => d.device === chosen)) deviceSelect.append(h("option", { value: chosen }, chosen));
     deviceSelect.value = chosen;
     syncVisibility();

@@ -235,6 +235,10 @@ export function jobView(root, id) {
   }
 
   function render() {
+    // Live updates redraw the page; keep the keyboard focus where it was (Cancel, a legend button).
+    const focused = document.activeElement;
+    const focusSelector = focused && focused.id ? `#${CSS.escape(focused.id)}`
+      : focused && focused.dataset && focused.dataset.series ? `button[data-series="${focused.dataset.series}"]` : null;
     chart?.destroy();
     chart = null;
     const result = job.result;
@@ -260,7 +264,9 @@ export function jobView(root, id) {
     if (job.status === "failed" && job.error) {
       parts.push(h("section", { class: "card error-card", id: "job-error" },
         h("h2", {}, job.error.title || "Failed"),
-        h("p", {}, job.error.detail || ""),
+        String(job.error.detail || "").includes("\n")
+          ? h("pre", { class: "error-detail" }, job.error.detail)
+          : h("p", {}, job.error.detail || ""),
         job.error.known && job.error.known.length ? h("p", { class: "muted" }, `Accepted: ${job.error.known.join(", ")}`) : "",
         h("p", { class: "muted small mono" }, job.error.code || "")));
     }
@@ -286,6 +292,7 @@ export function jobView(root, id) {
     root.replaceChildren(...parts);
     if (hasTrials) chart = peakChart(figure, chartData);
     renderedTerminal = TERMINAL.has(job.status);
+    if (focusSelector && root.contains(focused) === false) root.querySelector(focusSelector)?.focus();
   }
 
   function update(next) {
