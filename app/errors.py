@@ -222,13 +222,12 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     if exc.status_code == 413:
-        limit = getattr(getattr(request.app.state, "settings", None), "max_body_bytes", None)
         return problem_response(
             request,
             status=413,
             code=PayloadTooLarge.code,
             title=PayloadTooLarge.title,
-            detail=f"the request body is larger than {limit} bytes (MAXBATCH_MAX_BODY_BYTES)",
+            detail=str(exc.detail),
         )
     try:
         phrase = HTTPStatus(exc.status_code).phrase

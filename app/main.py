@@ -14,6 +14,7 @@ from app import errors
 from app.api import probes, system
 from app.dashboard.router import router as dashboard_router
 from app.inventory import Inventory
+from app.middleware import BodyLimitMiddleware
 from app.services.cache import package_version
 from app.services.runtime import Runtime
 from app.settings import Settings, get_settings
@@ -46,11 +47,11 @@ def create_app(settings: Settings | None = None, *, inventory: Inventory | None 
         version=package_version("maxbatch") or "0+unknown",
         description=DESCRIPTION,
         lifespan=lifespan,
-        max_body_size=settings.max_body_bytes,
     )
     app.state.settings = settings
     app.state.runtime = None
     errors.install(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.include_router(probes.router)
     app.include_router(system.router)
     app.include_router(dashboard_router)

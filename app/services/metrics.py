@@ -59,6 +59,7 @@ class Metrics:
         queued_by_queue: Mapping[str, int],
         running_by_queue: Mapping[str, str],
         trial_outcomes: tuple[str, ...],
+        queues: tuple[str, ...] = (),
     ) -> str:
         lines: list[str] = []
 
@@ -70,11 +71,11 @@ class Metrics:
         for status, count in sorted(jobs_by_status.items()):
             lines.append(f"maxbatch_jobs{_labels(status=status)} {count}")
         family("maxbatch_queue_depth", "gauge", "Jobs waiting for a worker, by queue (device).")
-        queues = sorted(set(queued_by_queue) | set(running_by_queue))
-        for queue in queues:
+        all_queues = sorted(set(queues) | set(queued_by_queue) | set(running_by_queue))
+        for queue in all_queues:
             lines.append(f"maxbatch_queue_depth{_labels(queue=queue)} {queued_by_queue.get(queue, 0)}")
         family("maxbatch_workers_busy", "gauge", "1 while a queue's worker runs a probe.")
-        for queue in queues:
+        for queue in all_queues:
             lines.append(f"maxbatch_workers_busy{_labels(queue=queue)} {int(queue in running_by_queue)}")
         with self._lock:
             trials = dict(self.trials)

@@ -6,6 +6,7 @@ import sqlite3
 
 from app.dispatch.base import Dispatcher
 from app.dispatch.inspector import ModelInspector
+from app.dispatch.local import queue_for
 from app.inventory import GpuInfo, Inventory
 from app.schemas import DeviceEntry, DeviceList, Gpu, GpuProcess, Health, JobStatus
 from app.services.admission import other_processes_memory, pids_in_groups
@@ -129,4 +130,5 @@ class SystemService:
             queued_by_queue=self.store.queued_by_queue(),
             running_by_queue=self.dispatcher.running(),
             trial_outcomes=tuple(o.value for o in Outcome),
+            queues=("cpu", *(queue_for(gpu.device) for gpu in self.inventory.gpus())),
         )

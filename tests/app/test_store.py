@@ -1,0 +1,146 @@
+"""The SQLite store: WAL, migrations, atomic submit (reuse rules), transitions."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from app.schemas import JobStatus
+from app.store import NewJob, Reuse, Store
+from app.store.migrations import MIGRATIONS, migrate
+
+
+def _new(job_id: str, key: str = "k1") -> NewJob:
+    return NewJob(
+        id=job_id,
+        device="simulated",
+        queue="cpu",
+        model="gpt2",
+        spec_json="{}",
+        cache_key=key,
+        allow_remote_code=False,
+        configs_total=2,
+    )
+
+
+def _submit(
+    store: Store,
+    job_id: str,
+    key: str = "k1",
+    *,
+    idem: str | None = None,
+    body: str = "h1",
+    cached: bool = True,
+    max_queued: int = 10,
+) -> tuple[str | None, Reuse]:
+    record, reuse = store.submit(
+        _new(job_id, key), idempotency_key=idem, request_hash=body, reuse_cached=cached, max_queued=max_queued
+    )
+    return (record.id if record else None), reuse
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    opened = Store(tmp_path / "db.sqlite3")
+    yield opened
+    opened.close()
+
+
+def test_wal_and_schema_version(store: Store, tmp_path: Path) -> None:
+    conn = sqlite3.connect(tmp_path / "db.sqlite3")
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] == len(MIGRATIONS)
+    conn.close()
+    assert store.version == len(MIGRATIONS)
+
+
+def test_migrate_is_idempotent_and_refuses_a_newer_schema(tmp_path: Path) -> None:
+    conn = sqlite3.connect(tmp_path / "m.sqlite3", isolation_level=None)
+    assert migrate(conn) == len(MIGRATIONS)
+    assert migrate(conn) == len(MIGRATIONS)
+    conn.execute("INSERT INTO schema_version VALUES (999)")
+    with pytest.raises(RuntimeError, match="newer"):
+        migrate(conn)
+    conn.close()
+
+
+def test_rows_survive_reopening(tmp_path: Path) -> None:
+    first = Store(tmp_path / "db.sqlite3")
+    _submit(first, "a")
+    first.add_event("a", "queued", {"reason": "x"})
+    first.close()
+    second = Store(tmp_path / "db.sqlite3")
+    record = second.get("a")
+    assert record is not None
+    assert record.status is JobStatus.QUEUED
+    assert [e.kind for e in second.events("a")] == ["queued"]
+    second.close()
+
+
+def test_submit_reuse_rules(store: Store) -> None:
+    assert _submit(store, "a") == ("a", Reuse.CREATED)
+    assert _submit(store, "b") == ("a", Reuse.COALESCED)  # same key while queued
+    assert _submit(store, "c", key="k2") == ("c", Reuse.CREATED)
+    store.mark_running("a", child_pid=1, workdir="/tmp/x")
+    assert _submit(store, "d") == ("a", Reuse.COALESCED)  # same key while running
+    store.finish("a", JobStatus.SUCCEEDED, result_json="{}")
+    assert _submit(store, "e") == ("a", Reuse.CACHED)
+    assert _submit(store, "f", cached=False) == ("f", Reuse.CREATED)
+
+
+def test_failed_jobs_are_not_cached(store: Store) -> None:
+    _submit(store, "a")
+    store.finish("a", JobStatus.FAILED, error_json="{}")
+    assert _submit(store, "b") == ("b", Reuse.CREATED)
+
+
+def test_idempotency_keys(store: Store) -> None:
+    assert _submit(store, "a", idem="key") == ("a", Reuse.CREATED)
+    store.finish("a", JobStatus.FAILED)
+    assert _submit(store, "b", idem="key") == ("a", Reuse.REPLAYED)  # even after failure: same job
+    assert _submit(store, "c", idem="key", body="h2") == (None, Reuse.KEY_CONFLICT)
+    assert store.get("c") is None
+
+
+def test_queue_limit(store: Store) -> None:
+    assert _submit(store, "a", key="1", max_queued=2)[1] is Reuse.CREATED
+    assert _submit(store, "b", key="2", max_queued=2)[1] is Reuse.CREATED
+    assert _submit(store, "c", key="3", max_queued=2) == (None, Reuse.QUEUE_FULL)
+    assert _submit(store, "d", key="1", max_queued=2) == ("a", Reuse.COALESCED)  # reuse needs no room
+
+
+def test_transitions(store: Store) -> None:
+    _submit(store, "a")
+    running = store.mark_running("a", child_pid=123, workdir="/w")
+    assert running is not None
+    assert running.attempts == 1
+    assert running.child_pid == 123
+    assert store.mark_running("a", child_pid=1, workdir="/w") is None  # not queued any more
+    requeued = store.requeue("a")
+    assert requeued is not None
+    assert requeued.status is JobStatus.QUEUED
+    assert requeued.attempts == 1
+    store.mark_running("a", child_pid=124, workdir="/w")
+    refunded = store.requeue("a", refund_attempt=True)
+    assert refunded is not None
+    assert refunded.attempts == 1
+    store.mark_running("a", child_pid=125, workdir="/w")
+    done = store.finish("a", JobStatus.CANCELLED)
+    assert done is not None
+    assert done.finished_at is not None
+    assert done.child_pid is None
+    assert store.finish("a", JobStatus.FAILED) is None  # terminal stays terminal
+
+
+def test_page_newest_first(store: Store) -> None:
+    for job_id in ("01", "02", "03", "04"):
+        _submit(store, job_id, key=job_id)
+    store.finish("02", JobStatus.FAILED)
+    assert [r.id for r in store.page(limit=10)] == ["04", "03", "02", "01"]
+    assert [r.id for r in store.page(limit=2, after="03")] == ["02", "01"]
+    assert [r.id for r in store.page(limit=10, statuses=[JobStatus.FAILED])] == ["02"]
+    assert store.count_by_status()[JobStatus.QUEUED] == 3
+    assert store.queued_by_queue() == {"cpu": 3}

@@ -1,0 +1,155 @@
+"""/healthz, /readyz, /metrics, the OpenAPI document, lifespan hygiene and import boundaries."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.main import create_app
+from app.services.metrics import Metrics
+from app.services.runtime import DataDirInUse
+from app.settings import Settings
+from tests.app.conftest import probe_body, wait_done
+
+SAMPLE = re.compile(r"^([a-z_]+)(\{[^}]*\})? (-?[0-9.e+]+|\+Inf)$")
+
+
+def _samples(text: str) -> dict[str, float]:
+    samples: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("#") or not line:
+            continue
+        match = SAMPLE.match(line)
+        assert match, f"not a Prometheus sample line: {line!r}"
+        samples[match.group(1) + (match.group(2) or "")] = float(match.group(3))
+    return samples
+
+
+def test_healthz_and_readyz(client: TestClient) -> None:
+    assert client.get("/healthz").json() == {"status": "ok", "checks": {}}
+    ready = client.get("/readyz").json()
+    assert ready["status"] == "ok"
+    assert ready["checks"]["store"] == "ok"
+    assert ready["checks"]["dispatcher"] == "ok"
+
+
+def test_metrics_count_jobs_trials_and_durations(client: TestClient) -> None:
+    ok = client.post("/v1/probes", json=probe_body()).json()["id"]
+    wait_done(client, ok)
+    bad = client.post("/v1/probes", json=probe_body(fake="exit3")).json()["id"]
+    wait_done(client, bad)
+    response = client.get("/metrics")
+    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    samples = _samples(response.text)
+    assert samples['maxbatch_jobs{status="succeeded"}'] == 1
+    assert samples['maxbatch_jobs{status="failed"}'] == 1
+    assert samples['maxbatch_jobs{status="queued"}'] == 0
+    assert samples['maxbatch_trials_total{outcome="fit"}'] == 6
+    assert samples['maxbatch_trials_total{outcome="oom"}'] == 2
+    assert samples['maxbatch_trials_total{outcome="crash"}'] == 0
+    assert samples['maxbatch_probe_runs_total{status="succeeded"}'] == 1
+    assert samples['maxbatch_probe_runs_total{status="probe_failed"}'] == 1
+    assert samples['maxbatch_probe_duration_seconds_bucket{le="+Inf"}'] == 2
+    assert samples["maxbatch_probe_duration_seconds_count"] == 2
+    assert samples["maxbatch_probe_duration_seconds_sum"] > 0
+    assert samples['maxbatch_queue_depth{queue="cpu"}'] == 0
+    for line in response.text.splitlines():
+        if line.startswith("# TYPE"):
+            assert line.split()[2].startswith("maxbatch_")
+
+
+def test_histogram_buckets_are_cumulative() -> None:
+    metrics = Metrics()
+    for seconds in (0.5, 3, 3, 4000, 9000):
+        metrics.run("succeeded", seconds)
+    text = metrics.render(jobs_by_status={}, queued_by_queue={}, running_by_queue={}, trial_outcomes=())
+    samples = _samples(text)
+    assert samples['maxbatch_probe_duration_seconds_bucket{le="1"}'] == 1
+    assert samples['maxbatch_probe_duration_seconds_bucket{le="5"}'] == 3
+    assert samples['maxbatch_probe_duration_seconds_bucket{le="7200"}'] == 4
+    assert samples['maxbatch_probe_duration_seconds_bucket{le="+Inf"}'] == 5
+    assert samples["maxbatch_probe_duration_seconds_sum"] == pytest.approx(13006.5)
+
+
+def test_openapi_documents_the_api(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    paths = spec["paths"]
+    for path in (
+        "/v1/probes",
+        "/v1/probes/{job_id}",
+        "/v1/probes/{job_id}/events",
+        "/v1/probes/{job_id}/cancel",
+        "/v1/devices",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+    ):
+        assert path in paths, path
+    post = paths["/v1/probes"]["post"]
+    assert "ProbeSpec" in str(post["requestBody"])
+    assert {"202", "200", "401", "413", "422", "429"} <= set(post["responses"])
+
+
+def test_a_second_service_on_the_same_data_dir_is_refused(settings_factory: Callable[..., Settings]) -> None:
+    with TestClient(create_app(settings_factory())), pytest.raises(DataDirInUse, match="another maxbatch"):  # noqa: SIM117
+        with TestClient(create_app(settings_factory())):
+            pass
+
+
+def test_lifespan_leaves_no_threads_or_children(settings_factory: Callable[..., Settings]) -> None:
+    before = set(threading.enumerate())
+    with TestClient(create_app(settings_factory())) as client:
+        job_id = client.post("/v1/probes", json=probe_body(fake="sleep")).json()["id"]
+        client.get(f"/v1/probes/{job_id}", params={"wait": 0.5})
+    leftover = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+    assert leftover == []
+    children = Path("/proc/self/task").glob("*/children")
+    assert all(not path.read_text().strip() for path in children)
+
+
+def test_shutdown_puts_the_running_job_back_in_the_queue(settings_factory: Callable[..., Settings]) -> None:
+    settings = settings_factory()
+    with TestClient(create_app(settings)) as client:
+        job_id = client.post("/v1/probes", json=probe_body(fake="sleep", config={"fake_seconds": 1})).json()[
+            "id"
+        ]
+        while client.get(f"/v1/probes/{job_id}").json()["status"] != "running":
+            pass
+    with TestClient(create_app(settings)) as client:
+        job = wait_done(client, job_id)
+        assert job["status"] == "succeeded"
+        assert job["attempts"] == 1  # the shutdown did not count as an attempt
+        kinds = [e.kind for e in client.app.state.runtime.store.events(job_id)]  # type: ignore[attr-defined]
+        assert kinds.count("started") == 2
+        assert kinds.count("queued") == 2
+
+
+def test_importing_the_service_loads_no_torch() -> None:
+    code = (
+        "import sys, app.main, app.cli; "
+        "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_cli_lists_serve_and_probe() -> None:
+    from typer.testing import CliRunner
+
+    from app.cli import cli
+
+    result = CliRunner().invoke(cli, ["--help"])
+    assert result.exit_code == 0
+    assert "serve" in result.output
+    assert "probe" in result.output
