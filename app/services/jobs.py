@@ -158,6 +158,8 @@ class JobService:
             request_hash=body_hash,
             reuse_cached=options.use_cache,
         )
+        if found is None and self.store.count_by_status()[JobStatus.QUEUED] >= self.settings.max_queued_jobs:
+            raise self._queue_full()
         facts: ModelFacts | None = None
         if found is None and self.inspector is not None:
             facts = self.inspector.inspect(
@@ -187,11 +189,7 @@ class JobService:
                 "use a new key for a new request"
             )
         if reuse is Reuse.QUEUE_FULL or record is None:
-            retry = str(self.settings.queue_full_retry_after_seconds)
-            raise QueueFull(
-                f"{self.settings.max_queued_jobs} jobs are already queued; retry later",
-                headers={"Retry-After": retry},
-            )
+            raise self._queue_full()
         if reuse is Reuse.CREATED:
             self._emit(record.id, "queued", {"reason": "submitted"})
             self.dispatcher.submit(self._dispatch_job(record))
@@ -202,6 +200,12 @@ class JobService:
             cached=reuse is Reuse.CACHED,
             coalesced=reuse is Reuse.COALESCED,
             replayed=reuse is Reuse.REPLAYED,
+        )
+
+    def _queue_full(self) -> QueueFull:
+        return QueueFull(
+            f"{self.settings.max_queued_jobs} jobs are already queued; retry later",
+            headers={"Retry-After": str(self.settings.queue_full_retry_after_seconds)},
         )
 
     def _own_pids(self, gpus: list[GpuInfo]) -> set[int]:
