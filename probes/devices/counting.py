@@ -1,0 +1,205 @@
+"""A dispatch mode that counts the bytes of live tensor storages, keeps the peak, and enforces a cap.
+
+How it counts (DESIGN §2):
+
+- Every op that runs under the mode is looked at after it ran. Outputs of ops whose schema says they
+  alias an input (views, ``detach``, in-place ops) are not new memory and are skipped, with two
+  exceptions: ``aten.lift_fresh`` (a constant made by ``torch.tensor`` enters the mode through it), and
+  ops that *write* an aliased output (``resize_``, ``out=``), whose storage may have grown.
+- A storage seen for the first time is counted with its ``nbytes`` rounded up to ``granularity_bytes``
+  and watched with a weak reference; when the storage dies the reference's callback subtracts exactly
+  what was added. (torch keeps a storage's Python object alive as long as its C++ storage lives, so the
+  callback fires when the memory is released, not when a Python wrapper goes away.)
+- Tensors that exist before the mode is entered (parameters, buffers, the batch) are counted by
+  :meth:`CountingMode.register`.
+- When an op's new storages would take the live total past the cap, every reference the mode holds to
+  the op's outputs is dropped (so they are freed at once and a handler can allocate again), and
+  ``torch.OutOfMemoryError`` is raised with the CUDA caching allocator's wording, which the usual
+  out-of-memory matchers (Accelerate, Lightning, torch-max-mem) recognise.
+
+Only sizes are read, never data, so the same mode counts fake tensors (``FakeTensorMode``) too.
+Counting is deterministic: the same program gives the same peak to the byte.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from probes.units import format_bytes
+
+CUDA_ALLOCATOR_GRANULARITY_BYTES = 512
+"""The CUDA caching allocator rounds every block up to a multiple of 512 bytes (``kMinBlockSize``)."""
+
+_NEW, _VIEW, _WRITE = 0, 1, 2
+_LIFT_FRESH = torch.ops.aten.lift_fresh.default
+
+
+def _op_kind(func: torch._ops.OpOverload) -> int:
+    """``_VIEW`` when every output aliases an input read-only, ``_WRITE`` when one is written in place."""
+    if func is _LIFT_FRESH:
+        return _NEW
+    returns = func._schema.returns
+    aliases = [ret.alias_info for ret in returns]
+    if any(info is not None and info.is_write for info in aliases):
+        return _WRITE
+    if returns and all(info is not None for info in aliases):
+        return _VIEW
+    return _NEW
+
+
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    for leaf in tree_leaves(value):
+        if isinstance(leaf, torch.Tensor) and leaf.layout == torch.strided:
+            yield leaf
+
+
+def out_of_memory_message(request: int, live: int, limit: int, *, device_label: str = "GPU 0") -> str:
+    """The CUDA caching allocator's OOM wording, filled with the counted numbers."""
+    free = max(limit - live, 0)
+    return (
+        f"CUDA out of memory. Tried to allocate {format_bytes(request)}. {device_label} has a total capacity "
+        f"of {format_bytes(limit)} of which {format_bytes(free)} is free. Of the allocated memory "
+        f"{format_bytes(live)} is allocated by PyTorch, and 0 B is reserved by PyTorch but unallocated. "
+        f"(simulated: live tensor bytes counted at dispatch against a cap of {limit} bytes)"
+    )
+
+
+class CountingMode(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch leaves the hook untyped
+    """Counts live storage bytes under the mode; raises ``torch.OutOfMemoryError`` past ``limit_bytes``.
+
+    One instance lives as long as its device: enter it (``with mode:``) around the work to count, and
+    read :attr:`live_bytes` and :attr:`peak_bytes` at any time. Storages counted once stay counted until
+    they die, across entries.
+    """
+
+    def __init__(
+        self,
+        *,
+        limit_bytes: int | None = None,
+        granularity_bytes: int = CUDA_ALLOCATOR_GRANULARITY_BYTES,
+        device_label: str = "GPU 0",
+    ) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        if granularity_bytes < 1:
+            raise ValueError("granularity_bytes must be at least 1")
+        self.limit_bytes = limit_bytes
+        self.granularity_bytes = granularity_bytes
+        self.device_label = device_label
+        self._live = 0
+        self._peak = 0
+        # id(storage) -> (counted bytes, weak reference whose callback un-counts them)
+        self._counted: dict[int, tuple[int, weakref.ref[torch.UntypedStorage]]] = {}
+        self._kinds: dict[torch._ops.OpOverload, int] = {}
+
+    @property
+    def live_bytes(self) -> int:
+        """Bytes of the storages counted and still alive."""
+        return self._live
+
+    @property
+    def peak_bytes(self) -> int:
+        """The largest :attr:`live_bytes` since the last :meth:`reset_peak` (or since creation)."""
+        return self._peak
+
+    @property
+    def tracked_storages(self) -> int:
+        return len(self._counted)
+
+    def reset_peak(self) -> None:
+        """Start a new peak from what is live now (as ``torch.cuda.reset_peak_memory_stats`` does)."""
+        self._peak = self._live
+
+    def size_of(self, nbytes: int) -> int:
+        """``nbytes`` as the counter charges it: rounded up to the granularity."""
+        granularity = self.granularity_bytes
+        return -(-nbytes // granularity) * granularity
+
+    def register(self, tensors: Iterable[torch.Tensor]) -> int:
+        """Count the storages of tensors made outside the mode; return the bytes newly counted.
+
+        Raises ``torch.OutOfMemoryError`` (counting nothing) when they would not fit under the cap.
+        """
+        fresh: dict[int, torch.UntypedStorage] = {}
+        for tensor in tensors:
+            if tensor.layout != torch.strided:
+                continue
+            storage = tensor.untyped_storage()
+            if id(storage) not in self._counted:
+                fresh[id(storage)] = storage
+        request = sum(self.size_of(storage.nbytes()) for storage in fresh.values())
+        self._check(request)
+        for storage in fresh.values():
+            self._track(storage, self.size_of(storage.nbytes()))
+        return request
+
+    def _check(self, request: int) -> None:
+        if self.limit_bytes is not None and request > 0 and self._live + request > self.limit_bytes:
+            raise torch.OutOfMemoryError(
+                out_of_memory_message(request, self._live, self.limit_bytes, device_label=self.device_label)
+            )
+
+    def _track(self, storage: torch.UntypedStorage, size: int) -> None:
+        key = id(storage)
+        self._counted[key] = (size, weakref.ref(storage, self._forget(key)))
+        self._live += size
+        self._peak = max(self._peak, self._live)
+
+    def _forget(self, key: int) -> Callable[[object], None]:
+        def callback(_: object) -> None:
+            entry = self._counted.pop(key, None)
+            if entry is not None:
+                self._live -= entry[0]
+
+        return callback
+
+    def _resize(self, key: int, size: int) -> None:
+        old, reference = self._counted[key]
+        self._counted[key] = (size, reference)
+        self._live += size - old
+        self._peak = max(self._peak, self._live)
+
+    def __torch_dispatch__(
+        self,
+        func: torch._ops.OpOverload,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        out = func(*args, **(kwargs or {}))
+        kind = self._kinds.get(func)
+        if kind is None:
+            kind = self._kinds[func] = _op_kind(func)
+        if kind == _VIEW:
+            return out
+        fresh: dict[int, tuple[torch.UntypedStorage, int]] = {}
+        grown: dict[int, tuple[torch.UntypedStorage, int]] = {}
+        for tensor in _tensors(out):
+            storage = tensor.untyped_storage()
+            key = id(storage)
+            entry = self._counted.get(key)
+            if entry is None:
+                fresh[key] = (storage, self.size_of(storage.nbytes()))
+            elif kind == _WRITE:
+                size = self.size_of(storage.nbytes())
+                if size != entry[0]:
+                    grown[key] = (storage, size)
+        if not fresh and not grown:
+            return out
+        request = sum(size for _, size in fresh.values())
+        request += sum(max(size - self._counted[key][0], 0) for key, (_, size) in grown.items())
+        if self.limit_bytes is not None and self._live + request > self.limit_bytes:
+            # Drop every reference to the outputs before raising, so they are freed now: a handler that
+            # allocates (logging, a smaller retry) must not meet a second OOM caused by this op.
+            del out, tensor, storage, fresh, grown
+            self._check(request)
+        for storage, size in fresh.values():
+            self._track(storage, size)
+        for key, (_, size) in grown.items():
+            self._resize(key, size)
+        return out
