@@ -1,0 +1,322 @@
+"""One trial: a few real training steps at one batch size, with the peak memory they needed.
+
+A :class:`TrialSession` lives in one child process for one config (model, sequence length,
+precision, checkpointing, device). It builds the model once and runs any number of trials; a trial
+never raises for running out of memory or for a failing training step: it returns the outcome.
+
+A trial, step by step (DESIGN §3), written to use what HF ``Trainer`` with the emitted arguments uses:
+
+1. ``torch.manual_seed(task.seed)``; a fresh ``AdamW(foreach=True)`` (lr 0: memory is the same for any
+   lr, and the weights stay as built, so every trial sees the same model); a fresh ``GradScaler`` for
+   ``16-mixed``.
+2. Per optimizer step, first the step's micro-batches, all at once (Trainer prefetches a whole
+   accumulation window onto the device): each holds ``input_ids`` (random ids, every row at the full
+   ``seq_len``), ``attention_mask`` (all ones: no padding) and ``labels`` (a copy of the ids), int64.
+3. Per micro-batch: forward under autocast (``16-mixed``: fp16, ``bf16-mixed``: bf16; none for
+   ``32-true`` and ``bf16-true``); under autocast the float outputs are then copied to fp32, as
+   Accelerate's mixed-precision wrapper does; ``loss / accumulation_steps``; backward (scaled for fp16).
+4. Then ``unscale_`` (fp16), ``clip_grad_norm_(…, 1.0)``, ``optimizer.step()`` (``scaler.step`` +
+   ``scaler.update`` for fp16), ``zero_grad(set_to_none=True)``.
+5. The peak covers every step. AdamW creates its state in its first ``step()``, so at least one
+   optimizer step must run *with* that state: when the fp16 scaler skips steps (gradients overflow
+   at the initial scale), extra steps run until one has (at most :data:`MAX_EXTRA_STEPS`; none when
+   the loss itself is NaN or infinite, which no scale cures; the record's message then says so).
+6. ``step_seconds``: mean wall time per optimizer step, the first excluded (the device synchronised).
+   ``16-mixed`` reports ``loss_flag`` ``nan`` / ``inf`` / ``zero`` when a loss was NaN, infinite or 0.0.
+
+Afterwards (fit or not) gradients are dropped, garbage collected and the device's cache emptied, so
+the next trial in the process starts from the weights alone. An error that poisons the CUDA context
+sets :attr:`TrialSession.poisoned`: the parent must discard the process.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from probes.devices import TrialDevice, open_device
+from probes.errors import ProbeInputError
+from probes.models import build_model, load_config, vocab_size
+from probes.oom import classify, one_line, poisons_context
+from probes.spec import ConfigTask, DeviceInfo, Outcome, Precision, TrialRecord
+
+MAX_EXTRA_STEPS = 16
+"""Extra optimizer steps allowed when the fp16 scaler skipped every step (2**16 halves to 1 in 16)."""
+
+MAX_GRAD_NORM = 1.0
+"""Gradient clipping norm, HF ``TrainingArguments.max_grad_norm``'s default."""
+
+_AUTOCAST: dict[Precision, torch.dtype] = {
+    Precision.FP16_MIXED: torch.float16,
+    Precision.BF16_MIXED: torch.bfloat16,
+}
+
+
+@dataclass(frozen=True)
+class _Steps:
+    """What the step loop measured."""
+
+    peak_reserved: int
+    peak_allocated: int
+    step_seconds: float | None
+    optimizer_steps: int
+    loss_flag: str | None
+    note: str | None
+
+
+def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+    """A fresh AdamW with CUDA's default implementation (``foreach``) on every backend."""
+    return torch.optim.AdamW(model.parameters(), lr=0.0, foreach=True)
+
+
+class TrialSession:
+    """Trials of one config in this process: ``run(batch_size, ...)`` as often as needed, then ``close()``.
+
+    The constructor reads the config and opens the device (raising
+    :class:`~probes.errors.ProbeInputError` subclasses for bad input or a missing device); the model
+    is built by the first :meth:`run` (or :meth:`prepare`), and a build that runs out of memory is that
+    trial's outcome.
+    """
+
+    def __init__(self, task: ConfigTask) -> None:
+        self.task = task
+        self._config = load_config(task.model, allow_remote_code=task.allow_remote_code)
+        self._vocab_size = vocab_size(self._config)
+        self._device: TrialDevice = open_device(task)
+        self._model: torch.nn.Module | None = None
+        self._build_failure: tuple[Outcome, str] | None = None
+        self._poisoned = False
+        self._closed = False
+
+    @property
+    def device(self) -> TrialDevice:
+        return self._device
+
+    @property
+    def model(self) -> torch.nn.Module | None:
+        """The model, once built (``None`` before the first trial and after a failed build)."""
+        return self._model
+
+    @property
+    def poisoned(self) -> bool:
+        """True once an error left the CUDA context unusable: discard this process."""
+        return self._poisoned
+
+    def device_info(self) -> DeviceInfo:
+        return self._device.info()
+
+    def prepare(self) -> tuple[Outcome, str] | None:
+        """Build the model now; ``None`` when it is ready, else the build's outcome and message."""
+        if self._model is None and self._build_failure is None:
+            try:
+                self._model = self._build()
+            except ProbeInputError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a failed build is the trial's outcome, not a crash
+                self._build_failure = (classify(exc), "building the model: " + one_line(exc))
+                self._poisoned = self._poisoned or poisons_context(exc)
+            if self._build_failure is not None:
+                self._clean_up()
+        return self._build_failure
+
+    def _build(self) -> torch.nn.Module:
+        device = self._device
+        with device.build_context():
+            model = build_model(
+                self._config,
+                precision=self.task.precision,
+                gradient_checkpointing=self.task.gradient_checkpointing,
+                device=device.torch_device,
+                allow_remote_code=self.task.allow_remote_code,
+            )
+        device.adopt(itertools.chain(model.parameters(), model.buffers()))
+        return model
+
+    def run(self, batch_size: int, *, accumulation_steps: int, optimizer_steps: int) -> TrialRecord:
+        """One trial; the outcome is returned, never raised (except for bad arguments and bad input)."""
+        if batch_size < 1 or accumulation_steps < 1 or optimizer_steps < 1:
+            raise ValueError("batch_size, accumulation_steps and optimizer_steps must be at least 1")
+        if self._closed:
+            raise RuntimeError("this TrialSession is closed")
+
+        def record(outcome: Outcome, message: str | None, steps: _Steps | None = None) -> TrialRecord:
+            return TrialRecord(
+                batch_size=batch_size,
+                outcome=outcome,
+                peak_reserved_bytes=steps.peak_reserved if steps else None,
+                peak_allocated_bytes=steps.peak_allocated if steps else None,
+                step_seconds=steps.step_seconds if steps else None,
+                accumulation_steps=accumulation_steps,
+                optimizer_steps=steps.optimizer_steps if steps else 0,
+                message=message,
+                loss_flag=steps.loss_flag if steps else None,
+            )
+
+        if self._poisoned:
+            return record(Outcome.ERROR, "an earlier error poisoned this process's CUDA context")
+        precision = self.task.precision
+        info = self._device.info()
+        if precision.needs_bf16 and not info.bf16_supported:
+            return record(
+                Outcome.ERROR,
+                f"{precision.value} needs native bf16 (compute capability >= 8.0); "
+                f"{info.name} has {info.compute_capability}",
+            )
+        failure = self.prepare()
+        if failure is not None:
+            return record(failure[0], failure[1])
+        try:
+            steps = self._steps(batch_size, accumulation_steps, optimizer_steps)
+        except ProbeInputError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a trial reports every failure as its outcome
+            # The exception (and the frames it holds: batches, outputs, optimizer) ends with this block.
+            result = record(classify(exc), one_line(exc))
+            self._poisoned = self._poisoned or poisons_context(exc)
+        else:
+            outcome = (
+                Outcome.OVER_HEADROOM if steps.peak_reserved > self._device.capacity_bytes else Outcome.FIT
+            )
+            result = record(outcome, steps.note, steps)
+        self._clean_up()
+        return result
+
+    def _steps(self, batch_size: int, accumulation_steps: int, optimizer_steps: int) -> _Steps:
+        model = self._model
+        assert model is not None
+        device = self._device
+        precision = self.task.precision
+        autocast_dtype = _AUTOCAST.get(precision)
+        fp16 = precision is Precision.FP16_MIXED
+        model.train()
+        model.zero_grad(set_to_none=True)
+        device.reset_peak()
+        torch.manual_seed(self.task.seed)
+        seconds: list[float] = []
+        losses: list[torch.Tensor] = []
+        steps_done = steady_steps = 0
+        with device.step_context():
+            optimizer = make_optimizer(model)
+            scaler = device.grad_scaler() if fp16 else None
+            while steps_done < optimizer_steps or (
+                steady_steps == 0
+                and steps_done < optimizer_steps + MAX_EXTRA_STEPS
+                and self._losses_finite(losses)
+            ):
+                started = time.perf_counter()
+                had_state = bool(optimizer.state)
+                batches = [self._batch(batch_size) for _ in range(accumulation_steps)]
+                for batch in batches:
+                    with self._autocast(autocast_dtype):
+                        outputs = model(**batch)
+                    if autocast_dtype is not None:
+                        outputs = _float_outputs(outputs)
+                    loss = outputs["loss"] / accumulation_steps
+                    del outputs
+                    (scaler.scale(loss) if scaler is not None else loss).backward()
+                    losses.append(loss.detach())
+                    del loss
+                if scaler is not None:
+                    scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                del batch
+                device.synchronize()
+                seconds.append(time.perf_counter() - started)
+                steps_done += 1
+                steady_steps += int(had_state and bool(optimizer.state))
+            del batches, optimizer, scaler
+        reserved, allocated = device.peak()
+        note = None
+        if steady_steps == 0:
+            note = (
+                f"the fp16 gradient scaler skipped every one of {steps_done} optimizer steps "
+                "(gradients overflowed): the peak lacks the AdamW state"
+            )
+        return _Steps(
+            peak_reserved=reserved,
+            peak_allocated=allocated,
+            step_seconds=sum(seconds[1:]) / (len(seconds) - 1) if len(seconds) > 1 else None,
+            optimizer_steps=steps_done,
+            loss_flag=self._loss_flag(losses) if fp16 else None,
+            note=note,
+        )
+
+    def _batch(self, batch_size: int) -> dict[str, torch.Tensor]:
+        shape = (batch_size, self.task.seq_len)
+        device = self._device.torch_device
+        input_ids = torch.randint(0, self._vocab_size, shape, device=device)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": torch.ones(shape, dtype=torch.long, device=device),
+            "labels": input_ids.clone(),
+        }
+
+    def _autocast(self, dtype: torch.dtype | None) -> AbstractContextManager[object]:
+        return self._device.autocast(dtype) if dtype is not None else nullcontext()
+
+    def _losses_finite(self, losses: list[torch.Tensor]) -> bool:
+        """Whether more steps could help the scaler: not when the loss itself is NaN or infinite."""
+        if not self._device.computes_values:
+            return False
+        return all(math.isfinite(float(loss.item())) for loss in losses)
+
+    def _loss_flag(self, losses: list[torch.Tensor]) -> str | None:
+        if not self._device.computes_values or not losses:
+            return None
+        values = [float(loss.item()) for loss in losses]
+        if any(math.isnan(v) for v in values):
+            return "nan"
+        if any(math.isinf(v) for v in values):
+            return "inf"
+        if any(v == 0.0 for v in values):
+            return "zero"
+        return None
+
+    def _clean_up(self) -> None:
+        """Drop gradients, then let the device collect garbage and empty its cache."""
+        if self._model is not None:
+            for parameter in self._model.parameters():
+                parameter.grad = None
+        self._device.release()
+
+    def close(self) -> None:
+        """Drop the model and give the device back; the session cannot run trials afterwards."""
+        if self._closed:
+            return
+        self._closed = True
+        self._model = None
+        self._device.close()
+
+    def __enter__(self) -> TrialSession:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _float_outputs(outputs: Any) -> dict[str, Any]:
+    """The model's outputs with fp16/bf16 tensors copied to fp32 (Accelerate's ``convert_to_fp32``)."""
+    return {key: _to_fp32(value) for key, value in _items(outputs)}
+
+
+def _items(outputs: Any) -> Iterator[tuple[str, Any]]:
+    yield from outputs.items()
+
+
+def _to_fp32(value: Any) -> Any:
+    if isinstance(value, torch.Tensor) and value.dtype in (torch.float16, torch.bfloat16):
+        return value.float()
+    return value
