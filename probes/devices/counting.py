@@ -16,6 +16,10 @@ How it counts (DESIGN §2):
   the op's outputs is dropped (so they are freed at once and a handler can allocate again), and
   ``torch.OutOfMemoryError`` is raised with the CUDA caching allocator's wording, which the usual
   out-of-memory matchers (Accelerate, Lightning, torch-max-mem) recognise.
+- Real tensors are allocated before they are counted. Where the host itself cannot allocate an op's
+  output and that output would not fit under the cap either, the host's error becomes the same
+  ``torch.OutOfMemoryError``; a host failure below the cap stays what it is (the host is too small
+  for the cap being simulated). Simulate caps well below the host's free memory.
 
 Only sizes are read, never data, so the same mode counts fake tensors (``FakeTensorMode``) too.
 Counting is deterministic: the same program gives the same peak to the byte.
@@ -23,6 +27,7 @@ Counting is deterministic: the same program gives the same peak to the byte.
 
 from __future__ import annotations
 
+import re
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -37,6 +42,7 @@ CUDA_ALLOCATOR_GRANULARITY_BYTES = 512
 """The CUDA caching allocator rounds every block up to a multiple of 512 bytes (``kMinBlockSize``)."""
 
 _NEW, _VIEW, _WRITE = 0, 1, 2
+_HOST_ALLOCATION_FAILED = re.compile(r"DefaultCPUAllocator: .*?you tried to allocate (\d+) bytes")
 _LIFT_FRESH = torch.ops.aten.lift_fresh.default
 
 
@@ -144,6 +150,17 @@ class CountingMode(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch
                 out_of_memory_message(request, self._live, self.limit_bytes, device_label=self.device_label)
             )
 
+    def _raise_if_over_cap(self, exc: RuntimeError) -> None:
+        """A host allocation failure for a request that would not fit under the cap is a simulated OOM."""
+        match = _HOST_ALLOCATION_FAILED.search(str(exc))
+        if match is None or self.limit_bytes is None:
+            return
+        request = self.size_of(int(match.group(1)))
+        if self._live + request > self.limit_bytes:
+            raise torch.OutOfMemoryError(
+                out_of_memory_message(request, self._live, self.limit_bytes, device_label=self.device_label)
+            ) from None
+
     def _track(self, storage: torch.UntypedStorage, size: int) -> None:
         key = id(storage)
         self._counted[key] = (size, weakref.ref(storage, self._forget(key)))
@@ -171,7 +188,11 @@ class CountingMode(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch
         args: tuple[Any, ...] = (),
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
-        out = func(*args, **(kwargs or {}))
+        try:
+            out = func(*args, **(kwargs or {}))
+        except RuntimeError as exc:
+            self._raise_if_over_cap(exc)
+            raise
         kind = self._kinds.get(func)
         if kind is None:
             kind = self._kinds[func] = _op_kind(func)

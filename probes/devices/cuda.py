@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Iterable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
@@ -101,7 +101,7 @@ class CudaDevice:
         return None  # the caching allocator already holds them
 
     def step_context(self) -> AbstractContextManager[object]:
-        return self._device
+        return nullcontext()  # tensors are placed explicitly; a default-device mode would only cost time
 
     def autocast(self, dtype: torch.dtype) -> AbstractContextManager[object]:
         return torch.autocast(device_type="cuda", dtype=dtype)

@@ -141,6 +141,20 @@ def test_register_past_the_cap_raises_and_counts_nothing() -> None:
     assert mode.live_bytes == 0
 
 
+def test_a_host_allocation_failure_beyond_the_cap_is_a_simulated_oom() -> None:
+    mode = exact(limit=2**30)
+    with mode, pytest.raises(torch.OutOfMemoryError, match=re.escape("Tried to allocate 1024.00 TiB")):
+        torch.empty(2**50, dtype=torch.uint8)  # no host has a pebibyte: the CPU allocator refuses
+    assert mode.live_bytes == 0
+
+
+def test_a_host_allocation_failure_below_the_cap_stays_a_host_error() -> None:
+    mode = exact(limit=2**60)
+    with mode, pytest.raises(RuntimeError, match="DefaultCPUAllocator") as caught:
+        torch.empty(2**50, dtype=torch.uint8)
+    assert not isinstance(caught.value, torch.OutOfMemoryError)
+
+
 def test_oom_inside_backward_stays_typed() -> None:
     weight = torch.randn(64, 64, requires_grad=True)
     mode = exact()
