@@ -63,11 +63,16 @@ def training_arguments(
         "per_device_train_batch_size": plan.per_device_train_batch_size,
         "gradient_accumulation_steps": plan.gradient_accumulation_steps,
         "max_grad_norm": 1.0,
+        # The trials measure torch's AdamW (foreach on CUDA); transformers >= 5 defaults to the
+        # fused one, which needs a little less memory. Name the measured one.
+        "optim": "adamw_torch",
     }
     if precision is Precision.FP16_MIXED:
         args["fp16"] = True
-    elif precision.needs_bf16:
+    elif precision is Precision.BF16_MIXED:
         args["bf16"] = True
+    # bf16-true: the weights are bf16 already; bf16=True would add autocast, which runs some ops
+    # (layer norm, softmax) in fp32 and raises activation memory above what the trial measured.
     if gradient_checkpointing:
         key = "activation_checkpointing" if support.has_activation_checkpointing else "gradient_checkpointing"
         args[key] = True

@@ -126,6 +126,15 @@ class ModelSpec(Frozen):
 PositiveInt = Annotated[int, Field(gt=0)]
 
 
+def _dedupe(values: list[Any]) -> tuple[Any, ...]:
+    """Drop repeats, keep order; unhashable items are left for the type check to reject."""
+    seen: list[Any] = []
+    for value in values:
+        if value not in seen:
+            seen.append(value)
+    return tuple(seen)
+
+
 class ProbeSpec(Frozen):
     """One request: a model, a shape, the configs to try, the device and the target."""
 
@@ -167,7 +176,7 @@ class ProbeSpec(Frozen):
             value = [value]
         if isinstance(value, list | tuple):
             parsed = [parse_precision(v) if isinstance(v, str) else v for v in value]
-            return tuple(dict.fromkeys(parsed))
+            return _dedupe(parsed)
         return value
 
     @field_validator("precisions")
@@ -183,7 +192,7 @@ class ProbeSpec(Frozen):
         if isinstance(value, bool):
             return (value,)
         if isinstance(value, list | tuple):
-            return tuple(dict.fromkeys(value))
+            return _dedupe(list(value))
         return value
 
     @field_validator("gradient_checkpointing")

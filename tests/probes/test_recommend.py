@@ -96,7 +96,8 @@ def test_training_arguments_are_accepted(
     assert built.per_device_train_batch_size == 16  # type: ignore[attr-defined]
     assert built.gradient_accumulation_steps == 16  # type: ignore[attr-defined]
     assert built.fp16 is (precision is Precision.FP16_MIXED)  # type: ignore[attr-defined]
-    assert built.bf16 is precision.needs_bf16  # type: ignore[attr-defined]
+    assert built.bf16 is (precision is Precision.BF16_MIXED)  # type: ignore[attr-defined]
+    assert built.optim == "adamw_torch"  # type: ignore[attr-defined]
     key = "activation_checkpointing" if support.has_activation_checkpointing else "gradient_checkpointing"
     assert getattr(built, key) is ckpt
     # max_steps overrides num_train_epochs: 10_000 / 256 per step -> 40 steps per epoch, 3 epochs.

@@ -74,3 +74,10 @@ def test_precision_aliases() -> None:
     assert parse_precision("16-mixed") is Precision.FP16_MIXED
     with pytest.raises(ValueError, match="bf16-true"):
         parse_precision("half")
+
+
+def test_nested_lists_are_a_validation_error_not_a_crash() -> None:
+    with pytest.raises(ValidationError):
+        _spec(precisions=[["fp32"]])
+    with pytest.raises(ValidationError):
+        _spec(gradient_checkpointing=[[True]])
