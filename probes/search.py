@@ -1,0 +1,279 @@
+"""The batch-size search on the ladder, as a pure ask/tell object (no torch, no processes).
+
+The ladder is 1, 2, 4, 8, 16, 24, 32, … : 1, 2 and 4 below 8, then every multiple of 8.
+:class:`LadderSearch` proposes the next size to try (``next_size``) and learns from each
+trial's outcome (``record``); the engine runs each trial in a child process, tests feed
+scripted memory curves. Fit is assumed monotone in batch size, so the search keeps a
+bracket: the largest passing size and the smallest failing one. Only measurements move the
+bracket; a line fitted through measured peaks only chooses where to measure next.
+
+How the next size is chosen:
+
+1. the first trial is at ``start`` (1 by default), then sizes grow by doubling on the ladder;
+2. once two passing trials carry peaks and the capacity is known, a line through the two
+   largest passing points predicts where the peak reaches the capacity; the search jumps to
+   the ladder floor of that boundary (at most :data:`MAX_JUMP_FACTOR` times the largest pass),
+   and when the prediction says the next size up would fail, that size is measured anyway;
+3. when a failure is already known and the line offers nothing inside the bracket (it
+   overshot, or there is no line), the search interpolates between the bracket ends when the
+   failure carries a peak (it ran, but over the headroom), steps one size down after a
+   rejected confirmation, and otherwise bisects the ladder between the bracket ends.
+
+The answer equals an exhaustive search of the ladder for every monotone curve, because the
+search stops only when no ladder size lies strictly between the two bracket ends.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+from probes.spec import Outcome, TrialRecord
+
+MAX_JUMP_FACTOR = 256
+"""A predicted jump goes at most this many times beyond the largest passing size.
+
+Extrapolating from batch sizes 1 and 2 amplifies any error in the measured slope; a nearly
+flat line (a memory floor, allocator rounding) would otherwise send the first jump to an
+absurd size, and the bisection after the failure would be long.
+"""
+
+_PASS = frozenset({Outcome.FIT})
+_FAIL = frozenset({Outcome.OOM, Outcome.OVER_HEADROOM})
+
+
+def _index(size: int) -> int:
+    """Position of a ladder size on the ladder (1 → 0, 2 → 1, 4 → 2, 8 → 3, 16 → 4, …)."""
+    if size < 8:
+        return {1: 0, 2: 1, 4: 2}[size]
+    return size // 8 + 2
+
+
+def _at(index: int) -> int:
+    """The ladder size at ``index`` (the inverse of :func:`_index`)."""
+    return 2**index if index < 3 else 8 * (index - 2)
+
+
+def is_ladder_size(n: int) -> bool:
+    """True for 1, 2, 4 and every positive multiple of 8."""
+    return n in (1, 2, 4) or (n >= 8 and n % 8 == 0)
+
+
+def ladder(upper: int) -> list[int]:
+    """Every ladder size ``≤ upper``, ascending (empty when ``upper < 1``)."""
+    if upper < 1:
+        return []
+    return [_at(i) for i in range(_index(ladder_floor(upper)) + 1)]
+
+
+def ladder_floor(n: int) -> int:
+    """The largest ladder size ``≤ n`` (``n ≥ 1``)."""
+    if n < 1:
+        raise ValueError(f"no ladder size is at or below {n}; the ladder starts at 1")
+    if n < 8:
+        return 4 if n >= 4 else (2 if n >= 2 else 1)
+    return n - n % 8
+
+
+def ladder_ceil(n: int) -> int:
+    """The smallest ladder size ``≥ n`` (1 for any ``n ≤ 1``)."""
+    return n if n >= 1 and is_ladder_size(n) else ladder_next(n)
+
+
+def ladder_next(n: int) -> int:
+    """The smallest ladder size ``> n`` (1 for any ``n < 1``)."""
+    return 1 if n < 1 else _at(_index(ladder_floor(n)) + 1)
+
+
+def ladder_prev(n: int) -> int:
+    """The largest ladder size ``< n`` (``n ≥ 2``)."""
+    if n < 2:
+        raise ValueError(f"no ladder size is below {n}; the ladder starts at 1")
+    return ladder_floor(n - 1)
+
+
+class LadderSearch:
+    """Ask/tell search for the largest ladder batch size that fits.
+
+    ``capacity_bytes`` is the peak a passing trial may reach (the limit less the headroom)
+    when known; it is used only to predict where to measure next. ``upper_limit`` caps the
+    sizes tried (the request's ``max_batch_size_limit``); ``start`` is the first size tried
+    (floored onto the ladder and capped by the limit).
+    """
+
+    def __init__(self, *, capacity_bytes: int | None, upper_limit: int | None = None, start: int = 1) -> None:
+        if capacity_bytes is not None and capacity_bytes <= 0:
+            raise ValueError(f"capacity_bytes must be positive, got {capacity_bytes}")
+        if upper_limit is not None and upper_limit < 1:
+            raise ValueError(f"upper_limit must be at least 1, got {upper_limit}")
+        if start < 1:
+            raise ValueError(f"start must be at least 1, got {start}")
+        self._capacity = capacity_bytes
+        self._cap = ladder_floor(upper_limit) if upper_limit is not None else None
+        self._start = ladder_floor(start if self._cap is None else min(start, self._cap))
+        self._trials: list[TrialRecord] = []
+        self._passes: dict[int, int | None] = {}
+        self._failure_peaks: dict[int, int | None] = {}
+        self._first_failing: int | None = None
+        self._aborted_reason: str | None = None
+        self._rejected: int | None = None
+
+    # -- the bracket -------------------------------------------------------------------
+
+    @property
+    def max_batch_size(self) -> int | None:
+        """The largest passing size below the first failing one (``None`` while none passed)."""
+        below = [n for n in self._passes if self._below_failure(n)]
+        return max(below) if below else None
+
+    @property
+    def first_failing_batch_size(self) -> int | None:
+        """The smallest failing size (``None`` when nothing failed, e.g. the limit was reached)."""
+        return self._first_failing
+
+    @property
+    def trials(self) -> tuple[TrialRecord, ...]:
+        """Every trial recorded or rejected, in order."""
+        return tuple(self._trials)
+
+    @property
+    def aborted_reason(self) -> str | None:
+        """Why the search stopped early (an error, timeout or crash), else ``None``."""
+        return self._aborted_reason
+
+    @property
+    def done(self) -> bool:
+        """True when the bracket is closed or the search was aborted."""
+        return self.next_size() is None
+
+    def _below_failure(self, n: int) -> bool:
+        return self._first_failing is None or n < self._first_failing
+
+    def _open_range(self) -> tuple[int, int] | None:
+        """Ladder indices ``(low, high)``: sizes strictly between them are still undecided.
+
+        ``None`` when the bracket is closed.
+        """
+        largest = self.max_batch_size
+        low = -1 if largest is None else _index(largest)
+        if self._first_failing is not None:
+            high = _index(self._first_failing)
+        elif self._cap is not None:
+            high = _index(self._cap) + 1
+        else:
+            return (low, low + 2**62)
+        return (low, high) if high - low >= 2 else None
+
+    # -- ask ---------------------------------------------------------------------------
+
+    def next_size(self) -> int | None:
+        """The next batch size to try, or ``None`` when the bracket is closed or aborted."""
+        if self._aborted_reason is not None:
+            return None
+        bracket = self._open_range()
+        if bracket is None:
+            return None
+        low, high = bracket
+        if not self._trials:
+            return self._start
+        largest = self.max_batch_size
+        if largest is None:
+            # Even the first size tried failed: bisect below it.
+            return _at((low + high) // 2)
+        predicted = self._predicted_size(largest)
+        if predicted is not None and _index(predicted) < high:
+            return predicted
+        if self._first_failing is None:
+            # No failure yet and no usable prediction: double (on the ladder, within the cap).
+            grown = ladder_ceil(2 * largest)
+            return min(grown, _at(high - 1))
+        between = self._interpolated_size(largest, self._first_failing)
+        if between is not None:
+            return between
+        if self._rejected == self._first_failing:
+            # A size that passed its trial failed a longer run: the boundary is just below it.
+            return _at(high - 1)
+        return _at((low + high) // 2)
+
+    def _interpolated_size(self, largest: int, failing: int) -> int | None:
+        """The ladder size where the chord from the largest pass to the first failure meets the capacity.
+
+        Only when both ends carry peaks (a failure that ran to the end: over the headroom).
+        """
+        low_peak = self._passes.get(largest)
+        high_peak = self._failure_peaks.get(failing)
+        if self._capacity is None or low_peak is None or high_peak is None or high_peak <= low_peak:
+            return None
+        boundary = largest + Fraction(self._capacity - low_peak, high_peak - low_peak) * (failing - largest)
+        return min(max(ladder_floor(max(1, int(boundary))), ladder_next(largest)), ladder_prev(failing))
+
+    def _predicted_size(self, largest: int) -> int | None:
+        """The ladder size the fitted line points at, kept above ``largest`` and within the cap.
+
+        ``None`` without a capacity, without two passing peaks, or when the line does not rise.
+        """
+        if self._capacity is None:
+            return None
+        points = sorted(
+            (n, peak) for n, peak in self._passes.items() if peak is not None and self._below_failure(n)
+        )
+        if len(points) < 2:
+            return None
+        (n1, p1), (n2, p2) = points[-2:]
+        slope = Fraction(p2 - p1, n2 - n1)
+        if slope <= 0:
+            return None
+        boundary = n2 + (self._capacity - p2) / slope
+        reach = min(int(boundary), largest * MAX_JUMP_FACTOR)
+        if self._cap is not None:
+            reach = min(reach, self._cap)
+        if reach <= largest:
+            return ladder_next(largest)
+        return max(ladder_floor(reach), ladder_next(largest))
+
+    # -- tell --------------------------------------------------------------------------
+
+    def record(self, trial: TrialRecord) -> None:
+        """Learn from one trial: a pass raises the bracket's floor, a failure lowers its ceiling.
+
+        ``error``, ``timeout`` and ``crash`` abort the search (``aborted_reason`` says why).
+        ``ValueError`` when the size is off the ladder, already decided, or the search is over.
+        """
+        n = trial.batch_size
+        self._check_open(n)
+        self._trials.append(trial)
+        self._rejected = None
+        if trial.outcome in _PASS:
+            self._passes[n] = trial.peak_bytes
+        elif trial.outcome in _FAIL:
+            self._first_failing = n
+            self._failure_peaks[n] = trial.peak_bytes
+        else:
+            detail = f": {trial.message}" if trial.message else ""
+            self._aborted_reason = f"the trial at batch size {n} ended in {trial.outcome.value}{detail}"
+
+    def reject(self, batch_size: int, trial: TrialRecord) -> None:
+        """A later check of ``batch_size`` (the confirmation run) failed: treat it as failing.
+
+        The trial is recorded; the bracket reopens below ``batch_size`` (passes at or above it
+        no longer count) and ``next_size`` proposes sizes again.
+        """
+        if self._aborted_reason is not None:
+            raise ValueError("the search was aborted; nothing can be rejected")
+        if not is_ladder_size(batch_size):
+            raise ValueError(f"batch size {batch_size} is not on the ladder")
+        self._trials.append(trial)
+        if self._first_failing is None or batch_size < self._first_failing:
+            self._first_failing = batch_size
+            self._failure_peaks[batch_size] = trial.peak_bytes
+            self._rejected = batch_size
+
+    def _check_open(self, n: int) -> None:
+        if self._aborted_reason is not None:
+            raise ValueError(f"the search was aborted ({self._aborted_reason}); no more trials")
+        if not is_ladder_size(n):
+            raise ValueError(f"batch size {n} is not on the ladder (1, 2, 4, then multiples of 8)")
+        if self._cap is not None and n > self._cap:
+            raise ValueError(f"batch size {n} is above the upper limit {self._cap}")
+        largest = self.max_batch_size
+        if (largest is not None and n <= largest) or not self._below_failure(n):
+            raise ValueError(f"batch size {n} is already decided by earlier trials")
