@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.app.live_server import ROOT, LiveServer
 
 CONFIG = {"n_layer": 2, "n_embd": 64, "n_head": 2, "vocab_size": 1000}
@@ -80,6 +82,7 @@ def _follow(client: Any, job_id: str) -> list[tuple[str, Any]]:
     return events
 
 
+@pytest.mark.slow
 def test_the_service_and_the_cli_agree(tmp_path: Path) -> None:
     with LiveServer(tmp_path / "data", {"MAXBATCH_NVML": "off"}) as server, server.client() as client:
         devices = [d["device"] for d in client.get("/v1/devices").json()["devices"]]
@@ -90,26 +93,24 @@ def test_the_service_and_the_cli_agree(tmp_path: Path) -> None:
         assert response.json()["model_facts"]["model_type"] == "gpt2"
         events = _follow(client, job_id)
         kinds = [kind for kind, _ in events]
-        assert kinds[0] == "queued"
-        assert kinds[1] == "started"
+        assert kinds[:2] == ["queued", "started"]
         assert kinds[-1] == "done"
         job = events[-1][1]
         assert job["status"] == "succeeded", job["error"]
         result = job["result"]
         assert kinds.count("config_done") == len(result["configs"]) == 2
         trials_in_result = sum(len(c["trials"]) for c in result["configs"])
-        assert kinds.count("trial") >= trials_in_result  # events also carry confirmation runs
+        assert kinds.count("trial") >= trials_in_result  # events may also carry confirmation runs
         again = client.post("/v1/probes", json=REQUEST).json()
         assert again["cached"] is True
         assert again["id"] == job_id
 
+    # one after the other: on a 2-core machine running both at once is slower than in turn
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAXBATCH_")}
     cli = subprocess.run(
         [sys.executable, "-m", "app.cli", "probe", *CLI_FLAGS, "--json"],
         cwd=ROOT,
-        env={
-            **{k: v for k, v in os.environ.items() if not k.startswith("MAXBATCH_")},
-            "PYTHONPATH": str(ROOT),
-        },
+        env={**env, "PYTHONPATH": str(ROOT)},
         capture_output=True,
         text=True,
         timeout=300,
