@@ -1,0 +1,211 @@
+"""The whole probe on the simulated device: every config, the exhaustive-search check, isolation.
+
+These run real trials in child processes on tiny models (2 layers, 64 wide, vocabulary 1000)
+under a 64 MiB cap, so that a config's search finishes in a few seconds on two cores.
+"""
+
+from __future__ import annotations
+
+import multiprocessing.forkserver
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from probes.engine import run_probe
+from probes.isolate import trial_child, trial_from_reply
+from probes.search import ladder_next
+from probes.spec import (
+    ConfigStatus,
+    ConfigTask,
+    EventKind,
+    ModelSpec,
+    Outcome,
+    Precision,
+    ProbeEvent,
+    ProbeResult,
+    ProbeSpec,
+)
+
+TINY = {
+    "gpt2": {"n_layer": 2, "n_embd": 64, "n_head": 2, "vocab_size": 1000},
+    "llama": {
+        "num_hidden_layers": 2,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "vocab_size": 1000,
+    },
+}
+CAP = 64 * 2**20
+
+
+def tiny_spec(architecture: str, **fields: object) -> ProbeSpec:
+    base: dict[str, object] = {
+        "model": ModelSpec(architecture=architecture, config=TINY[architecture]),
+        "seq_len": 128,
+        "target_effective_batch_size": 256,
+        "device": "simulated",
+        "memory_limit_bytes": CAP,
+    }
+    base.update(fields)
+    return ProbeSpec.model_validate(base)
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def full_run(request: pytest.FixtureRequest) -> tuple[ProbeResult, list[ProbeEvent]]:
+    events: list[ProbeEvent] = []
+    result = run_probe(tiny_spec(request.param), on_event=events.append)
+    return result, events
+
+
+def test_every_config_comes_back_with_a_confirmed_bracket(
+    full_run: tuple[ProbeResult, list[ProbeEvent]],
+) -> None:
+    result, _ = full_run
+    assert [(c.precision, c.gradient_checkpointing) for c in result.configs] == result.spec.configs()
+    assert len(result.configs) == 8
+    for config in result.configs:
+        assert config.status is ConfigStatus.OK, config.reason
+        assert config.max_batch_size is not None
+        assert config.confirmed
+        # Equal to exhaustive ladder search (fit is monotone): the answer fits, the next rung fails.
+        assert config.first_failing_batch_size == ladder_next(config.max_batch_size)
+        outcomes = {(t.batch_size, t.outcome) for t in config.trials}
+        assert (config.max_batch_size, Outcome.FIT) in outcomes
+        assert (config.first_failing_batch_size, Outcome.OOM) in outcomes
+        assert config.peak_memory_bytes is not None
+        assert config.peak_memory_bytes <= CAP
+        assert config.plan is not None
+        assert config.plan.per_device_train_batch_size <= config.max_batch_size
+
+
+def test_memory_saving_settings_raise_the_max(full_run: tuple[ProbeResult, list[ProbeEvent]]) -> None:
+    result, _ = full_run
+    best = {(c.precision, c.gradient_checkpointing): c.max_batch_size or 0 for c in result.configs}
+    for precision in Precision:
+        assert best[precision, True] > best[precision, False]
+    for checkpointing in (False, True):
+        assert best[Precision.BF16_TRUE, checkpointing] >= best[Precision.FP32, checkpointing]
+
+
+def test_search_is_cheap(full_run: tuple[ProbeResult, list[ProbeEvent]]) -> None:
+    result, _ = full_run
+    trials = [len(c.trials) for c in result.configs]  # the confirmation included
+    ooms = [sum(t.outcome is Outcome.OOM for t in c.trials) for c in result.configs]
+    assert sum(trials) / len(trials) <= 5
+    assert sum(ooms) / len(ooms) <= 1
+
+
+def test_events_tell_the_whole_story(full_run: tuple[ProbeResult, list[ProbeEvent]]) -> None:
+    result, events = full_run
+    started = [e for e in events if e.kind is EventKind.CONFIG_STARTED]
+    done = [e for e in events if e.kind is EventKind.CONFIG_DONE]
+    trials = [e for e in events if e.kind is EventKind.TRIAL]
+    assert len(started) == len(done) == 8
+    assert [e.config for e in done] == list(result.configs)
+    assert len(trials) == sum(len(c.trials) for c in result.configs)
+    assert {e.phase for e in trials} == {"search", "confirm"}
+
+
+def test_recommendation_is_a_planned_config(full_run: tuple[ProbeResult, list[ProbeEvent]]) -> None:
+    result, _ = full_run
+    rec = result.recommendation
+    assert rec is not None
+    chosen = next(
+        c
+        for c in result.configs
+        if (c.precision, c.gradient_checkpointing) == (rec.precision, rec.gradient_checkpointing)
+    )
+    assert chosen.plan == rec.plan
+    assert rec.training_arguments["per_device_train_batch_size"] == rec.plan.per_device_train_batch_size
+    assert result.timing_note is not None
+
+
+def _without_timings(result: ProbeResult) -> dict[str, object]:
+    data = result.model_dump(mode="json", exclude={"elapsed_seconds"})
+    for config in data["configs"]:
+        config.pop("samples_per_second")
+        config.pop("tokens_per_second")
+        for trial in config["trials"]:
+            trial.pop("step_seconds")
+    return data
+
+
+def test_two_runs_are_identical_apart_from_timings() -> None:
+    spec = tiny_spec("gpt2", precisions=["32-true"], gradient_checkpointing=[True])
+    first, second = run_probe(spec), run_probe(spec)
+    assert _without_timings(first) == _without_timings(second)
+
+
+def test_exhaustive_ladder_sweep_agrees() -> None:
+    """Run every rung up to two past the answer in one child: the answer is the largest that fits."""
+    spec = tiny_spec("gpt2", precisions=["32-true"], gradient_checkpointing=[False])
+    searched = run_probe(spec).configs[0]
+    assert searched.max_batch_size is not None
+    fits: dict[int, bool] = {}
+    size = 1
+    while size <= ladder_next(ladder_next(searched.max_batch_size)):
+        with trial_child(ConfigTask.for_config(spec, Precision.FP32, False)) as child:
+            reply = child.request(
+                {
+                    "op": "trial",
+                    "batch_size": size,
+                    "accumulation_steps": spec.trial_accumulation_steps,
+                    "optimizer_steps": spec.trial_optimizer_steps,
+                },
+                timeout_seconds=120,
+            )
+        trial, _ = trial_from_reply(size, reply)
+        fits[size] = trial.outcome is Outcome.FIT
+        size = ladder_next(size)
+    assert max(s for s, ok in fits.items() if ok) == searched.max_batch_size
+    assert all(fits[s] == (s <= searched.max_batch_size) for s in fits)
+
+
+def test_a_hung_trial_becomes_a_timeout_not_a_hang() -> None:
+    spec = tiny_spec(
+        "gpt2", precisions=["32-true"], gradient_checkpointing=[False], trial_timeout_seconds=0.01
+    )
+    config = run_probe(spec).configs[0]
+    assert config.status is ConfigStatus.FAILED
+    assert config.trials[-1].outcome is Outcome.TIMEOUT
+    assert config.reason is not None
+    assert "timeout" in config.reason
+
+
+def _trial_children() -> list[int]:
+    server = multiprocessing.forkserver._forkserver._forkserver_pid  # type: ignore[attr-defined]
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == server:
+            children.append(int(stat.parent.name))
+    return children
+
+
+@pytest.mark.skipif(not Path("/proc").exists(), reason="finds trial children through /proc")
+def test_a_killed_child_fails_its_config_and_the_probe_goes_on() -> None:
+    killed: list[int] = []
+
+    def kill_after_first_trial(event: ProbeEvent) -> None:
+        if event.kind is EventKind.TRIAL and event.config_index == 0 and not killed:
+            for pid in _trial_children():
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+
+    spec = tiny_spec("gpt2", precisions=["32-true"], gradient_checkpointing=[False, True])
+    result = run_probe(spec, on_event=kill_after_first_trial)
+    assert killed
+    crashed, survivor = result.configs
+    assert crashed.status is ConfigStatus.FAILED
+    assert crashed.trials[-1].outcome is Outcome.CRASH
+    assert crashed.reason is not None
+    assert "SIGKILL" in crashed.reason
+    assert survivor.status is ConfigStatus.OK
+    assert survivor.confirmed
