@@ -19,7 +19,7 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedCo
 from rich.table import Table
 
 from probes.errors import ProbeError, ProbeInputError
-from probes.spec import ConfigStatus, EventKind, ModelSpec, ProbeEvent, ProbeResult, ProbeSpec
+from probes.spec import ConfigStatus, EventKind, ProbeEvent, ProbeResult, ProbeSpec
 from probes.units import format_bytes, parse_bytes
 
 EXIT_INPUT = 2
@@ -84,34 +84,33 @@ def build_spec(
         headroom_bytes = parse_bytes(headroom) if headroom is not None else 0
     except ValueError as exc:
         fail_input(str(exc))
-    chosen: dict[str, object] = {}
+    fields: dict[str, object] = {
+        "model": {
+            "architecture": architecture,
+            "config": overrides,
+            "name_or_path": model,
+            "trust_remote_code": trust_remote_code,
+        },
+        "seq_len": seq_len,
+        "target_effective_batch_size": target_batch_size,
+        "world_size": world_size,
+        "device": device,
+        "memory_limit_bytes": memory_bytes,
+        "gpu": gpu,
+        "headroom_bytes": headroom_bytes,
+        "max_batch_size_limit": max_batch_size,
+        "dataset_size": dataset_size,
+        "num_train_epochs": epochs,
+        "warmup_ratio": warmup_ratio,
+        "trial_timeout_seconds": trial_timeout,
+        "confirm_optimizer_steps": confirm_steps,
+    }
     if precision:
-        chosen["precisions"] = tuple(precision)
+        fields["precisions"] = precision
     if checkpointing:
-        chosen["gradient_checkpointing"] = tuple(_checkpointing(checkpointing))
+        fields["gradient_checkpointing"] = _checkpointing(checkpointing)
     try:
-        return ProbeSpec(
-            **chosen,  # type: ignore[arg-type]
-            model=ModelSpec(
-                architecture=architecture,
-                config=overrides,  # type: ignore[arg-type]
-                name_or_path=model,
-                trust_remote_code=trust_remote_code,
-            ),
-            seq_len=seq_len,
-            target_effective_batch_size=target_batch_size,
-            world_size=world_size,
-            device=device,
-            memory_limit_bytes=memory_bytes,
-            gpu=gpu,
-            headroom_bytes=headroom_bytes,
-            max_batch_size_limit=max_batch_size,
-            dataset_size=dataset_size,
-            num_train_epochs=epochs,
-            warmup_ratio=warmup_ratio,
-            trial_timeout_seconds=trial_timeout,
-            confirm_optimizer_steps=confirm_steps,
-        )
+        return ProbeSpec.model_validate(fields)
     except ValidationError as exc:
         fail_input(_validation_message(exc))
 

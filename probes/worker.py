@@ -56,7 +56,7 @@ def serve(conn: Connection, task_json: str) -> None:
         # CPU-backed devices: one intra-op thread. Counted bytes do not depend on it, and OpenMP
         # workers that spin while other processes hold the cores made a tiny step 30x slower.
         torch.set_num_threads(1)
-    transformers.logging.set_verbosity_error()
+    transformers.logging.set_verbosity_error()  # type: ignore[no-untyped-call]
     session = TrialSession(task)
     try:
         while True:
