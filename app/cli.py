@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from typer.exceptions import TyperException
 
 import probes.cli
 from app.settings import Settings, get_settings, is_loopback
@@ -14,7 +16,6 @@ from app.settings import Settings, get_settings, is_loopback
 cli = typer.Typer(
     name="maxbatch",
     help="Find the largest batch size a training job can use on a GPU, before it launches.",
-    no_args_is_help=True,
     add_completion=False,
 )
 cli.command("probe")(probes.cli.probe)
@@ -80,9 +81,18 @@ def serve(
     )
 
 
-def main() -> None:
-    """Console-script entry point."""
-    cli(prog_name="maxbatch")
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: a usage error is one line on stderr and exit code 2."""
+    try:
+        code = cli(args=argv, prog_name="maxbatch", standalone_mode=False)
+    except TyperException as exc:  # typer's own click: usage errors, bad parameters
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        sys.stderr.write(f"maxbatch: error: {message} (see 'maxbatch --help')\n")
+        sys.exit(getattr(exc, "exit_code", 2) or 2)
+    except typer.Abort:
+        sys.stderr.write("maxbatch: aborted\n")
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":
