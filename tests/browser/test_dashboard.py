@@ -230,7 +230,7 @@ def test_the_chart_draws_one_series_per_config(
 
     # The job page as it looks, for people (and for the README when MAXBATCH_SCREENSHOT_TO is set).
     browser.set_window(1280, 900)
-    browser.run("window.scrollTo(0, 0);")
+    browser.run("document.activeElement.blur(); window.scrollTo(0, 0);")
     shot = ARTIFACTS / "job.png"
     browser.screenshot(shot, width=1280)
     assert shot.stat().st_size > 10_000
@@ -280,6 +280,22 @@ def test_the_jobs_list_shows_and_filters(browser: Browser, service: Service, job
         ),
     )
     assert browser.text(browser.find(f"{row} td[data-label='Seq len']")) == "64"
+
+    # Live: a probe submitted elsewhere appears, and its cancellation shows, without a reload.
+    browser.run("window.__sameDocument = true;")
+    with service.api() as api:
+        response = api.post("/v1/probes", json=job["spec"], headers={"Cache-Control": "no-cache"})
+        assert response.status_code == 202, response.text
+        other = response.json()["id"]
+        other_row = f'#jobs-table tr[data-job="{other}"]'
+        browser.wait_for("the new probe in the list", lambda: browser.find_all(other_row), timeout=15)
+        assert api.post(f"/v1/probes/{other}/cancel").status_code == 200
+    browser.wait_for(
+        "the cancellation in the list",
+        lambda: browser.attribute(browser.find(other_row), "data-status") == "cancelled",
+        timeout=15,
+    )
+    assert browser.run("return window.__sameDocument === true;"), "the page reloaded"
 
     browser.click(browser.find('.filter button[data-status="failed"]'))
     browser.wait_for(

@@ -26,6 +26,11 @@ export function curlCommand(spec) {
   return lines.join(" \\\n");
 }
 
+/** Text from the engine as a sentence: capital first letter. */
+function sentence(text) {
+  return text ? text.charAt(0).toUpperCase() + text.slice(1) : "";
+}
+
 function limitOf(result) {
   const device = result.device || {};
   return device.memory_limit_bytes || device.total_memory_bytes || 0;
@@ -140,7 +145,7 @@ function recommendationCard(job, result) {
           " accumulation × ", h("strong", {}, String(rec.plan.world_size)), ` GPU${rec.plan.world_size === 1 ? "" : "s"} = `,
           h("strong", {}, String(rec.plan.effective_batch_size)), " effective"),
         h("span", { class: "rec-config" }, configLabel(rec.precision, rec.gradient_checkpointing))),
-      h("p", { class: "why" }, rec.why),
+      h("p", { class: "why" }, sentence(rec.why)),
       rec.plan.note ? h("p", { class: "muted" }, rec.plan.note) : ""),
     h("div", { class: "copy-grid" },
       copyBlock(args, { label: "TrainingArguments (JSON)", id: "training-arguments" }),
@@ -286,7 +291,7 @@ export function jobView(root, id) {
     if (result) {
       const gpuTimes = result.device && result.device.timings_are_gpu_times;
       parts.push(h("section", { class: "card" }, h("h2", {}, "Configs"), configTable(result),
-        gpuTimes ? "" : h("p", { class: "muted small" }, "† ", result.timing_note || "Times on this device are not GPU times.")));
+        gpuTimes ? "" : h("p", { class: "muted small" }, "† ", sentence(result.timing_note || "times on this device are not GPU times."))));
     }
     parts.push(h("section", { class: "card" }, h("h2", {}, "Request"), facts(job, result)));
     root.replaceChildren(...parts);

@@ -56,7 +56,7 @@ function row(job, detail, now) {
     h("td", { "data-label": "Device" }, `${job.device ?? spec.device ?? "?"}${memory}`),
     h("td", { "data-label": "Progress" }, progressCell(job)),
     h("td", { "data-label": "Recommended" }, resultCell(job, detail)),
-    h("td", { "data-label": "Age", title: formatTime(job.created_at) }, formatAge(job.created_at, now)));
+    h("td", { "data-label": "Age", class: "nowrap", title: formatTime(job.created_at) }, formatAge(job.created_at, now)));
 }
 
 /** Render the list into `root`; `query` holds the hash's parameters. Returns a cleanup function. */
