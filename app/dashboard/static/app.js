@@ -18,6 +18,13 @@ window.addEventListener("error", (event) => {
   if (String(event.message).startsWith("ResizeObserver loop")) return;
   report(event.message || String(event.error));
 });
+// A Content-Security-Policy refusal means the page tried to load or run something it should not.
+// Recorded for the tests, not shown: a browser extension's injections can trigger it too.
+document.addEventListener("securitypolicyviolation", (event) => {
+  const message = `blocked by the content security policy: ${event.violatedDirective} ${event.blockedURI || ""}`;
+  window.__maxbatchErrors.push(message.trim());
+  console.warn(message);
+});
 window.addEventListener("unhandledrejection", (event) => {
   const reason = event.reason;
   if (reason && reason.name === "AbortError") return;
