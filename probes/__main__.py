@@ -14,10 +14,12 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import signal
 import sys
 import threading
+from contextlib import suppress
 from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
@@ -43,6 +45,20 @@ def _write(path: Path, payload: str) -> None:
     temporary.replace(path)
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _end_with_parent() -> None:
+    """Ask Linux for SIGTERM when the parent dies (a service killed with SIGKILL): we then cancel.
+
+    Elsewhere this is a no-op; the service's next start cleans up what is left.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    with suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def _run(spec_path: Path, result_path: Path, *, allow_remote_code: bool) -> int:
     from probes.engine import run_probe
     from probes.isolate import ProbeCancelled
@@ -54,6 +70,7 @@ def _run(spec_path: Path, result_path: Path, *, allow_remote_code: bool) -> int:
         return EXIT_INPUT
 
     cancel = threading.Event()
+    _end_with_parent()
 
     def on_term(_signum: int, _frame: FrameType | None) -> None:
         cancel.set()

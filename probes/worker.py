@@ -49,6 +49,20 @@ def _info(task: ConfigTask, session: TrialSession) -> dict[str, Any]:
     }
 
 
+def _answer(task: ConfigTask, session: TrialSession, message: dict[str, Any]) -> dict[str, Any]:
+    op = message.get("op")
+    if op == "info":
+        return _info(task, session)
+    if op == "trial":
+        trial = session.run(
+            int(message["batch_size"]),
+            accumulation_steps=int(message["accumulation_steps"]),
+            optimizer_steps=int(message["optimizer_steps"]),
+        )
+        return {"trial": trial.model_dump(mode="json"), "poisoned": session.poisoned}
+    return {"error": {"code": "probe-error", "message": f"unknown request {op!r}"}}
+
+
 def serve(conn: Connection, task_json: str) -> None:
     """Answer requests until ``stop`` or the parent goes away."""
     task = ConfigTask.model_validate_json(task_json)
@@ -57,33 +71,26 @@ def serve(conn: Connection, task_json: str) -> None:
         # workers that spin while other processes hold the cores made a tiny step 30x slower.
         torch.set_num_threads(1)
     transformers.logging.set_verbosity_error()  # type: ignore[no-untyped-call]
-    session = TrialSession(task)
+    session: TrialSession | None = None
     try:
         while True:
             try:
                 message: dict[str, Any] = conn.recv()
             except (EOFError, OSError):
                 return
-            op = message.get("op")
-            if op == "stop":
+            if message.get("op") == "stop":
                 return
             try:
-                if op == "info":
-                    reply = _info(task, session)
-                elif op == "trial":
-                    trial = session.run(
-                        int(message["batch_size"]),
-                        accumulation_steps=int(message["accumulation_steps"]),
-                        optimizer_steps=int(message["optimizer_steps"]),
-                    )
-                    reply = {"trial": trial.model_dump(mode="json"), "poisoned": session.poisoned}
-                else:
-                    reply = {"error": {"code": "probe-error", "message": f"unknown request {op!r}"}}
+                if session is None:
+                    # Built on the first request, so that a bad config is a reply, not a dead child.
+                    session = TrialSession(task)
+                reply = _answer(task, session, message)
             except Exception as exc:  # noqa: BLE001 — every failure becomes a reply, never a dead pipe
                 reply = _error_reply(exc)
             conn.send(reply)
     finally:
-        session.close()
+        if session is not None:
+            session.close()
 
 
 PRELOADED_MODULES = (
