@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from app.schemas import ACTIVE_STATUSES, JobStatus
 from app.store.migrations import migrate
@@ -187,19 +187,18 @@ class Store:
 
     def queued_by_queue(self) -> dict[str, int]:
         """Queued jobs per dispatcher queue."""
-        with self._lock:
-            rows = self._conn.execute(
-                "SELECT queue, COUNT(*) FROM jobs WHERE status = 'queued' GROUP BY queue"
-            ).fetchall()
-        return {str(q): int(c) for q, c in rows}
+        return self._queued_by("queue")
 
     def queued_by_device(self) -> dict[str, int]:
         """Queued jobs per requested device."""
+        return self._queued_by("device")
+
+    def _queued_by(self, column: Literal["queue", "device"]) -> dict[str, int]:
         with self._lock:
             rows = self._conn.execute(
-                "SELECT device, COUNT(*) FROM jobs WHERE status = 'queued' GROUP BY device"
+                f"SELECT {column}, COUNT(*) FROM jobs WHERE status = 'queued' GROUP BY {column}"
             ).fetchall()
-        return {str(d): int(c) for d, c in rows}
+        return {str(key): int(count) for key, count in rows}
 
     def events(self, job_id: str, after_seq: int = 0) -> list[StoredEvent]:
         with self._lock:
