@@ -34,4 +34,15 @@ def open_device(task: ConfigTask) -> TrialDevice:
             memory_limit_bytes=task.memory_limit_bytes,
             headroom_bytes=task.headroom_bytes,
         )
-    raise DeviceUnavailable("the 'predict' device is not built yet; use 'simulated' or 'cuda:N'")
+    if name == "predict":
+        from probes.devices.predict import PredictDevice
+        from probes.gpus import lookup_gpu
+
+        if task.memory_limit_bytes is None and task.gpu is None:
+            raise ProbeInputError("device 'predict' needs memory_limit_bytes or gpu (e.g. H100-80GB)")
+        return PredictDevice(
+            memory_limit_bytes=task.memory_limit_bytes,
+            gpu=lookup_gpu(task.gpu) if task.gpu is not None else None,
+            headroom_bytes=task.headroom_bytes,
+        )
+    raise DeviceUnavailable(f"unknown device {task.device!r}; use cuda:N, simulated or predict")
