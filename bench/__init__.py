@@ -1,0 +1,1 @@
+"""Benchmarks and the GPU check: run from the repository root (``python -m bench.<name>``)."""
