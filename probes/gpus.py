@@ -92,9 +92,16 @@ def known_gpu_names() -> list[str]:
 
 
 def lookup_gpu(name: str) -> Gpu:
-    """The card ``name`` names (case-insensitive); :class:`UnknownGpu` listing the known names if none."""
+    """The card ``name`` names (case-insensitive); :class:`UnknownGpu` if none (its ``known`` lists them all).
+
+    The message gives two examples only: the CLI and the API print ``known`` after it.
+    """
     gpu = _BY_KEY.get(_key(name))
     if gpu is None:
         known = known_gpu_names()
-        raise UnknownGpu(f"unknown GPU {name!r}; use one of: {', '.join(known)}", known=known)
+        raise UnknownGpu(
+            f"unknown GPU {name!r}; write a card from the predict table as MODEL-MEMORY, "
+            f"e.g. {known[2]} or {known[0]}",
+            known=known,
+        )
     return gpu
