@@ -7,10 +7,12 @@ in a fresh child for ``confirm_optimizer_steps`` steps. This prototype drives th
 with two changes:
 
 1. **no inspection child**: the first trial child answers ``info`` and then serves the first trials;
-2. **speculative confirmation**: every trial after the first two (the line-predicted jump and what
-   follows it) runs in a fresh child for the confirmation's number of optimizer steps. When the
-   search closes on a size whose passing trial was such a run, that run *is* the confirmation (a
-   fresh process, the full length) and nothing is re-run; otherwise the engine's confirmation runs.
+2. **speculative confirmation**: the first line-predicted jump runs in a fresh child, and so does
+   every trial after a failure (the engine discards that child anyway); these trials run for the
+   confirmation's number of optimizer steps. When the search closes on a size whose passing trial
+   was such a run, that run *is* the confirmation (a fresh process, the full length) and nothing is
+   re-run; otherwise the engine's confirmation runs. After a fit the child is reused, as the engine
+   does, so the usual failing check just above the answer costs no extra child start.
 
 ``confirm_steps`` sets the confirmation length (the engine's default is 4; on the deterministic
 simulated and predict devices a 2-step trial already holds the steady peak, AdamW state included).
@@ -34,6 +36,8 @@ class ProtoResult:
     #: which trials ran in a fresh child for the confirmation's length
     confirming: list[bool] = field(default_factory=list)
     confirmed_by_search: bool = False
+    #: wall seconds of each trial (child start and model build included where it had a new child)
+    trial_seconds: list[float] = field(default_factory=list)
     seconds: float = 0.0
     error: str | None = None
 
@@ -62,6 +66,8 @@ def run_config(spec: ProbeSpec, *, confirm_steps: int | None = None, timeout: fl
             if fresh and child is not None:
                 child.close()
                 child = None
+            began = time.perf_counter()
+            started_fresh = child is None
             if child is None:
                 child = TrialChild(task)
             reply = child.request(
@@ -78,13 +84,19 @@ def run_config(spec: ProbeSpec, *, confirm_steps: int | None = None, timeout: fl
                 child.close()
                 child = None
             result.trials.append(record)
-            result.confirming.append(fresh and optimizer_steps >= steps)
+            result.trial_seconds.append(round(time.perf_counter() - began, 3))
+            result.confirming.append(started_fresh and optimizer_steps >= steps)
             return record
 
+        jumped = False
         for _ in range(3):
             while (size := search.next_size()) is not None:
-                speculative = len(search.trials) >= 2
-                record = trial(size, steps if speculative else spec.trial_optimizer_steps, fresh=speculative)
+                # Self-confirming: the first jump (forced into a fresh child), and any later trial that gets
+                # a fresh child anyway (after a failure). After a fit the child is reused, as the engine does.
+                first_jump = not jumped and len(search.trials) >= 2
+                jumped = jumped or first_jump
+                speculative = first_jump or (jumped and child is None)
+                record = trial(size, steps if speculative else spec.trial_optimizer_steps, fresh=first_jump)
                 confirmed[size] = speculative and record.outcome is Outcome.FIT
                 search.record(record)
             best = search.max_batch_size

@@ -11,27 +11,32 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from probes.search import LadderSearch, ladder_floor, ladder_next, ladder_prev
+from probes.search import LadderSearch, ladder_prev
 from probes.spec import Outcome, TrialRecord
 
 SearchFactory = Callable[[int], LadderSearch]
 
 
-class DampedFirstJump(LadderSearch):
-    """The first line-predicted jump (from sizes 1 and 2) aims at ``FACTOR`` × the predicted size.
+class FlatGuard(LadderSearch):
+    """No line-predicted jump while the last two passing peaks differ by less than ``RISE`` of the smaller.
 
-    The slope between batch sizes 1 and 2 underestimates the per-sample cost where fixed
-    allocations (the optimizer step's, rounding) weigh more at tiny batches; the first jump then
-    overshoots by a few percent and costs an OOM and a bisection.
+    At batch sizes 1 and 2 the peak can sit on the optimizer step's floor (AdamW's ``foreach``
+    temporaries: the same at any batch size); the line through two such points is nearly flat and
+    sends the jump to its cap (256 times the largest pass), after which a long bisection follows.
+    Doubling instead until the peak rises gives the line real slope.
     """
 
-    FACTOR = 0.85
+    RISE = 0.05
 
     def _predicted_size(self, largest: int) -> int | None:
-        predicted = super()._predicted_size(largest)
-        if predicted is None or largest > 2:
-            return predicted
-        return max(ladder_next(largest), ladder_floor(max(1, int(predicted * self.FACTOR))))
+        points = sorted(
+            (n, peak) for n, peak in self._passes.items() if peak is not None and self._below_failure(n)
+        )
+        if len(points) >= 2:
+            (_, low), (_, high) = points[-2:]
+            if high - low < self.RISE * low:
+                return None
+        return super()._predicted_size(largest)
 
 
 class StepDownAfterFailedJump(LadderSearch):
@@ -60,10 +65,15 @@ class StepDownAfterFailedJump(LadderSearch):
         return below if below > largest else proposed
 
 
+class FlatGuardStepDown(FlatGuard, StepDownAfterFailedJump):
+    """Both changes together."""
+
+
 VARIANTS: dict[str, SearchFactory] = {
     "shipped": lambda capacity: LadderSearch(capacity_bytes=capacity),
-    "damped-first-jump": lambda capacity: DampedFirstJump(capacity_bytes=capacity),
-    "step-down-after-failed-jump": lambda capacity: StepDownAfterFailedJump(capacity_bytes=capacity),
+    "step-down": lambda capacity: StepDownAfterFailedJump(capacity_bytes=capacity),
+    "flat-guard": lambda capacity: FlatGuard(capacity_bytes=capacity),
+    "flat-guard+step-down": lambda capacity: FlatGuardStepDown(capacity_bytes=capacity),
 }
 
 

@@ -146,6 +146,8 @@ class Profile:
     memory_limit_bytes: int
     user_start: int
     finder_timeout_seconds: float
+    #: the finders in the order they run (the time-boxed GPU run puts the baseline early)
+    finders: tuple[str, ...] = ()
 
 
 PROFILES: dict[str, Profile] = {
@@ -175,9 +177,19 @@ PROFILES: dict[str, Profile] = {
         precisions=(Precision.BF16_MIXED, Precision.FP32),
         checkpointing=(True, False),
         device="cuda:0",
-        memory_limit_bytes=40 * GiB,
+        memory_limit_bytes=24 * GiB,
         user_start=16,
         finder_timeout_seconds=240.0,
+        finders=(
+            "maxbatch",
+            "lightning-binsearch",
+            "lightning-power",
+            "accelerate-128",
+            "accelerate-user",
+            "exhaustive",
+            "maxbatch-proto",
+            "maxbatch-proto2",
+        ),
     ),
 }
 
@@ -237,6 +249,8 @@ class Row:
     soak: str = "-"
     error: str | None = None
     detail: dict[str, float] = field(default_factory=dict)
+    #: wall seconds of each trial, in order (where the finder reports them)
+    trial_seconds: list[float] = field(default_factory=list)
     #: exhaustive only: the peak of every ladder size tried (``None``: it failed)
     curve: dict[int, int | None] = field(default_factory=dict)
     #: exhaustive only: the sizes each search variant tries when replayed on ``curve``
@@ -261,6 +275,7 @@ def run_maxbatch(case: Case, timeout: float) -> Row:
             marks["inspect"] = now - started
         elif event.kind is EventKind.TRIAL and event.phase is not None:
             phase_seconds[event.phase] += now - last
+            row.trial_seconds.append(round(now - last, 3))
         last = now
 
     cancel = threading.Event()
@@ -301,6 +316,7 @@ def run_prototype(case: Case, label: str, confirm_steps: int | None, timeout: fl
         row.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
         return row
     row.seconds = result.seconds
+    row.trial_seconds = result.trial_seconds
     row.found = result.max_batch_size
     row.trials = len(result.trials)
     row.ooms = sum(t.outcome in (Outcome.OOM, Outcome.OVER_HEADROOM) for t in result.trials)
@@ -366,6 +382,7 @@ def run_anchor(
     fits = [t.batch_size for t in result.trials if t.outcome == "fit"]
     row.largest_fit = max(fits) if fits else None
     row.sizes = [_size_mark(t.batch_size, t.outcome == "fit") for t in result.trials]
+    row.trial_seconds = [round(t.seconds, 3) for t in result.trials]
     row.seconds = result.seconds if result.error is None else None
     row.setup_seconds = result.setup_seconds
     row.error = result.error
@@ -493,8 +510,11 @@ ALL_FINDERS = (
 )
 
 
-def run_case(case: Case, settings: Settings, say: Callable[[str], None]) -> list[Row]:
-    rows: list[Row] = []
+def run_case(
+    case: Case, settings: Settings, say: Callable[[str], None], emit: Callable[[list[Row]], None]
+) -> list[Row]:
+    """Every finder on ``case``, then the soak; ``emit`` sees each row as it is made (for partial reports)."""
+    rows = _EmittingList(emit)
     log_path = settings.out / "anchors.log"
     for name in settings.finders:
         if name == "exhaustive":
@@ -552,6 +572,18 @@ def run_case(case: Case, settings: Settings, say: Callable[[str], None]) -> list
         for row in rows:
             row.soak = f"error: {type(exc).__name__}"
     return rows
+
+
+class _EmittingList(list[Row]):
+    """A list of rows that shows each appended row to a callback (which writes a partial report)."""
+
+    def __init__(self, emit: Callable[[list[Row]], None]) -> None:
+        super().__init__()
+        self._emit = emit
+
+    def append(self, row: Row) -> None:
+        super().append(row)
+        self._emit(list(self))
 
 
 # -- the report ------------------------------------------------------------------------------------
@@ -878,7 +910,7 @@ def main(argv: list[str] | None = None) -> int:
         user_start=args.user_start or profile.user_start,
         finder_timeout=args.finder_timeout or profile.finder_timeout_seconds,
         available=available,
-        finders=tuple(args.finders) if args.finders else ALL_FINDERS,
+        finders=tuple(args.finders) if args.finders else (profile.finders or ALL_FINDERS),
     )
     meta: dict[str, Any] = {
         "profile": profile_name,
@@ -907,7 +939,12 @@ def main(argv: list[str] | None = None) -> int:
             meta["note"] += f"; time budget of {args.time_budget:g} s reached: {skipped} cases skipped"
             break
         say(f"[{index + 1}/{len(cases)}] {case.label}")
-        rows.extend(run_case(case, settings, say))
+
+        def emit(case_rows: list[Row]) -> None:
+            meta["wall_seconds"] = time.perf_counter() - started
+            _write(out, stem, [*rows, *case_rows], meta)
+
+        rows.extend(run_case(case, settings, say, emit))
         meta["cases_run"] = index + 1
         meta["wall_seconds"] = time.perf_counter() - started
         _write(out, stem, rows, meta)

@@ -1,0 +1,484 @@
+"""Every GPU check of the open issues in one time-boxed run, written as one table.
+
+Run from the repository root on a machine with a CUDA GPU (one H200: about 7 minutes)::
+
+    python -m bench.gpu_check --out "$OUT"
+
+Parts, each in its own subprocess with a timeout; a part that fails or runs out of time is recorded
+and the next one runs; the report is rewritten after every part, so a killed run leaves what it had:
+
+1. ``pytest -m gpu tests/gpu``;
+2. ``python -m probes run`` on a ~1B Llama (seq 2048) in 32-true and bf16-mixed, checkpointing off
+   and on, under a memory limit: max batch per config, trials, seconds (from the probe's events);
+3. predicted against measured peak: one trial per config on ``predict`` (fake tensors, same memory
+   limit, no overhead added) and on ``cuda:0``, for a ~1B and a ~7B Llama, two precisions,
+   checkpointing off and on; the ratio and the difference calibrate ``probes/overhead.py``;
+4. ``python -m bench.compare_finders --profile cuda``, cut off by a time budget.
+
+Needs torch (CUDA), transformers and pydantic; Lightning and Accelerate for part 4. Never imports
+``app`` (FastAPI is not needed). Without a GPU it says so and exits with code 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+GiB = 2**30
+
+LLAMA_1B: dict[str, Any] = {
+    "num_hidden_layers": 16,
+    "hidden_size": 2048,
+    "intermediate_size": 5632,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 32000,
+    "max_position_embeddings": 2048,
+}
+"""~0.85B parameters (TinyLlama's widths, 16 layers)."""
+
+LLAMA_7B: dict[str, Any] = {}
+"""LlamaConfig's defaults: 32 layers, hidden 4096, ~6.7B parameters."""
+
+PEAK_SHAPES: dict[str, tuple[dict[str, Any], int, int]] = {
+    # shape: (config overrides, seq_len, batch size of the one trial)
+    "llama-1b": (LLAMA_1B, 2048, 2),
+    "llama-7b": (LLAMA_7B, 1024, 1),
+}
+PRECISIONS = ("32-true", "bf16-mixed")
+
+
+@dataclass
+class Part:
+    name: str
+    status: str = "not run"
+    seconds: float = 0.0
+    lines: list[str] = field(default_factory=list)
+    data: Any = None
+
+
+# -- running a subprocess, time-boxed --------------------------------------------------------------
+
+
+@dataclass
+class Ran:
+    returncode: int | None
+    timed_out: bool
+    seconds: float
+    #: (seconds since start, line) for every stdout line
+    stdout: list[tuple[float, str]]
+    stderr_tail: str
+
+
+def run_streaming(command: list[str], timeout: float, log: Path, env: dict[str, str] | None = None) -> Ran:
+    """Run ``command``; timestamp its stdout lines; kill its process group past ``timeout``."""
+    started = time.monotonic()
+    lines: list[tuple[float, str]] = []
+    with log.open("a", encoding="utf-8") as log_file:
+        log_file.write(f"\n$ {' '.join(command)}\n")
+        log_file.flush()
+        process = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            start_new_session=True,
+        )
+        errors: list[str] = []
+
+        def pump_out() -> None:
+            assert process.stdout is not None
+            for line in process.stdout:
+                lines.append((time.monotonic() - started, line.rstrip("\n")))
+                log_file.write(line)
+
+        def pump_err() -> None:
+            assert process.stderr is not None
+            for line in process.stderr:
+                errors.append(line)
+                log_file.write(line)
+
+        readers = [
+            threading.Thread(target=pump_out, daemon=True),
+            threading.Thread(target=pump_err, daemon=True),
+        ]
+        for reader in readers:
+            reader.start()
+        timed_out = False
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, 9)
+            process.wait(timeout=30)
+        for reader in readers:
+            reader.join(timeout=10)
+    return Ran(
+        returncode=process.returncode,
+        timed_out=timed_out,
+        seconds=time.monotonic() - started,
+        stdout=lines,
+        stderr_tail="".join(errors[-20:]),
+    )
+
+
+def cuda_available() -> tuple[bool, str]:
+    """Whether torch sees CUDA, asked in a throwaway process; and the device's name or the reason."""
+    probe = (
+        "import torch, sys\n"
+        "if not torch.cuda.is_available(): sys.exit(1)\n"
+        "p = torch.cuda.get_device_properties(0)\n"
+        "print(f'{p.name}, {p.total_memory / 2**30:.1f} GiB, capability {p.major}.{p.minor}, '\n"
+        "      f'torch {torch.__version__}')"
+    )
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", probe], capture_output=True, text=True, timeout=180, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return False, f"could not ask torch: {exc}"
+    if done.returncode != 0:
+        return False, (done.stderr.strip().splitlines() or ["torch.cuda.is_available() is False"])[-1]
+    return True, done.stdout.strip()
+
+
+# -- part 1: the gpu tests -------------------------------------------------------------------------
+
+
+def part_tests(timeout: float, log: Path) -> Part:
+    part = Part("1. pytest -m gpu tests/gpu")
+    ran = run_streaming(
+        [sys.executable, "-m", "pytest", "-m", "gpu", "tests/gpu", "-q", "-p", "no:cacheprovider"],
+        timeout,
+        log,
+    )
+    part.seconds = ran.seconds
+    tail = [line for _, line in ran.stdout if line.strip()][-1:] or ["(no output)"]
+    part.status = (
+        "timed out" if ran.timed_out else ("passed" if ran.returncode == 0 else f"failed ({ran.returncode})")
+    )
+    part.lines = [f"- {part.status} in {ran.seconds:.0f} s: `{tail[0]}`"]
+    failed = [line for _, line in ran.stdout if line.startswith(("FAILED", "ERROR"))]
+    part.lines += [f"  - {line}" for line in failed[:10]]
+    part.data = {"returncode": ran.returncode, "summary": tail[0], "failed": failed}
+    return part
+
+
+# -- part 2: a real probe on a ~1B shape -----------------------------------------------------------
+
+
+def probe_spec(device: str, memory: int, config: dict[str, Any], seq_len: int) -> dict[str, Any]:
+    return {
+        "model": {"architecture": "llama", "config": config},
+        "seq_len": seq_len,
+        "precisions": list(PRECISIONS),
+        "gradient_checkpointing": [False, True],
+        "target_effective_batch_size": 256,
+        "device": device,
+        "memory_limit_bytes": memory,
+    }
+
+
+def part_probe(timeout: float, memory: int, log: Path, work: Path) -> Part:
+    part = Part(f"2. probe on cuda:0 — llama ~1B, seq 2048, memory limit {memory / GiB:g} GiB")
+    spec_path, result_path = work / "probe-spec.json", work / "probe-result.json"
+    spec_path.write_text(json.dumps(probe_spec("cuda:0", memory, LLAMA_1B, 2048)), encoding="utf-8")
+    command = [sys.executable, "-m", "probes", "run", "--spec", str(spec_path), "--result", str(result_path)]
+    ran = run_streaming(command, timeout, log)
+    part.seconds = ran.seconds
+    rows: list[dict[str, Any]] = []
+    begun = 0.0
+    for at, line in ran.stdout:
+        try:
+            message = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        event = message.get("event") or {}
+        if event.get("kind") == "config_started":
+            begun = at
+        elif event.get("kind") == "config_done" and event.get("config"):
+            config = event["config"]
+            trials = config.get("trials") or []
+            rows.append(
+                {
+                    "precision": config["precision"],
+                    "checkpointing": config["gradient_checkpointing"],
+                    "status": config["status"],
+                    "max_batch_size": config.get("max_batch_size"),
+                    "first_failing": config.get("first_failing_batch_size"),
+                    "trials": len(trials),
+                    "ooms": sum(t["outcome"] in ("oom", "over_headroom") for t in trials),
+                    "sizes": " ".join(
+                        str(t["batch_size"]) + ("" if t["outcome"] == "fit" else "x") for t in trials
+                    ),
+                    "peak_gib": (config.get("peak_memory_bytes") or 0) / GiB,
+                    "tokens_per_second": config.get("tokens_per_second"),
+                    "seconds": at - begun,
+                    "reason": config.get("reason"),
+                }
+            )
+    part.status = (
+        "timed out" if ran.timed_out else ("ok" if ran.returncode == 0 else f"exit {ran.returncode}")
+    )
+    part.lines = [
+        f"- {part.status} in {ran.seconds:.0f} s ({len(rows)} of 4 configs done)",
+        "",
+        "| precision | checkpointing | max batch | first failing | trials | OOMs | sizes | peak GiB | "
+        "tokens/s | s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        tokens = "-" if r["tokens_per_second"] is None else f"{r['tokens_per_second']:.0f}"
+        part.lines.append(
+            f"| {r['precision']} | {'on' if r['checkpointing'] else 'off'} | {r['max_batch_size']} | "
+            f"{r['first_failing']} | {r['trials']} | {r['ooms']} | {r['sizes']} | {r['peak_gib']:.2f} | "
+            f"{tokens} | {r['seconds']:.1f} |"
+        )
+    if ran.returncode not in (0, None) and not rows:
+        part.lines.append(f"\n```\n{ran.stderr_tail[-1500:]}\n```")
+    part.data = rows
+    return part
+
+
+# -- part 3: predicted against measured peaks ------------------------------------------------------
+
+
+def peaks_worker(device: str, memory: int, out: Path) -> None:
+    """Child mode: one trial per (shape, precision, checkpointing) on ``device``; JSON lines to ``out``."""
+    import torch
+
+    from probes.spec import ConfigTask, ModelSpec, Precision
+    from probes.trial import TrialSession
+
+    for shape, (config, seq_len, batch) in PEAK_SHAPES.items():
+        for precision in PRECISIONS:
+            for checkpointing in (False, True):
+                task = ConfigTask(
+                    model=ModelSpec(architecture="llama", config=config),
+                    seq_len=seq_len,
+                    precision=Precision(precision),
+                    gradient_checkpointing=checkpointing,
+                    device=device,
+                    memory_limit_bytes=memory,
+                )
+                row: dict[str, Any] = {
+                    "shape": shape,
+                    "precision": precision,
+                    "checkpointing": checkpointing,
+                    "batch_size": batch,
+                    "seq_len": seq_len,
+                }
+                started = time.monotonic()
+                try:
+                    with TrialSession(task) as session:
+                        trial = session.run(batch, accumulation_steps=2, optimizer_steps=2)
+                        row.update(
+                            outcome=trial.outcome.value,
+                            reserved=trial.peak_reserved_bytes,
+                            allocated=trial.peak_allocated_bytes,
+                            message=trial.message,
+                        )
+                        if device.startswith("cuda"):
+                            free, total = torch.cuda.mem_get_info()
+                            # what the process holds beyond the caching allocator: context, kernel images
+                            row["outside_allocator"] = int(total - free - torch.cuda.memory_reserved())
+                except Exception as exc:  # noqa: BLE001 - recorded; the next config runs
+                    row.update(outcome="error", message=f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
+                row["seconds"] = round(time.monotonic() - started, 2)
+                with out.open("a", encoding="utf-8") as handle:
+                    handle.write(json.dumps(row) + "\n")
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def part_peaks(timeout: float, memory: int, log: Path, work: Path) -> Part:
+    part = Part(
+        f"3. predicted (predict, no overhead) vs measured (cuda:0) peak, memory limit {memory / GiB:g} GiB"
+    )
+    files = {device: work / f"peaks-{device.replace(':', '')}.jsonl" for device in ("cuda:0", "predict")}
+    results: dict[str, Ran] = {}
+
+    def go(device: str) -> None:
+        command = [sys.executable, "-m", "bench.gpu_check", "_peaks", device, str(memory), str(files[device])]
+        results[device] = run_streaming(command, timeout, log)
+
+    threads = [threading.Thread(target=go, args=(device,)) for device in files]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    part.seconds = time.monotonic() - started
+    measured = {(r["shape"], r["precision"], r["checkpointing"]): r for r in _read_rows(files["cuda:0"])}
+    predicted = {(r["shape"], r["precision"], r["checkpointing"]): r for r in _read_rows(files["predict"])}
+    part.status = ", ".join(
+        f"{d}: {'timed out' if r.timed_out else ('ok' if r.returncode == 0 else f'exit {r.returncode}')}"
+        for d, r in results.items()
+    )
+    part.lines = [
+        f"- {part.status}; {part.seconds:.0f} s",
+        "",
+        "| shape | precision | ckpt | batch × seq | predicted GiB | reserved GiB | allocated GiB | "
+        "reserved ÷ predicted | reserved − predicted GiB | outside allocator GiB | "
+        "outcomes (cuda / predict) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    table = []
+    for key in sorted(set(measured) | set(predicted)):
+        m, p = measured.get(key, {}), predicted.get(key, {})
+        pred, reserved, allocated = p.get("reserved"), m.get("reserved"), m.get("allocated")
+        ratio = reserved / pred if reserved and pred else None
+        table.append({"key": list(key), "measured": m, "predicted": p, "ratio": ratio})
+
+        def gib(value: int | None) -> str:
+            return "-" if value is None else f"{value / GiB:.2f}"
+
+        part.lines.append(
+            f"| {key[0]} | {key[1]} | {'on' if key[2] else 'off'} | "
+            f"{m.get('batch_size', p.get('batch_size'))} × {m.get('seq_len', p.get('seq_len'))} | "
+            f"{gib(pred)} | "
+            f"{gib(reserved)} | {gib(allocated)} | {'-' if ratio is None else f'{ratio:.3f}'} | "
+            f"{gib(reserved - pred) if reserved and pred else '-'} | {gib(m.get('outside_allocator'))} | "
+            f"{m.get('outcome', '-')} / {p.get('outcome', '-')} |"
+        )
+    part.data = table
+    return part
+
+
+# -- part 4: the finder comparison on the GPU ------------------------------------------------------
+
+
+def part_compare(timeout: float, budget: float, out: Path, log: Path) -> Part:
+    part = Part(f"4. compare_finders --profile cuda (time budget {budget:g} s)")
+    target = out / "compare"
+    command = [
+        sys.executable,
+        "-m",
+        "bench.compare_finders",
+        "--profile",
+        "cuda",
+        "--time-budget",
+        str(budget),
+        "--finder-timeout",
+        str(max(30.0, budget / 2)),
+        "--out",
+        str(target),
+    ]
+    ran = run_streaming(command, timeout, log)
+    part.seconds = ran.seconds
+    part.status = (
+        "timed out" if ran.timed_out else ("ok" if ran.returncode == 0 else f"exit {ran.returncode}")
+    )
+    report = target / "compare_finders-cuda.md"
+    part.lines = [f"- {part.status} in {ran.seconds:.0f} s; report: `{report.name}` (partial if cut off)"]
+    if report.exists():
+        text = report.read_text(encoding="utf-8")
+        start = text.find("## Summary")
+        end = text.find("## The search replayed")
+        if start >= 0:
+            part.lines += ["", *text[start : end if end > start else None].strip().splitlines()[2:]]
+    part.data = {"report": str(report)}
+    return part
+
+
+# -- the driver ------------------------------------------------------------------------------------
+
+
+def write_report(out: Path, header: list[str], parts: list[Part]) -> None:
+    lines = [*header, ""]
+    for part in parts:
+        lines += [f"## {part.name}", "", *part.lines, ""]
+    (out / "gpu_check.md").write_text("\n".join(lines), encoding="utf-8")
+    payload = [{"name": p.name, "status": p.status, "seconds": p.seconds, "data": p.data} for p in parts]
+    (out / "gpu_check.json").write_text(json.dumps(payload, indent=1, default=str), encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args_list = sys.argv[1:] if argv is None else argv
+    if args_list[:1] == ["_peaks"]:
+        peaks_worker(args_list[1], int(args_list[2]), Path(args_list[3]))
+        return 0
+    parser = argparse.ArgumentParser(description="Every GPU check in one time-boxed run.")
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "bench/results/gpu"))
+    parser.add_argument("--parts", nargs="*", type=int, default=[1, 2, 3, 4], help="which parts (1-4)")
+    parser.add_argument("--probe-memory-gib", type=float, default=32.0)
+    parser.add_argument("--peak-memory-gib", type=float, default=0.0, help="0: the whole card")
+    parser.add_argument("--compare-budget", type=float, default=75.0)
+    args = parser.parse_args(args_list)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    ok, device = cuda_available()
+    header = [
+        "# gpu_check",
+        "",
+        f"- date: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- device: {device}",
+        f"- command: `python -m bench.gpu_check {' '.join(args_list)}`",
+    ]
+    if not ok:
+        message = (
+            f"gpu_check: no CUDA GPU is visible to torch here ({device}); nothing was run. "
+            "On a CPU-only machine run the CPU benchmark instead: python -m bench.compare_finders"
+        )
+        print(message, file=sys.stderr)
+        write_report(out, [*header, "", message], [])
+        return 3
+    total_gib = _total_memory_gib(device)
+    probe_memory = int(min(args.probe_memory_gib, total_gib) * GiB)
+    peak_memory = int((args.peak_memory_gib or total_gib) * GiB) - 64 * 2**20
+    log = out / "gpu_check.log"
+    parts: list[Part] = []
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as scratch:
+        work = Path(scratch)
+        plan = {
+            1: lambda: part_tests(120, log),
+            2: lambda: part_probe(150, probe_memory, log, work),
+            3: lambda: part_peaks(150, peak_memory, log, work),
+            4: lambda: part_compare(args.compare_budget + 60, args.compare_budget, out, log),
+        }
+        for number in args.parts:
+            print(f"gpu_check: part {number} ...", file=sys.stderr, flush=True)
+            try:
+                part = plan[number]()
+            except Exception as exc:  # noqa: BLE001 - one part's failure never stops the others
+                part = Part(f"{number}. (crashed)", status=f"{type(exc).__name__}: {exc}")
+                part.lines = [f"- crashed: {type(exc).__name__}: {exc}"]
+            parts.append(part)
+            write_report(out, [*header, f"- elapsed: {time.monotonic() - started:.0f} s"], parts)
+    print((out / "gpu_check.md").read_text(encoding="utf-8"))
+    return 0
+
+
+def _total_memory_gib(description: str) -> float:
+    try:
+        return float(description.split(",")[1].split("GiB", maxsplit=1)[0])
+    except (IndexError, ValueError):
+        return 80.0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
