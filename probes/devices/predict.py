@@ -179,6 +179,8 @@ class PredictDevice:
     def info(self) -> DeviceInfo:
         if self.gpu is not None:
             name = f"predict: {self.gpu.name}"
+            if self.memory_limit_bytes is not None:
+                name += f" ({format_bytes(self.memory_limit_bytes)} for tensors)"
             capability = self.gpu.capability_label
             bf16 = self.gpu.bf16_supported
         else:

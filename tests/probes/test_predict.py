@@ -295,6 +295,7 @@ def test_a_gpu_and_a_limit_mean_that_much_for_tensors_on_that_card() -> None:
     t4 = lookup_gpu("T4-16GB")
     device = PredictDevice(gpu=t4, memory_limit_bytes=8 * GiB)
     info = device.info()
+    assert info.name == "predict: T4-16GB (8.00 GiB for tensors)"
     assert info.total_memory_bytes == t4.memory_bytes
     assert info.memory_limit_bytes == 8 * GiB
     assert info.overhead_bytes == 0
