@@ -11,12 +11,14 @@ reopens the search below it.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
-from probes.isolate import TrialChild, raise_reply_error, trial_from_reply
+from probes.isolate import ProbeCancelled, TrialChild, raise_reply_error, trial_from_reply
 from probes.plan import make_plan
 from probes.recommend import TrainingArgumentsSupport, recommend
 from probes.search import LadderSearch
@@ -83,6 +85,7 @@ class _ConfigRun:
     capacity_bytes: int
     emit: Callable[[EventKind, TrialRecord | None, ConfigResult | None, Phase | None], None]
     cancel: threading.Event | None
+    confirm: bool = True
     child: TrialChild | None = None
     all_trials: list[TrialRecord] = field(default_factory=list)
 
@@ -110,7 +113,11 @@ class _ConfigRun:
         return trial
 
     def run(self) -> tuple[LadderSearch, TrialRecord | None]:
-        """Search, then confirm; returns the search and the passing confirmation trial."""
+        """Search, then confirm; returns the search and the passing trial that backs the answer.
+
+        That trial is the confirmation, or, when ``confirm`` is off, the search's own trial at
+        the answer.
+        """
         search = LadderSearch(capacity_bytes=self.capacity_bytes, upper_limit=self.spec.max_batch_size_limit)
         try:
             for _ in range(MAX_CONFIRMATION_ROUNDS):
@@ -119,6 +126,8 @@ class _ConfigRun:
                 best = search.max_batch_size
                 if best is None or search.aborted_reason is not None:
                     return search, None
+                if not self.confirm:
+                    return search, _last_fit(search.trials, best)
                 confirmation = self._trial(best, self.spec.confirm_optimizer_steps, "confirm", fresh=True)
                 if confirmation.outcome is Outcome.FIT:
                     return search, confirmation
@@ -133,13 +142,19 @@ class _ConfigRun:
                 self.child = None
 
 
+def _last_fit(trials: tuple[TrialRecord, ...], batch_size: int) -> TrialRecord:
+    return next(t for t in reversed(trials) if t.batch_size == batch_size and t.outcome is Outcome.FIT)
+
+
 def _config_result(
     spec: ProbeSpec,
     precision: Precision,
     checkpointing: bool,
     search: LadderSearch,
-    confirmation: TrialRecord | None,
+    backing: TrialRecord | None,
     trials: list[TrialRecord],
+    *,
+    confirmed: bool,
 ) -> ConfigResult:
     common = {
         "precision": precision,
@@ -155,7 +170,7 @@ def _config_result(
         return ConfigResult(
             status=ConfigStatus.OK, reason="batch size 1 does not fit: no batch size trains here", **common
         )
-    if confirmation is None:
+    if backing is None:
         last = trials[-1]
         return ConfigResult(
             status=ConfigStatus.FAILED,
@@ -164,16 +179,16 @@ def _config_result(
             **common,
         )
     samples_per_second = tokens_per_second = None
-    if confirmation.step_seconds:
-        samples_per_second = best * spec.trial_accumulation_steps / confirmation.step_seconds
+    if backing.step_seconds:
+        samples_per_second = best * spec.trial_accumulation_steps / backing.step_seconds
         tokens_per_second = samples_per_second * spec.seq_len
     return ConfigResult(
         status=ConfigStatus.OK,
         max_batch_size=best,
-        peak_memory_bytes=confirmation.peak_bytes,
+        peak_memory_bytes=backing.peak_bytes,
         samples_per_second=samples_per_second,
         tokens_per_second=tokens_per_second,
-        confirmed=True,
+        confirmed=confirmed,
         plan=make_plan(
             max_batch_size=best, target=spec.target_effective_batch_size, world_size=spec.world_size
         ),
@@ -195,17 +210,32 @@ def _inspect(task: ConfigTask, cancel: threading.Event | None) -> ProbeContext:
     )
 
 
+def concurrent_configs(device: DeviceInfo) -> int:
+    """How many configs run at once: one on a GPU (trials must not share it), else one per core
+    (two at most: each config's child runs one intra-op thread, and the counted bytes are the
+    same whatever runs beside it)."""
+    if device.kind == "cuda":
+        return 1
+    return max(1, min(2, os.cpu_count() or 1))
+
+
 def run_probe(
     spec: ProbeSpec,
     *,
     on_event: EventSink | None = None,
     cancel: threading.Event | None = None,
     allow_remote_code: bool = False,
+    max_concurrent_configs: int | None = None,
 ) -> ProbeResult:
     """Probe every config of ``spec``; raises :mod:`probes.errors` for bad input.
 
-    ``on_event`` is called from this thread for every config start, trial and config end.
-    Setting ``cancel`` kills the running child and raises :class:`probes.isolate.ProbeCancelled`.
+    Configs run :func:`concurrent_configs` at a time unless ``max_concurrent_configs`` lowers it.
+
+    ``on_event`` is called for every config start, trial and config end, one call at a time (from
+    the engine's worker threads when configs run concurrently; each event names its config).
+    Setting ``cancel`` kills the running children and raises :class:`probes.isolate.ProbeCancelled`.
+    On ``predict`` the answer is not re-run in a fresh process: fake tensors give the same bytes
+    every time, so a confirmation would only repeat the search's trial (``confirmed`` stays false).
     """
     started = time.monotonic()
     configs = spec.configs()
@@ -214,33 +244,27 @@ def run_probe(
     device = context.device
     limit = device.memory_limit_bytes or device.total_memory_bytes
     capacity = limit - spec.headroom_bytes - device.overhead_bytes
+    stop = threading.Event()
+    event_lock = threading.Lock()
 
-    results: list[ConfigResult] = []
-    for index, (precision, checkpointing) in enumerate(configs):
-
+    def probe_config(index: int, precision: Precision, checkpointing: bool) -> ConfigResult:
         def emit(
-            kind: EventKind,
-            trial: TrialRecord | None,
-            config: ConfigResult | None,
-            phase: Phase | None,
-            *,
-            _p: Precision = precision,
-            _c: bool = checkpointing,
-            _i: int = index,
+            kind: EventKind, trial: TrialRecord | None, config: ConfigResult | None, phase: Phase | None
         ) -> None:
-            if on_event is not None:
-                on_event(
-                    ProbeEvent(
-                        kind=kind,
-                        precision=_p,
-                        gradient_checkpointing=_c,
-                        config_index=_i,
-                        config_count=len(configs),
-                        trial=trial,
-                        config=config,
-                        phase=phase,
-                    )
-                )
+            if on_event is None:
+                return
+            event = ProbeEvent(
+                kind=kind,
+                precision=precision,
+                gradient_checkpointing=checkpointing,
+                config_index=index,
+                config_count=len(configs),
+                trial=trial,
+                config=config,
+                phase=phase,
+            )
+            with event_lock:
+                on_event(event)
 
         emit(EventKind.CONFIG_STARTED, None, None, None)
         skip = _skip_reason(precision, device)
@@ -253,11 +277,38 @@ def run_probe(
             )
         else:
             task = ConfigTask.for_config(spec, precision, checkpointing, allow_remote_code=allow_remote_code)
-            run = _ConfigRun(spec=spec, task=task, capacity_bytes=capacity, emit=emit, cancel=cancel)
-            search, confirmation = run.run()
-            result = _config_result(spec, precision, checkpointing, search, confirmation, run.all_trials)
-        results.append(result)
+            confirm = not device.predicted
+            run = _ConfigRun(
+                spec=spec, task=task, capacity_bytes=capacity, emit=emit, cancel=stop, confirm=confirm
+            )
+            search, backing = run.run()
+            result = _config_result(
+                spec, precision, checkpointing, search, backing, run.all_trials, confirmed=confirm
+            )
         emit(EventKind.CONFIG_DONE, None, result, None)
+        return result
+
+    workers = min(concurrent_configs(device), max_concurrent_configs or len(configs))
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="probe") as pool:
+        futures = [pool.submit(probe_config, i, p, c) for i, (p, c) in enumerate(configs)]
+        try:
+            while not all(f.done() for f in futures):
+                if cancel is not None and cancel.is_set():
+                    stop.set()
+                if any(f.done() and f.exception() is not None for f in futures):
+                    stop.set()  # one config failed unexpectedly: end the others' children too
+                wait(futures, timeout=0.1)
+        finally:
+            if stop.is_set():
+                for future in futures:
+                    future.cancel()
+        errors = [e for f in futures if not f.cancelled() and (e := f.exception()) is not None]
+        real = [e for e in errors if not isinstance(e, ProbeCancelled)]
+        if real:
+            raise real[0]
+        if errors or (cancel is not None and cancel.is_set()):
+            raise ProbeCancelled("the probe was cancelled")
+        results = [f.result() for f in futures]
 
     return ProbeResult(
         spec=spec,

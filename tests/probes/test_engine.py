@@ -9,12 +9,14 @@ from __future__ import annotations
 import multiprocessing.forkserver
 import os
 import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from probes.engine import run_probe
-from probes.isolate import trial_child, trial_from_reply
+from probes.isolate import ProbeCancelled, trial_child, trial_from_reply
 from probes.search import ladder_next
 from probes.spec import (
     ConfigStatus,
@@ -105,7 +107,10 @@ def test_events_tell_the_whole_story(full_run: tuple[ProbeResult, list[ProbeEven
     done = [e for e in events if e.kind is EventKind.CONFIG_DONE]
     trials = [e for e in events if e.kind is EventKind.TRIAL]
     assert len(started) == len(done) == 8
-    assert [e.config for e in done] == list(result.configs)
+    # Configs may run concurrently: events interleave, but each names its config.
+    assert [e.config for e in sorted(done, key=lambda e: e.config_index)] == list(result.configs)
+    for event in trials:
+        assert result.spec.configs()[event.config_index] == (event.precision, event.gradient_checkpointing)
     assert len(trials) == sum(len(c.trials) for c in result.configs)
     assert {e.phase for e in trials} == {"search", "confirm"}
 
@@ -200,7 +205,7 @@ def test_a_killed_child_fails_its_config_and_the_probe_goes_on() -> None:
                 killed.append(pid)
 
     spec = tiny_spec("gpt2", precisions=["32-true"], gradient_checkpointing=[False, True])
-    result = run_probe(spec, on_event=kill_after_first_trial)
+    result = run_probe(spec, on_event=kill_after_first_trial, max_concurrent_configs=1)
     assert killed
     crashed, survivor = result.configs
     assert crashed.status is ConfigStatus.FAILED
@@ -209,3 +214,21 @@ def test_a_killed_child_fails_its_config_and_the_probe_goes_on() -> None:
     assert "SIGKILL" in crashed.reason
     assert survivor.status is ConfigStatus.OK
     assert survivor.confirmed
+
+
+def test_cancel_stops_every_running_config() -> None:
+    cancel = threading.Event()
+
+    def cancel_on_third_trial(event: ProbeEvent, seen: list[ProbeEvent] = []) -> None:  # noqa: B006
+        if event.kind is EventKind.TRIAL:
+            seen.append(event)
+            if len(seen) == 3:
+                cancel.set()
+
+    spec = tiny_spec("gpt2", precisions=["32-true"], gradient_checkpointing=[False, True])
+    with pytest.raises(ProbeCancelled):
+        run_probe(spec, on_event=cancel_on_third_trial, cancel=cancel)
+    deadline = time.monotonic() + 10
+    while _trial_children() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _trial_children() == []

@@ -179,10 +179,14 @@ def test_the_cap_bites_at_the_same_byte(matrix: dict[Case, Peaks]) -> None:
 
 
 def _comparable(result: ProbeResult) -> list[dict[str, object]]:
+    """The searches, without timings and without the confirmation (predict skips it: fake
+    tensors give the same bytes every time)."""
     configs = []
     for config in result.model_dump(mode="json")["configs"]:
         for key in ("samples_per_second", "tokens_per_second"):
             config.pop(key)
+        if config.pop("confirmed"):
+            config["trials"] = config["trials"][:-1]
         for record in config["trials"]:
             record.pop("step_seconds")
             record.pop("optimizer_steps")  # the real fp16 scaler may add make-up steps; the peak is the same
@@ -219,7 +223,8 @@ def test_the_engine_finds_the_same_batch_sizes_on_both_devices() -> None:
     assert all(best is not None and best >= 2 for best, _ in answers), answers
     assert len(set(answers)) > 1  # the configs differ, so the comparison is not of one number
     assert all(t.accumulation_steps == 2 for c in predicted.configs for t in c.trials)
-    assert all(c.confirmed for c in predicted.configs)
+    assert all(c.confirmed for c in simulated.configs)
+    assert not any(c.confirmed for c in predicted.configs)
     assert predicted.device.kind == "predict"
     assert predicted.device.predicted
     assert predicted.device.overhead_bytes == 0
@@ -252,7 +257,7 @@ def test_a_named_gpu_through_the_engine() -> None:
     assert not bf16.trials
     assert fp32.status is ConfigStatus.OK
     assert fp32.max_batch_size == 2
-    assert fp32.confirmed
+    assert not fp32.confirmed  # predict: deterministic, no re-run in a fresh process
     assert result.timing_note is not None
 
 
