@@ -19,6 +19,7 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedCo
 from rich.table import Table
 
 from probes.errors import ProbeError, ProbeInputError
+from probes.gpus import check_card_request
 from probes.spec import ConfigStatus, EventKind, ProbeEvent, ProbeResult, ProbeSpec
 from probes.units import format_bytes, parse_bytes
 
@@ -30,6 +31,14 @@ def fail_input(message: str) -> NoReturn:
     """One line on stderr, exit code 2."""
     sys.stderr.write(f"maxbatch: error: {message}\n")
     raise typer.Exit(EXIT_INPUT)
+
+
+def _known(exc: ProbeInputError) -> str:
+    """The accepted values an input error lists, shortened to one readable line."""
+    if not exc.known:
+        return ""
+    shown = ", ".join(exc.known[:40])
+    return f" (known: {shown}{', …' if len(exc.known) > 40 else ''})"
 
 
 def _validation_message(exc: ValidationError) -> str:
@@ -110,9 +119,15 @@ def build_spec(
     if checkpointing:
         fields["gradient_checkpointing"] = _checkpointing(checkpointing)
     try:
-        return ProbeSpec.model_validate(fields)
+        spec = ProbeSpec.model_validate(fields)
     except ValidationError as exc:
         fail_input(_validation_message(exc))
+    if spec.gpu is not None:
+        try:
+            check_card_request(spec.gpu, spec.memory_limit_bytes)
+        except ProbeInputError as exc:
+            fail_input(exc.message + _known(exc))
+    return spec
 
 
 class _ProgressView:
@@ -265,12 +280,7 @@ def probe(
         try:
             result = run_probe(spec, on_event=view, allow_remote_code=allow_remote_code)
         except ProbeInputError as exc:
-            known = (
-                f" (known: {', '.join(exc.known[:40])}{', …' if len(exc.known) > 40 else ''})"
-                if exc.known
-                else ""
-            )
-            fail_input(exc.message + known)
+            fail_input(exc.message + _known(exc))
         except ProbeError as exc:
             sys.stderr.write(f"maxbatch: probe failed: {exc.message}\n")
             raise typer.Exit(EXIT_FAILED) from exc

@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from probes.errors import UnknownGpu
+from probes.errors import ProbeInputError, UnknownGpu
 
 MiB = 1024**2
 
@@ -105,3 +105,20 @@ def lookup_gpu(name: str) -> Gpu:
             known=known,
         )
     return gpu
+
+
+def check_card_request(name: str, memory_limit_bytes: int | None) -> Gpu:
+    """The card a predict request names, checked against its memory limit (for the CLI and the API,
+    so that a bad card is refused before anything runs)."""
+    gpu = lookup_gpu(name)
+    check_limit_fits(gpu, memory_limit_bytes)
+    return gpu
+
+
+def check_limit_fits(gpu: Gpu, memory_limit_bytes: int | None) -> None:
+    """:class:`ProbeInputError` when the memory for tensors is more than the card has."""
+    if memory_limit_bytes is not None and memory_limit_bytes > gpu.memory_bytes:
+        raise ProbeInputError(
+            f"memory_limit_bytes {memory_limit_bytes} exceeds the {gpu.name}'s memory "
+            f"of {gpu.memory_bytes} bytes"
+        )

@@ -15,6 +15,7 @@ from app.errors import DeviceBusy, InvalidRequest, ModelPathForbidden, RemoteCod
 from app.inventory import GpuInfo
 from app.settings import Settings
 from probes.errors import DeviceUnavailable, ModelNotFound
+from probes.gpus import check_card_request
 from probes.spec import ProbeSpec
 from probes.units import format_bytes
 
@@ -109,6 +110,8 @@ def admit(
                 "allow_busy_device=true to probe what is left",
                 pids=[p.pid for p in gpu.processes if p.pid not in own_pids],
             )
+    if spec.device_kind == "predict" and spec.gpu is not None:
+        check_card_request(spec.gpu, spec.memory_limit_bytes)  # an unknown card: 422 listing the known ones
     if spec.device_kind == "simulated":
         limit = spec.memory_limit_bytes or 0
         if limit > settings.simulated_memory_bytes:

@@ -49,7 +49,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from probes.devices.counting import CUDA_ALLOCATOR_GRANULARITY_BYTES, CountingMode
 from probes.errors import ProbeInputError
-from probes.gpus import Gpu
+from probes.gpus import Gpu, check_limit_fits
 from probes.overhead import overhead_for
 from probes.spec import DeviceInfo
 from probes.units import format_bytes
@@ -142,11 +142,8 @@ class PredictDevice:
             raise ProbeInputError("device 'predict' needs memory_limit_bytes or gpu (e.g. H100-80GB)")
         if memory_limit_bytes is not None and memory_limit_bytes <= 0:
             raise ProbeInputError("memory_limit_bytes must be positive")
-        if gpu is not None and memory_limit_bytes is not None and memory_limit_bytes > gpu.memory_bytes:
-            raise ProbeInputError(
-                f"memory_limit_bytes {memory_limit_bytes} exceeds the {gpu.name}'s memory of "
-                f"{gpu.memory_bytes} bytes"
-            )
+        if gpu is not None:
+            check_limit_fits(gpu, memory_limit_bytes)
         self.gpu = gpu
         self.memory_limit_bytes = memory_limit_bytes
         self.headroom_bytes = headroom_bytes

@@ -252,3 +252,12 @@ def test_fuzzed_bodies_never_get_a_5xx(shared_client: TestClient, body: Any) -> 
 def test_after_the_battery_the_service_is_healthy(shared_client: TestClient, tmp_path: Path) -> None:
     assert shared_client.get("/healthz").status_code == 200
     assert shared_client.get("/readyz").status_code == 200
+
+
+def test_unknown_predict_gpu_is_refused_with_the_known_cards(shared_client: TestClient) -> None:
+    body = probe_body(device="predict", memory_limit_bytes=None, gpu="H100-81GB")
+    problem = assert_problem(shared_client.post("/v1/probes", json=body), 422, "unknown-gpu")
+    assert "H100-80GB" in problem["known"]
+    body = probe_body(device="predict", memory_limit_bytes=2**40, gpu="T4-16GB")
+    problem = assert_problem(shared_client.post("/v1/probes", json=body), 422)
+    assert "exceeds the T4-16GB's memory" in problem["detail"]

@@ -45,3 +45,18 @@ def test_bad_input_is_one_line_and_exit_2(app: typer.Typer, args: list[str], fra
     assert len(lines) == 1
     assert lines[0].startswith("maxbatch: error: ")
     assert fragment in lines[0]
+
+
+def test_unknown_gpu_is_refused_before_the_engine_starts(app: typer.Typer) -> None:
+    args = ["probe", "--seq-len", "128", "--target-batch-size", "256", "--architecture", "gpt2"]
+    result = CliRunner().invoke(app, [*args, "--device", "predict", "--gpu", "H100-81GB"])
+    assert result.exit_code == 2
+    line = result.stderr.strip()
+    assert "unknown GPU 'H100-81GB'" in line
+    assert "known: " in line
+    assert "H100-80GB" in line
+    too_much = CliRunner().invoke(
+        app, [*args, "--device", "predict", "--gpu", "t4-16gb", "--memory", "80GiB"]
+    )
+    assert too_much.exit_code == 2
+    assert "exceeds the T4-16GB's memory" in too_much.stderr
