@@ -7,12 +7,12 @@ in a fresh child for ``confirm_optimizer_steps`` steps. This prototype drives th
 with two changes:
 
 1. **no inspection child**: the first trial child answers ``info`` and then serves the first trials;
-2. **speculative confirmation**: the first line-predicted jump runs in a fresh child, and so does
-   every trial after a failure (the engine discards that child anyway); these trials run for the
-   confirmation's number of optimizer steps. When the search closes on a size whose passing trial
-   was such a run, that run *is* the confirmation (a fresh process, the full length) and nothing is
-   re-run; otherwise the engine's confirmation runs. After a fit the child is reused, as the engine
-   does, so the usual failing check just above the answer costs no extra child start.
+2. **speculative confirmation**: every trial after the first two (the line-predicted jump and what
+   follows it) runs in a fresh child for the confirmation's number of optimizer steps. When the
+   search closes on a size whose passing trial was such a run, that run *is* the confirmation (a
+   fresh process, the full length) and nothing is re-run; otherwise the engine's confirmation runs.
+   (Reusing the child after a fit instead, as the engine does, measured worse: more separate
+   confirmations, 4.83 trials per config against 4.54, for a child start of ~0.07 s saved.)
 
 ``confirm_steps`` sets the confirmation length (the engine's default is 4; on the deterministic
 simulated and predict devices a 2-step trial already holds the steady peak, AdamW state included).
@@ -88,15 +88,10 @@ def run_config(spec: ProbeSpec, *, confirm_steps: int | None = None, timeout: fl
             result.confirming.append(started_fresh and optimizer_steps >= steps)
             return record
 
-        jumped = False
         for _ in range(3):
             while (size := search.next_size()) is not None:
-                # Self-confirming: the first jump (forced into a fresh child), and any later trial that gets
-                # a fresh child anyway (after a failure). After a fit the child is reused, as the engine does.
-                first_jump = not jumped and len(search.trials) >= 2
-                jumped = jumped or first_jump
-                speculative = first_jump or (jumped and child is None)
-                record = trial(size, steps if speculative else spec.trial_optimizer_steps, fresh=first_jump)
+                speculative = len(search.trials) >= 2
+                record = trial(size, steps if speculative else spec.trial_optimizer_steps, fresh=speculative)
                 confirmed[size] = speculative and record.outcome is Outcome.FIT
                 search.record(record)
             best = search.max_batch_size

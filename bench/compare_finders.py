@@ -496,6 +496,11 @@ class Settings:
     finder_timeout: float
     available: dict[str, bool]
     finders: tuple[str, ...]
+    #: ``time.perf_counter()`` after which no further finder starts (``None``: no budget)
+    deadline: float | None = None
+
+    def out_of_time(self) -> bool:
+        return self.deadline is not None and time.perf_counter() > self.deadline
 
 
 ALL_FINDERS = (
@@ -518,6 +523,9 @@ def run_case(
     log_path = settings.out / "anchors.log"
     for name in settings.finders:
         if name == "exhaustive":
+            continue
+        if settings.out_of_time():
+            rows.append(Row(case=case.label, finder=name, error="skipped: time budget reached"))
             continue
         say(f"  {name} ...")
         if name == "maxbatch":
@@ -555,7 +563,9 @@ def run_case(
                 log_path=log_path,
             )
         rows.append(row)
-    if "exhaustive" in settings.finders:
+    if "exhaustive" in settings.finders and settings.out_of_time():
+        rows.append(Row(case=case.label, finder="exhaustive", error="skipped: time budget reached"))
+    elif "exhaustive" in settings.finders:
         say("  exhaustive ...")
         try:
             truth = run_exhaustive(case, jobs=settings.jobs, timeout=settings.finder_timeout)
@@ -565,6 +575,8 @@ def run_case(
             rows.append(truth)
         except Exception as exc:  # noqa: BLE001 - recorded, the benchmark goes on
             rows.append(Row(case=case.label, finder="exhaustive", error=f"{type(exc).__name__}: {exc}"))
+    if settings.out_of_time():
+        return rows
     say("  soak ...")
     try:
         soak(case, rows, jobs=settings.jobs, full=settings.full_soak, timeout=settings.finder_timeout)
@@ -911,6 +923,7 @@ def main(argv: list[str] | None = None) -> int:
         finder_timeout=args.finder_timeout or profile.finder_timeout_seconds,
         available=available,
         finders=tuple(args.finders) if args.finders else (profile.finders or ALL_FINDERS),
+        deadline=None if args.time_budget is None else started + args.time_budget,
     )
     meta: dict[str, Any] = {
         "profile": profile_name,

@@ -1,6 +1,7 @@
 """Every GPU check of the open issues in one time-boxed run, written as one table.
 
-Run from the repository root on a machine with a CUDA GPU (one H200: about 7 minutes)::
+Run from the repository root on a machine with a CUDA GPU (at most about 8 minutes: the parts' time
+limits add up to 475 s)::
 
     python -m bench.gpu_check --out "$OUT"
 
@@ -383,7 +384,7 @@ def part_compare(timeout: float, budget: float, out: Path, log: Path) -> Part:
         "--time-budget",
         str(budget),
         "--finder-timeout",
-        str(max(30.0, budget / 2)),
+        str(max(30.0, budget)),
         "--out",
         str(target),
     ]
@@ -426,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parts", nargs="*", type=int, default=[1, 2, 3, 4], help="which parts (1-4)")
     parser.add_argument("--probe-memory-gib", type=float, default=32.0)
     parser.add_argument("--peak-memory-gib", type=float, default=0.0, help="0: the whole card")
-    parser.add_argument("--compare-budget", type=float, default=75.0)
+    parser.add_argument("--compare-budget", type=float, default=70.0)
     args = parser.parse_args(args_list)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -455,10 +456,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as scratch:
         work = Path(scratch)
         plan = {
-            1: lambda: part_tests(120, log),
-            2: lambda: part_probe(150, probe_memory, log, work),
-            3: lambda: part_peaks(150, peak_memory, log, work),
-            4: lambda: part_compare(args.compare_budget + 60, args.compare_budget, out, log),
+            1: lambda: part_tests(100, log),
+            2: lambda: part_probe(130, probe_memory, log, work),
+            3: lambda: part_peaks(130, peak_memory, log, work),
+            4: lambda: part_compare(args.compare_budget + 45, args.compare_budget, out, log),
         }
         for number in args.parts:
             print(f"gpu_check: part {number} ...", file=sys.stderr, flush=True)
