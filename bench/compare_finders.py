@@ -692,7 +692,8 @@ def sizes_table(rows: list[Row]) -> list[str]:
             else:
                 versus = _versus(row.found, truths.get(case))
                 cells.append(f"{row.found} ({versus})" if versus != "=" else f"{row.found} (=)")
-        lines.append(f"| {case} | {truths.get(case, '-')} | " + " | ".join(cells) + " |")
+        truth = truths.get(case)
+        lines.append(f"| {case} | {'-' if truth is None else truth} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -963,6 +964,9 @@ def main(argv: list[str] | None = None) -> int:
         _write(out, stem, rows, meta)
     meta["wall_seconds"] = time.perf_counter() - started
     text = _write(out, stem, rows, meta)
+    log = out / "anchors.log"
+    if log.exists() and log.stat().st_size == 0:
+        log.unlink()  # the libraries said nothing worth keeping
     print(text)
     say(f"wrote {out / (stem + '.md')} and {out / (stem + '.json')}")
     return 0
