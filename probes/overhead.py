@@ -16,12 +16,14 @@ For a card with ``M`` bytes, the memory left for tensors is
 :func:`overhead_for` reports is ``M`` minus that. It is a fixed number per card, so the engine can
 take it off the capacity once (``capacity = total - headroom - overhead``).
 
-Calibration status: **not measured on a GPU yet.** No GPU was lent to the task that wrote this
-module (2026-11-28), so every constant below is a conservative value chosen from public
-reports, each marked with where it comes from; a prediction made with them errs towards a smaller
-batch. Replace them with figures measured by a real probe (``peak reserved`` against NVML's
-per-process use, for a ~1B and a ~7B shape in two precisions), and record the date, the card and
-the driver here and in ``bench/RESULTS.md``.
+Calibration status (2026-11-28, one NVIDIA H200, driver 580.159.04, torch 2.11.0+cu130,
+``bench/gpu_check.py``, figures in ``bench/RESULTS.md``): the memory outside the caching allocator
+was 0.73-0.75 GiB in every run (a ~0.85B and a 7B Llama, two precisions, checkpointing off and
+on), under the 1 GiB assumed for the context below. The allocator's slack could not be isolated
+(the 7B runs reached the card's capacity, where freed blocks stay cached), so the workspace, pool
+and slack constants remain conservative estimates from public reports, each marked with where it
+comes from; a prediction made with them errs towards a smaller batch. Re-measure them with
+``bench/gpu_check.py`` on each card family and record the date, the card and the driver here.
 """
 
 from __future__ import annotations
@@ -49,9 +51,9 @@ CUDA_CONTEXT_BYTES = OverheadConstant(
     value=1 * GiB,
     what="CUDA context plus the kernel images loaded into it, outside the caching allocator",
     source=(
-        "estimate, not measured: public reports put a torch CUDA context with lazy module loading at "
-        "300-600 MiB on A100/H100 (DESIGN.md §2: ~300-500 MB); 1 GiB leaves room for the cuBLAS and "
-        "attention kernel images a training step loads"
+        "measured 2026-11-28 on an H200 (driver 580.159.04, torch 2.11.0+cu130): 0.73-0.75 GiB "
+        "outside the caching allocator during ~0.85B and 7B Llama training steps; kept at 1 GiB "
+        "for other drivers, cards and kernel sets (public reports: 300-600 MiB on A100/H100)"
     ),
 )
 

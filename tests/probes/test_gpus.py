@@ -114,7 +114,9 @@ def test_every_constant_says_where_it_comes_from() -> None:
     for constant in (CUDA_CONTEXT_BYTES, LIBRARY_WORKSPACE_BYTES, SMALL_POOL_BYTES, ALLOCATOR_SLACK_FRACTION):
         assert constant.value > 0
         assert constant.what
-        assert "not measured" in constant.source  # until a GPU calibrates them
+        # Each says whether it was measured (card, driver, date) or is still an estimate.
+        assert "measured 20" in constant.source or "estimate, not measured" in constant.source
+    assert "H200" in CUDA_CONTEXT_BYTES.source
 
 
 def test_a_card_smaller_than_the_fixed_overhead_is_refused() -> None:
