@@ -185,7 +185,9 @@ def _comparable(result: ProbeResult) -> list[dict[str, object]]:
     for config in result.model_dump(mode="json")["configs"]:
         for key in ("samples_per_second", "tokens_per_second"):
             config.pop(key)
-        if config.pop("confirmed"):
+        config.pop("confirmed")
+        sizes = [t["batch_size"] for t in config["trials"]]
+        if sizes and sizes[-1] in sizes[:-1]:  # a separate confirmation repeats a size
             config["trials"] = config["trials"][:-1]
         for record in config["trials"]:
             record.pop("step_seconds")
