@@ -27,6 +27,7 @@ Counting is deterministic: the same program gives the same peak to the byte.
 
 from __future__ import annotations
 
+import gc
 import re
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -224,3 +225,29 @@ class CountingMode(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch
         for key, (_, size) in grown.items():
             self._resize(key, size)
         return out
+
+
+class CountedMemory:
+    """Peak bookkeeping of the devices whose memory is a :class:`CountingMode`'s (simulated, predict).
+
+    There is no allocator cache to empty and no stream to wait for: the peak is the mode's, and
+    releasing memory between trials is collecting the garbage that holds storages alive.
+    """
+
+    mode: CountingMode
+
+    def reset_peak(self) -> None:
+        self.mode.reset_peak()
+
+    def peak(self) -> tuple[int, int]:
+        peak = self.mode.peak_bytes
+        return peak, peak
+
+    def synchronize(self) -> None:
+        return None
+
+    def release(self) -> None:
+        gc.collect()
+
+    def close(self) -> None:
+        return None  # nothing held beyond Python objects

@@ -39,7 +39,6 @@ What fake tensors change, and how it is handled:
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from typing import Any
@@ -47,7 +46,7 @@ from typing import Any
 import torch
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
-from probes.devices.counting import CUDA_ALLOCATOR_GRANULARITY_BYTES, CountingMode
+from probes.devices.counting import CUDA_ALLOCATOR_GRANULARITY_BYTES, CountedMemory, CountingMode
 from probes.errors import ProbeInputError
 from probes.gpus import Gpu, check_limit_fits
 from probes.overhead import overhead_for
@@ -127,7 +126,7 @@ def probe_batch_masks() -> Iterator[None]:
             setattr(masking_utils, name, original)
 
 
-class PredictDevice:
+class PredictDevice(CountedMemory):
     """Fake CPU tensors under a counting mode capped at the memory for tensors."""
 
     def __init__(
@@ -215,19 +214,3 @@ class PredictDevice:
 
     def grad_scaler(self) -> torch.amp.GradScaler:
         return PredictGradScaler()
-
-    def reset_peak(self) -> None:
-        self.mode.reset_peak()
-
-    def peak(self) -> tuple[int, int]:
-        peak = self.mode.peak_bytes
-        return peak, peak
-
-    def synchronize(self) -> None:
-        return None
-
-    def release(self) -> None:
-        gc.collect()
-
-    def close(self) -> None:
-        return None  # nothing held beyond Python objects

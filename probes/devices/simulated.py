@@ -16,13 +16,12 @@ Counting is deterministic: a trial gives the same peak to the byte on every run.
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Iterable
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
-from probes.devices.counting import CUDA_ALLOCATOR_GRANULARITY_BYTES, CountingMode
+from probes.devices.counting import CUDA_ALLOCATOR_GRANULARITY_BYTES, CountedMemory, CountingMode
 from probes.spec import DeviceInfo
 from probes.units import format_bytes
 
@@ -30,7 +29,7 @@ SIMULATED_COMPUTE_CAPABILITY = "8.0"
 """What the simulated device reports: the first compute capability with native bf16 (A100)."""
 
 
-class SimulatedDevice:
+class SimulatedDevice(CountedMemory):
     """CPU tensors under a counting mode capped at ``memory_limit_bytes``."""
 
     def __init__(
@@ -83,19 +82,3 @@ class SimulatedDevice:
 
     def grad_scaler(self) -> torch.amp.GradScaler:
         return torch.amp.GradScaler(self.torch_device.type)
-
-    def reset_peak(self) -> None:
-        self.mode.reset_peak()
-
-    def peak(self) -> tuple[int, int]:
-        peak = self.mode.peak_bytes
-        return peak, peak
-
-    def synchronize(self) -> None:
-        return None
-
-    def release(self) -> None:
-        gc.collect()
-
-    def close(self) -> None:
-        return None  # nothing held beyond Python objects
