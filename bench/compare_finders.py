@@ -49,6 +49,7 @@ from typing import Any
 from bench._anchors import AnchorJob, AnchorResult, Finder, child_main, preload
 from bench._fast_search import run_config
 from bench._search_replay import VARIANTS, replay
+from bench.gpu_check import LLAMA_1B as GPU_CHECK_LLAMA_1B
 from probes.engine import run_probe
 from probes.isolate import ProbeCancelled, TrialChild, trial_from_reply
 from probes.search import ladder_next
@@ -119,18 +120,7 @@ TINY_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 """Tiny shapes for the CPU run: 2 layers, hidden 64–128, vocab 1000."""
 
-LLAMA_1B: tuple[str, dict[str, Any]] = (
-    "llama",
-    {
-        "num_hidden_layers": 16,
-        "hidden_size": 2048,
-        "intermediate_size": 5632,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 8,
-        "vocab_size": 32000,
-        "max_position_embeddings": 2048,
-    },
-)
+LLAMA_1B: tuple[str, dict[str, Any]] = ("llama", GPU_CHECK_LLAMA_1B)
 """A ~0.85B-parameter Llama (TinyLlama's widths, 16 layers) for the GPU run."""
 
 
