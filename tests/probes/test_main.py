@@ -74,7 +74,8 @@ def test_unreadable_spec_exits_2(tmp_path: Path) -> None:
 PARENT = """
 import subprocess, sys, time
 command = [sys.executable, "-m", "probes", "run", "--spec", sys.argv[1], "--result", sys.argv[2]]
-child = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+with open(sys.argv[3], "w") as events:
+    child = subprocess.Popen(command, stdout=events)
 print(child.pid, flush=True)
 time.sleep(600)
 """
@@ -91,16 +92,24 @@ def _gone(pid: int) -> bool:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux-only")
 def test_the_probe_ends_when_its_parent_is_killed(tmp_path: Path) -> None:
     spec_path, result_path = tmp_path / "spec.json", tmp_path / "result.json"
+    events_path = tmp_path / "events.jsonl"
     # Large enough to still be searching when the parent dies.
     spec_path.write_text(
         _spec(gradient_checkpointing=[False, True], precisions=["32-true", "bf16-mixed"]).model_dump_json()
     )
     with subprocess.Popen(
-        [sys.executable, "-c", PARENT, str(spec_path), str(result_path)], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", PARENT, str(spec_path), str(result_path), str(events_path)],
+        stdout=subprocess.PIPE,
+        text=True,
     ) as parent:
         assert parent.stdout is not None
         child = int(parent.stdout.readline())
-        time.sleep(3)
+        # Kill the parent once the probe is searching (its first trial reported), not after a guess.
+        deadline = time.monotonic() + 120
+        while '"trial"' not in events_path.read_text():
+            assert time.monotonic() < deadline, "the probe reported no trial within 120 s"
+            assert not _gone(child), "the probe ended before its parent was killed"
+            time.sleep(0.05)
         os.kill(parent.pid, signal.SIGKILL)
         parent.wait()
     deadline = time.monotonic() + 60
