@@ -12,6 +12,7 @@ from typer.exceptions import TyperException
 
 import probes.cli
 from app.settings import Settings, get_settings, is_loopback
+from probes.protocol import ExitCode
 
 cli = typer.Typer(
     name="maxbatch",
@@ -64,7 +65,7 @@ def serve(
         access = check_exposure(settings)
     except ValueError as exc:
         typer.echo(f"maxbatch: error: {exc}", err=True)
-        raise typer.Exit(2) from exc
+        raise typer.Exit(ExitCode.INPUT) from exc
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -24,9 +24,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from probes.isolate import TrialChild, raise_reply_error, trial_from_reply
+from probes.isolate import TrialChild, info_from_reply, trial_from_reply
+from probes.protocol import InfoRequest, TrialRequest
 from probes.search import LadderSearch
-from probes.spec import ConfigTask, DeviceInfo, Outcome, ProbeSpec, TrialRecord
+from probes.spec import ConfigTask, Outcome, ProbeSpec, TrialRecord
 
 
 @dataclass
@@ -52,8 +53,7 @@ def run_config(spec: ProbeSpec, *, confirm_steps: int | None = None, timeout: fl
     first = TrialChild(task)
     child: TrialChild | None = first
     try:
-        info = raise_reply_error(first.request({"op": "info"}, timeout_seconds=timeout))
-        device = DeviceInfo.model_validate(info["device"])
+        device = info_from_reply(first.request(InfoRequest(), timeout_seconds=timeout)).device
         limit = device.memory_limit_bytes or device.total_memory_bytes
         search = LadderSearch(
             capacity_bytes=limit - spec.headroom_bytes - device.overhead_bytes,
@@ -71,12 +71,11 @@ def run_config(spec: ProbeSpec, *, confirm_steps: int | None = None, timeout: fl
             if child is None:
                 child = TrialChild(task)
             reply = child.request(
-                {
-                    "op": "trial",
-                    "batch_size": size,
-                    "accumulation_steps": spec.trial_accumulation_steps,
-                    "optimizer_steps": optimizer_steps,
-                },
+                TrialRequest(
+                    batch_size=size,
+                    accumulation_steps=spec.trial_accumulation_steps,
+                    optimizer_steps=optimizer_steps,
+                ),
                 timeout_seconds=timeout,
             )
             record, discard = trial_from_reply(size, reply)

@@ -52,6 +52,7 @@ from bench._search_replay import VARIANTS, replay
 from bench.gpu_check import LLAMA_1B as GPU_CHECK_LLAMA_1B
 from probes.engine import run_probe
 from probes.isolate import ProbeCancelled, TrialChild, trial_from_reply
+from probes.protocol import TrialRequest
 from probes.search import ladder_next
 from probes.spec import (
     ConfigTask,
@@ -390,12 +391,9 @@ def _trial(
     child = TrialChild(task)
     try:
         reply = child.request(
-            {
-                "op": "trial",
-                "batch_size": batch_size,
-                "accumulation_steps": ACCUMULATION_STEPS,
-                "optimizer_steps": optimizer_steps,
-            },
+            TrialRequest(
+                batch_size=batch_size, accumulation_steps=ACCUMULATION_STEPS, optimizer_steps=optimizer_steps
+            ),
             timeout_seconds=timeout,
         )
     finally:

@@ -1,48 +1,54 @@
 """``python -m probes``: the probe engine as a child process (runs without ``app``).
 
 ``python -m probes run --spec SPEC.json --result RESULT.json [--allow-remote-code]``
-    Runs the probe. stdout carries one JSON object per line, ``{"type": "event", "event": …}``.
-    Exit code: 0 — the result file holds a ``ProbeResult``; 2 — bad input; 3 — the probe failed;
-    4 — cancelled (SIGTERM). For 2 and 3 the result file holds ``{"error": {code, message, known}}``.
+    Runs the probe. stdout carries one :data:`~probes.protocol.ChildLine` per line (progress
+    events). The exit status is an :class:`~probes.protocol.ExitCode`: ``OK`` — the result file
+    holds a ``ProbeResult``; ``INPUT``, ``FAILED``, ``CANCELLED`` — it holds an ``ErrorDocument``.
 
 ``python -m probes inspect-server``
-    Long-lived model validator: one JSON request per stdin line,
-    ``{"model": ModelSpec, "seq_len": int, "allow_remote_code": bool}``, one JSON reply per stdout
-    line, ``{"ok": true, "model": ModelFacts}`` or ``{"ok": false, "error": {…}}``.
+    Long-lived model validator: one :class:`~probes.protocol.InspectRequest` per stdin line, one
+    :data:`~probes.protocol.InspectReply` per stdout line.
+
+The messages are defined in :mod:`probes.protocol`.
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import signal
 import sys
 import threading
 from contextlib import suppress
 from pathlib import Path
 from types import FrameType
-from typing import Any, TextIO
+from typing import TextIO
 
 from pydantic import ValidationError
 
 from probes.errors import ProbeError, ProbeInputError
-from probes.spec import ModelSpec, ProbeEvent, ProbeSpec
-
-EXIT_OK = 0
-EXIT_INPUT = 2
-EXIT_FAILED = 3
-EXIT_CANCELLED = 4
-
-
-def _error(code: str, message: str, known: list[str] | None = None) -> dict[str, Any]:
-    return {"error": {"code": code, "message": message, "known": known or []}}
+from probes.protocol import (
+    ErrorDocument,
+    ErrorInfo,
+    EventLine,
+    ExitCode,
+    InspectFailed,
+    InspectOk,
+    InspectReply,
+    MalformedMessage,
+    parse_inspect_request,
+)
+from probes.spec import ProbeEvent, ProbeSpec
 
 
 def _write(path: Path, payload: str) -> None:
     temporary = path.with_suffix(path.suffix + ".tmp")
     temporary.write_text(payload, encoding="utf-8")
     temporary.replace(path)
+
+
+def _write_error(path: Path, error: ErrorInfo) -> None:
+    _write(path, ErrorDocument(error=error).model_dump_json())
 
 
 _PR_SET_PDEATHSIG = 1
@@ -59,15 +65,15 @@ def _end_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def _run(spec_path: Path, result_path: Path, *, allow_remote_code: bool) -> int:
+def _run(spec_path: Path, result_path: Path, *, allow_remote_code: bool) -> ExitCode:
     from probes.engine import run_probe
     from probes.isolate import ProbeCancelled
 
     try:
         spec = ProbeSpec.model_validate_json(spec_path.read_text(encoding="utf-8"))
     except (OSError, ValidationError) as exc:
-        _write(result_path, json.dumps(_error("invalid-probe", str(exc))))
-        return EXIT_INPUT
+        _write_error(result_path, ErrorInfo(code=ProbeInputError.code, message=str(exc)))
+        return ExitCode.INPUT
 
     cancel = threading.Event()
     _end_with_parent()
@@ -79,7 +85,7 @@ def _run(spec_path: Path, result_path: Path, *, allow_remote_code: bool) -> int:
     lock = threading.Lock()
 
     def on_event(event: ProbeEvent) -> None:
-        line = json.dumps({"type": "event", "event": event.model_dump(mode="json")})
+        line = EventLine(event=event).model_dump_json()
         with lock:
             sys.stdout.write(line + "\n")
             sys.stdout.flush()
@@ -87,50 +93,42 @@ def _run(spec_path: Path, result_path: Path, *, allow_remote_code: bool) -> int:
     try:
         result = run_probe(spec, on_event=on_event, cancel=cancel, allow_remote_code=allow_remote_code)
     except ProbeCancelled as exc:
-        _write(result_path, json.dumps(_error(exc.code, exc.message)))
-        return EXIT_CANCELLED
+        _write_error(result_path, ErrorInfo.from_exception(exc))
+        return ExitCode.CANCELLED
     except ProbeInputError as exc:
-        _write(result_path, json.dumps(_error(exc.code, exc.message, exc.known)))
-        return EXIT_INPUT
+        _write_error(result_path, ErrorInfo.from_exception(exc))
+        return ExitCode.INPUT
     except ProbeError as exc:
-        _write(result_path, json.dumps(_error(exc.code, exc.message, exc.known)))
-        return EXIT_FAILED
+        _write_error(result_path, ErrorInfo.from_exception(exc))
+        return ExitCode.FAILED
     _write(result_path, result.model_dump_json())
-    return EXIT_OK
+    return ExitCode.OK
 
 
-def _inspect_one(request: dict[str, Any]) -> dict[str, Any]:
+def _inspect_one(line: str) -> InspectReply:
     from probes.models import inspect_model
 
     try:
-        model = ModelSpec.model_validate(request["model"])
-        seq_len = int(request["seq_len"])
-        facts = inspect_model(model, seq_len, allow_remote_code=bool(request.get("allow_remote_code", False)))
+        request = parse_inspect_request(line)
+        facts = inspect_model(request.model, request.seq_len, allow_remote_code=request.allow_remote_code)
+    except MalformedMessage as exc:
+        return InspectFailed(error=ErrorInfo(code=ProbeInputError.code, message=exc.message))
     except ProbeError as exc:
-        return {"ok": False, **_error(exc.code, exc.message, exc.known)}
-    except (KeyError, TypeError, ValueError, ValidationError) as exc:
-        return {"ok": False, **_error("invalid-probe", f"bad inspect request: {exc}")}
+        return InspectFailed(error=ErrorInfo.from_exception(exc))
     except Exception as exc:  # noqa: BLE001 — the validator must answer every line
-        return {"ok": False, **_error("invalid-probe", f"{type(exc).__name__}: {exc}".splitlines()[0])}
-    return {"ok": True, "model": facts.model_dump(mode="json")}
+        return InspectFailed(
+            error=ErrorInfo(code=ProbeInputError.code, message=ErrorInfo.from_exception(exc).message)
+        )
+    return InspectOk(model=facts)
 
 
-def _inspect_server(stdin: TextIO, stdout: TextIO) -> int:
+def _inspect_server(stdin: TextIO, stdout: TextIO) -> ExitCode:
     for line in stdin:
         if not line.strip():
             continue
-        try:
-            request = json.loads(line)
-            reply = (
-                _inspect_one(request)
-                if isinstance(request, dict)
-                else _error("invalid-probe", "not an object")
-            )
-        except json.JSONDecodeError as exc:
-            reply = {"ok": False, **_error("invalid-probe", f"not JSON: {exc}")}
-        stdout.write(json.dumps(reply) + "\n")
+        stdout.write(_inspect_one(line).model_dump_json() + "\n")
         stdout.flush()
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def main(argv: list[str] | None = None) -> int:

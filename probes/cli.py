@@ -20,17 +20,15 @@ from rich.table import Table
 
 from probes.errors import ProbeError, ProbeInputError
 from probes.gpus import check_card_request
+from probes.protocol import ExitCode
 from probes.spec import ConfigStatus, EventKind, ProbeEvent, ProbeResult, ProbeSpec
 from probes.units import format_bytes, parse_bytes
-
-EXIT_INPUT = 2
-EXIT_FAILED = 3
 
 
 def fail_input(message: str) -> NoReturn:
     """One line on stderr, exit code 2."""
     sys.stderr.write(f"maxbatch: error: {message}\n")
-    raise typer.Exit(EXIT_INPUT)
+    raise typer.Exit(ExitCode.INPUT)
 
 
 def _known(exc: ProbeInputError) -> str:
@@ -283,7 +281,7 @@ def probe(
             fail_input(exc.message + _known(exc))
         except ProbeError as exc:
             sys.stderr.write(f"maxbatch: probe failed: {exc.message}\n")
-            raise typer.Exit(EXIT_FAILED) from exc
+            raise typer.Exit(ExitCode.FAILED) from exc
     if as_json:
         sys.stdout.write(result.model_dump_json(indent=2) + "\n")
     else:

@@ -18,9 +18,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
-from probes.isolate import ProbeCancelled, TrialChild, raise_reply_error, trial_from_reply
+from probes.isolate import ProbeCancelled, TrialChild, info_from_reply, trial_from_reply
 from probes.plan import make_plan
-from probes.recommend import TrainingArgumentsSupport, recommend
+from probes.protocol import InfoReply, InfoRequest, TrialRequest
+from probes.recommend import recommend
 from probes.search import LadderSearch
 from probes.spec import (
     ConfigResult,
@@ -28,7 +29,6 @@ from probes.spec import (
     ConfigTask,
     DeviceInfo,
     EventKind,
-    ModelFacts,
     Outcome,
     Phase,
     Precision,
@@ -36,23 +36,12 @@ from probes.spec import (
     ProbeResult,
     ProbeSpec,
     TrialRecord,
-    Versions,
 )
 
 EventSink = Callable[[ProbeEvent], None]
 
 _INFO_TIMEOUT_SECONDS = 600.0
 MAX_CONFIRMATION_ROUNDS = 3
-
-
-@dataclass(frozen=True)
-class ProbeContext:
-    """What the first child learnt: the device, the versions, the model, the transformers API."""
-
-    device: DeviceInfo
-    versions: Versions
-    model: ModelFacts
-    support: TrainingArgumentsSupport
 
 
 def _skip_reason(precision: Precision, device: DeviceInfo) -> str | None:
@@ -96,12 +85,11 @@ class _ConfigRun:
         if self.child is None:
             self.child = TrialChild(self.task, cancel=self.cancel)
         reply = self.child.request(
-            {
-                "op": "trial",
-                "batch_size": batch_size,
-                "accumulation_steps": self.spec.trial_accumulation_steps,
-                "optimizer_steps": optimizer_steps,
-            },
+            TrialRequest(
+                batch_size=batch_size,
+                accumulation_steps=self.spec.trial_accumulation_steps,
+                optimizer_steps=optimizer_steps,
+            ),
             timeout_seconds=self.spec.trial_timeout_seconds,
         )
         trial, discard = trial_from_reply(batch_size, reply)
@@ -207,18 +195,13 @@ def _config_result(
     )
 
 
-def _inspect(task: ConfigTask, cancel: threading.Event | None) -> ProbeContext:
+def _inspect(task: ConfigTask, cancel: threading.Event | None) -> InfoReply:
+    """What a first child learns: the device, the versions, the model, the transformers API."""
     child = TrialChild(task, cancel=cancel)
     try:
-        reply = raise_reply_error(child.request({"op": "info"}, timeout_seconds=_INFO_TIMEOUT_SECONDS))
+        return info_from_reply(child.request(InfoRequest(), timeout_seconds=_INFO_TIMEOUT_SECONDS))
     finally:
         child.close()
-    return ProbeContext(
-        device=DeviceInfo.model_validate(reply["device"]),
-        versions=Versions.model_validate(reply["versions"]),
-        model=ModelFacts.model_validate(reply["model"]),
-        support=TrainingArgumentsSupport.model_validate(reply["training_args"]),
-    )
 
 
 def concurrent_configs(device: DeviceInfo) -> int:
@@ -325,7 +308,7 @@ def run_probe(
         spec=spec,
         device=device,
         configs=tuple(results),
-        recommendation=recommend(results, spec=spec, device=device, support=context.support),
+        recommendation=recommend(results, spec=spec, device=device, support=context.training_args),
         versions=context.versions,
         elapsed_seconds=round(time.monotonic() - started, 3),
         timing_note=None

@@ -2,9 +2,9 @@
 
 The parent side of the probe engine lives here and imports no torch. Each :class:`TrialChild`
 is a process that builds one config's model (in :mod:`probes.worker`) and answers requests over
-a pipe. A child that dies, hangs past its deadline or reports a poisoned CUDA context becomes an
-outcome (``crash``, ``timeout``, ``error``) for the request it was serving, never an exception
-or a hang of the caller.
+a pipe (the trial server's messages of :mod:`probes.protocol`). A child that dies, hangs past its
+deadline or reports a poisoned CUDA context becomes an outcome (``crash``, ``timeout``, ``error``)
+for the request it was serving, never an exception or a hang of the caller.
 
 Children start from a *forkserver* that has already imported torch and transformers: a fresh
 interpreter pays ~3.4 s for those imports on our CPUs, a fork from the preloaded server a small
@@ -24,9 +24,19 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
-from typing import Any
 
-from probes.errors import INPUT_ERRORS, ProbeError, ProbeFailed
+from probes.errors import ProbeError, ProbeFailed
+from probes.protocol import (
+    ErrorReply,
+    InfoReply,
+    InfoRequest,
+    MalformedMessage,
+    StopRequest,
+    TrialReply,
+    TrialRequest,
+    TrialServerReply,
+    parse_trial_reply,
+)
 from probes.spec import ConfigTask, Outcome, TrialRecord
 
 PRELOAD_MODULE = "probes.worker"
@@ -102,16 +112,17 @@ class TrialChild:
         #: set once the child must not serve another request
         self.spent = False
 
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid
+    def request(
+        self, message: InfoRequest | TrialRequest, *, timeout_seconds: float
+    ) -> TrialServerReply | ChildDied:
+        """Send one request and wait for its reply, the child's death, the deadline or a cancel.
 
-    def request(self, message: dict[str, Any], *, timeout_seconds: float) -> dict[str, Any] | ChildDied:
-        """Send one request and wait for its reply, the child's death, the deadline or a cancel."""
+        A reply that is not a trial server message kills the child and raises :class:`MalformedMessage`.
+        """
         if self.spent:
             raise RuntimeError("this child is spent; start a new one")
         try:
-            self._conn.send(message)
+            self._conn.send_bytes(message.model_dump_json().encode())
         except (BrokenPipeError, OSError):
             self.spent = True
             self._process.join(timeout=5)
@@ -127,12 +138,16 @@ class TrialChild:
                 ready = False
             if ready:
                 try:
-                    reply: dict[str, Any] = self._conn.recv()
+                    raw = self._conn.recv_bytes()
                 except (EOFError, OSError):
                     self.spent = True
                     self._process.join(timeout=5)
                     return ChildDied(Outcome.CRASH, _describe_exit(self._process))
-                return reply
+                try:
+                    return parse_trial_reply(raw)
+                except MalformedMessage:
+                    self.kill()
+                    raise
             if not self._process.is_alive():
                 self.spent = True
                 return ChildDied(Outcome.CRASH, _describe_exit(self._process))
@@ -154,34 +169,29 @@ class TrialChild:
         """Ask the child to stop, and kill it if it does not within a few seconds."""
         if not self.spent and self._process.is_alive():
             with suppress(BrokenPipeError, OSError):
-                self._conn.send({"op": "stop"})
+                self._conn.send_bytes(StopRequest().model_dump_json().encode())
             self._process.join(timeout=5)
         self.kill()
 
 
-def trial_from_reply(batch_size: int, reply: dict[str, Any] | ChildDied) -> tuple[TrialRecord, bool]:
+def trial_from_reply(batch_size: int, reply: TrialServerReply | ChildDied) -> tuple[TrialRecord, bool]:
     """The trial a reply describes, and whether the child must be discarded after it."""
     if isinstance(reply, ChildDied):
         return TrialRecord(batch_size=batch_size, outcome=reply.outcome, message=reply.reason), True
-    if "error" in reply:
-        return (
-            TrialRecord(batch_size=batch_size, outcome=Outcome.ERROR, message=str(reply["error"]["message"])),
-            True,
-        )
-    trial = TrialRecord.model_validate(reply["trial"])
-    return trial, bool(reply.get("poisoned", False)) or trial.outcome is not Outcome.FIT
+    if isinstance(reply, TrialReply):
+        return reply.trial, reply.poisoned or reply.trial.outcome is not Outcome.FIT
+    message = reply.error.message if isinstance(reply, ErrorReply) else "the child answered a trial with info"
+    return TrialRecord(batch_size=batch_size, outcome=Outcome.ERROR, message=message), True
 
 
-def raise_reply_error(reply: dict[str, Any] | ChildDied) -> dict[str, Any]:
-    """The reply itself, or the error it carries raised as the matching :mod:`probes.errors` class."""
+def info_from_reply(reply: TrialServerReply | ChildDied) -> InfoReply:
+    """The info a reply carries, or its error raised as the matching :mod:`probes.errors` class."""
     if isinstance(reply, ChildDied):
         raise ProbeFailed(f"{reply.outcome.value}: {reply.reason}")
-    if "error" in reply:
-        error = reply["error"]
-        cls = INPUT_ERRORS.get(str(error.get("code")), None)
-        if cls is None:
-            raise ProbeFailed(str(error.get("message")))
-        raise cls(str(error.get("message")), known=list(error.get("known") or []))
+    if isinstance(reply, ErrorReply):
+        raise reply.error.to_exception()
+    if isinstance(reply, TrialReply):
+        raise ProbeFailed("the child answered an info request with a trial")
     return reply
 
 

@@ -1,12 +1,14 @@
 """The child side of a trial session: build one config, answer requests over a pipe.
 
-Requests (dicts) and replies:
+Requests and replies are the trial server's messages in :mod:`probes.protocol`, one JSON
+document per pipe message:
 
-- ``{"op": "info"}`` → ``{"device", "versions", "model", "training_args"}`` — validates the model
-  (input errors come back as ``{"error": {"code", "message", "known"}}``);
-- ``{"op": "trial", "batch_size", "accumulation_steps", "optimizer_steps"}`` →
-  ``{"trial": TrialRecord, "poisoned": bool}``;
-- ``{"op": "stop"}`` → the process exits.
+- ``InfoRequest`` → ``InfoReply`` (device, versions, model, transformers' API) — validates the
+  model (an input error comes back as an ``ErrorReply``);
+- ``TrialRequest`` → ``TrialReply`` (the trial record, and whether the CUDA context is poisoned);
+- ``StopRequest`` → the process exits.
+
+A request that fails, or cannot be read, is answered with an ``ErrorReply``, never a dead pipe.
 
 This module imports torch and transformers at import time on purpose: the forkserver preloads
 it, so every forked child starts with both already imported.
@@ -16,51 +18,49 @@ from __future__ import annotations
 
 import gc
 import importlib
-import traceback
 from contextlib import suppress
 from multiprocessing.connection import Connection
-from typing import Any
 
 import torch
 import transformers
 
 from probes.environment import collect_versions
-from probes.errors import ProbeError
 from probes.hf_support import training_arguments_support
 from probes.models import inspect_model
+from probes.protocol import (
+    ErrorInfo,
+    ErrorReply,
+    InfoReply,
+    InfoRequest,
+    StopRequest,
+    TrialReply,
+    TrialRequest,
+    TrialServerReply,
+    parse_trial_request,
+)
 from probes.spec import ConfigTask
 from probes.trial import TrialSession
 
 
-def _error_reply(exc: BaseException) -> dict[str, Any]:
-    if isinstance(exc, ProbeError):
-        return {"error": {"code": exc.code, "message": exc.message, "known": exc.known}}
-    line = f"{type(exc).__name__}: {exc}".splitlines()[0]
-    return {"error": {"code": "probe-error", "message": line, "trace": traceback.format_exc(limit=5)}}
-
-
-def _info(task: ConfigTask, session: TrialSession) -> dict[str, Any]:
+def _info(task: ConfigTask, session: TrialSession) -> InfoReply:
     facts = inspect_model(task.model, task.seq_len, allow_remote_code=task.allow_remote_code)
-    return {
-        "device": session.device_info().model_dump(mode="json"),
-        "versions": collect_versions().model_dump(mode="json"),
-        "model": facts.model_dump(mode="json"),
-        "training_args": training_arguments_support().model_dump(mode="json"),
-    }
+    return InfoReply(
+        device=session.device_info(),
+        versions=collect_versions(),
+        model=facts,
+        training_args=training_arguments_support(),
+    )
 
 
-def _answer(task: ConfigTask, session: TrialSession, message: dict[str, Any]) -> dict[str, Any]:
-    op = message.get("op")
-    if op == "info":
+def _answer(task: ConfigTask, session: TrialSession, request: InfoRequest | TrialRequest) -> TrialServerReply:
+    if isinstance(request, InfoRequest):
         return _info(task, session)
-    if op == "trial":
-        trial = session.run(
-            int(message["batch_size"]),
-            accumulation_steps=int(message["accumulation_steps"]),
-            optimizer_steps=int(message["optimizer_steps"]),
-        )
-        return {"trial": trial.model_dump(mode="json"), "poisoned": session.poisoned}
-    return {"error": {"code": "probe-error", "message": f"unknown request {op!r}"}}
+    trial = session.run(
+        request.batch_size,
+        accumulation_steps=request.accumulation_steps,
+        optimizer_steps=request.optimizer_steps,
+    )
+    return TrialReply(trial=trial, poisoned=session.poisoned)
 
 
 def serve(conn: Connection, task_json: str) -> None:
@@ -75,19 +75,21 @@ def serve(conn: Connection, task_json: str) -> None:
     try:
         while True:
             try:
-                message: dict[str, Any] = conn.recv()
+                raw = conn.recv_bytes()
             except (EOFError, OSError):
                 return
-            if message.get("op") == "stop":
-                return
+            reply: TrialServerReply
             try:
+                request = parse_trial_request(raw)
+                if isinstance(request, StopRequest):
+                    return
                 if session is None:
                     # Built on the first request, so that a bad config is a reply, not a dead child.
                     session = TrialSession(task)
-                reply = _answer(task, session, message)
+                reply = _answer(task, session, request)
             except Exception as exc:  # noqa: BLE001 — every failure becomes a reply, never a dead pipe
-                reply = _error_reply(exc)
-            conn.send(reply)
+                reply = ErrorReply(error=ErrorInfo.from_exception(exc))
+            conn.send_bytes(reply.model_dump_json().encode())
     finally:
         if session is not None:
             session.close()

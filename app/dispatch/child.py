@@ -2,16 +2,15 @@
 
 The child is ``<probe command> run --spec SPEC --result RESULT [--allow-remote-code]`` in its own
 session, so that it and every process it starts form one process group that cancel, timeout
-and shutdown kill together. Its stdout carries one JSON object per line
-(``{"type": "event", "event": <ProbeEvent>}``); its stderr goes to ``stderr.log`` in the job's
-work directory, whose tail explains a crash. The exit status is the outcome class:
-0 result, 2 input error, 3 probe failed, anything else (or a signal) a crash.
+and shutdown kill together. Its stdout carries one :data:`~probes.protocol.ChildLine` per line
+(progress events); its stderr goes to ``stderr.log`` in the job's work directory, whose tail
+explains a crash. The exit status is a :class:`~probes.protocol.ExitCode`: ``OK`` a result,
+``INPUT`` an input error, ``FAILED`` a failed probe; anything else (or a signal) is a crash.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -25,6 +24,7 @@ from pydantic import ValidationError
 
 import probes
 from app.dispatch.base import DispatchJob, RunOutcome, RunStatus
+from probes.protocol import ErrorInfo, ExitCode, MalformedMessage, parse_child_line, parse_error_document
 from probes.spec import ProbeEvent, ProbeResult
 
 log = logging.getLogger("maxbatch.dispatch")
@@ -32,8 +32,6 @@ log = logging.getLogger("maxbatch.dispatch")
 JOB_ENV = "MAXBATCH_JOB_ID"
 """Set in every probe child's environment (and so its descendants'): marks processes as ours."""
 
-EXIT_INPUT_ERROR = 2
-EXIT_PROBE_FAILED = 3
 _POLL_SECONDS = 0.1
 
 
@@ -78,14 +76,15 @@ def stderr_tail(path: Path, lines: int = 6, max_bytes: int = 4000) -> str:
     return "\n".join(line for line in text.splitlines()[-lines:] if line.strip())
 
 
-def _read_error(path: Path) -> tuple[str | None, str | None, tuple[str, ...]]:
+def _read_error(path: Path) -> ErrorInfo | None:
+    """The error document the child left, or ``None`` where there is none or it is unreadable."""
     try:
-        payload = json.loads(path.read_text())
-        error = payload["error"]
-        known = tuple(str(k) for k in error.get("known") or ())
-        return str(error["code"]), str(error["message"]), known
-    except (OSError, ValueError, KeyError, TypeError):
-        return None, None, ()
+        return parse_error_document(path.read_bytes()).error
+    except OSError:
+        return None
+    except MalformedMessage as exc:
+        log.warning("%s", exc.message)
+        return None
 
 
 def _signal_name(number: int) -> str:
@@ -111,20 +110,16 @@ class _EventReader(threading.Thread):
                 self._handle(line)
 
     def _handle(self, line: str) -> None:
-        try:
-            message = json.loads(line)
-        except ValueError:
+        if not line.startswith("{"):
             log.info("job %s: child said: %s", self._job_id, line[:500])
             return
-        if not isinstance(message, dict) or message.get("type") != "event":
+        try:
+            message = parse_child_line(line)
+        except MalformedMessage as exc:
+            log.warning("job %s: %s", self._job_id, exc.message)
             return
         try:
-            event = ProbeEvent.model_validate(message.get("event"))
-        except ValidationError as exc:
-            log.warning("job %s: unreadable event: %s", self._job_id, str(exc)[:500])
-            return
-        try:
-            self._on_event(event)
+            self._on_event(message.event)
         except Exception:
             log.exception("job %s: handling an event failed", self._job_id)
 
@@ -206,7 +201,7 @@ def _wait(
 
 
 def _classify(returncode: int, result_path: Path, stderr_path: Path) -> RunOutcome:
-    if returncode == 0:
+    if returncode == ExitCode.OK:
         try:
             result = ProbeResult.model_validate_json(result_path.read_bytes())
         except (OSError, ValidationError) as exc:
@@ -214,11 +209,11 @@ def _classify(returncode: int, result_path: Path, stderr_path: Path) -> RunOutco
                 RunStatus.CRASH, message=f"the probe exited 0 but left no readable result: {str(exc)[:300]}"
             )
         return RunOutcome(RunStatus.SUCCEEDED, result_json=result.model_dump_json())
-    if returncode in (EXIT_INPUT_ERROR, EXIT_PROBE_FAILED):
-        code, message, known = _read_error(result_path)
-        status = RunStatus.INPUT_ERROR if returncode == EXIT_INPUT_ERROR else RunStatus.PROBE_FAILED
-        if code is not None:
-            return RunOutcome(status, code=code, message=message, known=known)
+    if returncode in (ExitCode.INPUT, ExitCode.FAILED):
+        error = _read_error(result_path)
+        status = RunStatus.INPUT_ERROR if returncode == ExitCode.INPUT else RunStatus.PROBE_FAILED
+        if error is not None:
+            return RunOutcome(status, code=error.code, message=error.message, known=tuple(error.known))
     tail = stderr_tail(stderr_path)
     how = (
         f"the probe child was killed by {_signal_name(-returncode)}"

@@ -2,7 +2,8 @@
 
 Checking a model (is the architecture known, does ``seq_len`` fit its positions, is the hub id
 reachable, does it need remote code) takes transformers, which the service never imports. The
-child reads one JSON request per line on stdin and answers one line on stdout::
+child reads one :class:`~probes.protocol.InspectRequest` per line on stdin and answers one
+:data:`~probes.protocol.InspectReply` per line on stdout::
 
     → {"model": <ModelSpec>, "seq_len": 128, "allow_remote_code": false}
     ← {"ok": true, "model": <ModelFacts>}
@@ -14,7 +15,6 @@ Calls are serialised; each has a timeout; a child that dies or hangs is replaced
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import queue
 import subprocess
@@ -22,11 +22,10 @@ import threading
 from pathlib import Path
 from typing import IO
 
-from pydantic import ValidationError
-
 from app.dispatch.child import child_env, kill_group, stderr_tail
 from app.errors import InvalidRequest, ServiceUnavailable
-from probes.errors import INPUT_ERRORS, ProbeInputError
+from probes.errors import ProbeInputError
+from probes.protocol import InspectOk, InspectRequest, MalformedMessage, parse_inspect_reply
 from probes.spec import ModelFacts, ModelSpec
 
 log = logging.getLogger("maxbatch.inspector")
@@ -57,13 +56,9 @@ class ModelInspector:
 
     def inspect(self, model: ModelSpec, seq_len: int, *, allow_remote_code: bool) -> ModelFacts:
         """The model's facts, or the engine's input error (``ProbeInputError`` subclasses)."""
-        request = json.dumps(
-            {
-                "model": model.model_dump(mode="json"),
-                "seq_len": seq_len,
-                "allow_remote_code": allow_remote_code,
-            }
-        )
+        request = InspectRequest(
+            model=model, seq_len=seq_len, allow_remote_code=allow_remote_code
+        ).model_dump_json()
         with self._lock:
             proc = self._ensure()
             assert proc.stdin is not None
@@ -149,17 +144,12 @@ class ModelInspector:
     @staticmethod
     def _answer(line: str) -> ModelFacts:
         try:
-            reply = json.loads(line)
-            if reply.get("ok") is True:
-                return ModelFacts.model_validate(reply["model"])
-            error = reply["error"]
-            code, message = str(error["code"]), str(error["message"])
-            known = [str(k) for k in error.get("known") or ()]
-        except (ValueError, KeyError, TypeError, AttributeError, ValidationError) as exc:
-            raise ServiceUnavailable(
-                f"the model inspector gave an unreadable answer: {str(exc)[:300]}"
-            ) from exc
-        raise INPUT_ERRORS.get(code, ProbeInputError)(message, known=known)
+            reply = parse_inspect_reply(line)
+        except MalformedMessage as exc:
+            raise ServiceUnavailable(f"the model inspector gave an unreadable answer: {exc.message}") from exc
+        if isinstance(reply, InspectOk):
+            return reply.model
+        raise reply.error.to_exception(default=ProbeInputError)
 
 
 def _pump(stream: IO[str], lines: queue.Queue[str | None]) -> None:

@@ -24,6 +24,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from probes.protocol import (
+    ErrorDocument,
+    ErrorInfo,
+    EventLine,
+    InspectFailed,
+    InspectOk,
+    InspectReply,
+    InspectRequest,
+    parse_inspect_request,
+)
 from probes.spec import (
     ConfigResult,
     ConfigStatus,
@@ -50,11 +60,12 @@ def _log(line: str) -> None:
 def _emit(event: ProbeEvent, delay: float) -> None:
     if delay:
         time.sleep(delay)
-    print(json.dumps({"type": "event", "event": event.model_dump(mode="json")}), flush=True)
+    print(EventLine(event=event).model_dump_json(), flush=True)
 
 
 def _error(path: Path, code: str, message: str, status: int) -> None:
-    path.write_text(json.dumps({"error": {"code": code, "message": message, "known": ["gpt2"]}}))
+    error = ErrorInfo(code=code, message=message, known=["gpt2"])
+    path.write_text(ErrorDocument(error=error).model_dump_json())
     sys.exit(status)
 
 
@@ -149,13 +160,39 @@ def run(spec_path: Path, result_path: Path) -> None:
     result_path.write_text(result.model_dump_json())
 
 
+def _inspect(request: InspectRequest) -> InspectReply:
+    model = request.model
+    positions = int(model.config.get("n_positions", 1024))
+    if model.architecture == "nope":
+        error = ErrorInfo(
+            code="unknown-architecture",
+            message="unknown architecture 'nope'",
+            known=["gpt2", "llama", "mistral"],
+        )
+    elif "missing" in (model.name_or_path or ""):
+        error = ErrorInfo(code="model-not-found", message="no such model")
+    elif request.seq_len > positions:
+        error = ErrorInfo(
+            code="sequence-too-long",
+            message=f"seq_len {request.seq_len} exceeds the model's {positions} positions",
+        )
+    else:
+        facts = ModelFacts(
+            model_type=model.architecture or "gpt2",
+            architecture_class="GPT2LMHeadModel",
+            parameter_count=12345,
+            max_positions=positions,
+            vocab_size=int(model.config.get("vocab_size", 1000)),
+        )
+        return InspectOk(model=facts)
+    return InspectFailed(error=error)
+
+
 def inspect_server() -> None:
     for line in sys.stdin:
-        request = json.loads(line)
-        model = request["model"]
-        cfg = model.get("config") or {}
-        _log(f"inspect {model.get('architecture') or model.get('name_or_path')}")
-        mode = cfg.get("fake_inspect")
+        request = parse_inspect_request(line)
+        _log(f"inspect {request.model.label}")
+        mode = request.model.config.get("fake_inspect")
         if mode == "die":
             print("inspector: dying on purpose", file=sys.stderr, flush=True)
             os._exit(1)
@@ -164,36 +201,7 @@ def inspect_server() -> None:
         if mode == "slow":
             time.sleep(1)
         print("a line that is not an answer", flush=True)
-        positions = int(cfg.get("n_positions", 1024))
-        if model.get("architecture") == "nope":
-            reply = {
-                "ok": False,
-                "error": {
-                    "code": "unknown-architecture",
-                    "message": "unknown architecture 'nope'",
-                    "known": ["gpt2", "llama", "mistral"],
-                },
-            }
-        elif "missing" in (model.get("name_or_path") or ""):
-            reply = {"ok": False, "error": {"code": "model-not-found", "message": "no such model"}}
-        elif request["seq_len"] > positions:
-            reply = {
-                "ok": False,
-                "error": {
-                    "code": "sequence-too-long",
-                    "message": f"seq_len {request['seq_len']} exceeds the model's {positions} positions",
-                },
-            }
-        else:
-            facts = ModelFacts(
-                model_type=model.get("architecture") or "gpt2",
-                architecture_class="GPT2LMHeadModel",
-                parameter_count=12345,
-                max_positions=positions,
-                vocab_size=int(cfg.get("vocab_size", 1000)),
-            )
-            reply = {"ok": True, "model": facts.model_dump(mode="json")}
-        print(json.dumps(reply), flush=True)
+        print(_inspect(request).model_dump_json(), flush=True)
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ import pytest
 
 from probes.engine import run_probe
 from probes.isolate import ProbeCancelled, trial_child, trial_from_reply
+from probes.protocol import TrialRequest
 from probes.search import ladder_next
 from probes.spec import (
     ConfigStatus,
@@ -164,12 +165,11 @@ def test_exhaustive_ladder_sweep_agrees() -> None:
     while size <= ladder_next(ladder_next(searched.max_batch_size)):
         with trial_child(ConfigTask.for_config(spec, Precision.FP32, False)) as child:
             reply = child.request(
-                {
-                    "op": "trial",
-                    "batch_size": size,
-                    "accumulation_steps": spec.trial_accumulation_steps,
-                    "optimizer_steps": spec.trial_optimizer_steps,
-                },
+                TrialRequest(
+                    batch_size=size,
+                    accumulation_steps=spec.trial_accumulation_steps,
+                    optimizer_steps=spec.trial_optimizer_steps,
+                ),
                 timeout_seconds=120,
             )
         trial, _ = trial_from_reply(size, reply)
