@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from probes.spec import ModelFacts, Precision, ProbeResult, ProbeSpec
+from probes.spec import ModelFacts, Outcome, Phase, Precision, ProbeResult, ProbeSpec
 
 
 class JobStatus(StrEnum):
@@ -55,7 +55,7 @@ class CurrentConfig(Schema):
     precision: Precision
     gradient_checkpointing: bool
     config_index: int
-    phase: Literal["search", "confirm"] | None = None
+    phase: Phase | None = None
 
 
 class Progress(Schema):
@@ -123,6 +123,28 @@ class JobPage(Schema):
 
     items: list[JobSummary]
     next_after: str | None = None
+
+
+class TrialEntry(Schema):
+    """One trial of a job, stored as the probe reports it (readable while the job runs)."""
+
+    seq: int = Field(description="1, 2, ... in the order the job's trials ended; pass the last as `after`")
+    attempt: int = Field(description="the run of the job's probe child it belongs to (see Job.attempts)")
+    config_index: int = Field(description="0-based position of its config in the request's configs")
+    precision: Precision
+    gradient_checkpointing: bool
+    phase: Phase | None = Field(description="search, or confirm (the fresh-process re-run)")
+    batch_size: int
+    outcome: Outcome
+    peak_reserved_bytes: int | None = None
+    peak_allocated_bytes: int | None = None
+    step_seconds: float | None = Field(default=None, description="mean seconds per optimizer step")
+
+
+class TrialList(Schema):
+    """A job's trials after ``after``, oldest first."""
+
+    items: list[TrialEntry]
 
 
 class GpuProcess(Schema):

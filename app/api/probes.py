@@ -1,4 +1,4 @@
-"""``/v1/probes``: submit, read, list, follow and cancel probe jobs."""
+"""``/v1/probes``: submit, read, list, follow and cancel probe jobs, and read their trials."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from fastapi import APIRouter, Header, Query, Response
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from app.deps import Authorized, ExistingJobId, JobsDep, JsonBody, SettingsDep
-from app.schemas import Job, JobPage, JobStatus, ProbeSubmission, Problem
+from app.schemas import Job, JobPage, JobStatus, ProbeSubmission, Problem, TrialList
 from app.services.jobs import SubmitOptions
 from probes.spec import ProbeSpec
 
@@ -108,6 +108,27 @@ async def probe_events(
     after = int(last_event_id) if last_event_id and last_event_id.strip().isdigit() else 0
     async for event, payload in jobs.stream(job_id, after):
         yield ServerSentEvent(event=event.kind, id=str(event.seq), data=payload)
+
+
+@router.get(
+    "/{job_id}/trials",
+    response_model=TrialList,
+    responses=_problems(404, 422),
+    summary="Read a job's trials so far (while it runs too), oldest first",
+)
+def probe_trials(
+    job_id: str,
+    jobs: JobsDep,
+    after: Annotated[
+        int, Query(ge=0, description="only trials after this seq (the last one read), for cheap polling")
+    ] = 0,
+) -> TrialList:
+    """Every trial the probe has reported, one row each: the batch size, the outcome, the peaks.
+
+    Rows are stored as the trials end, so a client can draw the search while it runs without
+    following the event stream; a restarted job's trials carry their ``attempt``.
+    """
+    return jobs.trials(job_id, after)
 
 
 @router.post(

@@ -15,6 +15,7 @@ from app.services.cache import SoftwareVersions
 from app.services.events import EventBus
 from app.services.jobs import JobService
 from app.services.metrics import Metrics
+from app.services.recorder import JobRecorder
 from app.services.system import SystemService
 from app.settings import Settings
 from app.store import Store
@@ -86,14 +87,15 @@ class Runtime:
         bus, metrics = EventBus(), Metrics()
         bus.bind(loop)
         versions = SoftwareVersions.detect(inventory.driver_version())
+        recorder = JobRecorder(store, dispatcher, bus=bus, metrics=metrics)
         jobs = JobService(
             settings,
             store,
             dispatcher,
             inventory,
             inspector=inspector,
+            recorder=recorder,
             bus=bus,
-            metrics=metrics,
             versions=versions,
         )
         system = SystemService(settings, store, dispatcher, inventory, inspector=inspector, metrics=metrics)
@@ -101,8 +103,8 @@ class Runtime:
             settings, store, inventory, dispatcher, inspector, bus, metrics, jobs, system, lock_file
         )
         try:
-            dispatcher.start(jobs)
-            jobs.recover()
+            dispatcher.start(recorder)
+            recorder.recover()
             if inspector is not None:
                 inspector.start()
         except BaseException:

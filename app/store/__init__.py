@@ -1,5 +1,5 @@
 """Persistence: SQLite in WAL mode under the data directory, versioned by ``schema_version``."""
 
-from app.store.sqlite import JobRecord, NewJob, Reuse, Store, StoredEvent, TrialRow
+from app.store.sqlite import JobRecord, NewJob, Reuse, Store, StoredEvent, StoredTrial, TrialRow
 
-__all__ = ["JobRecord", "NewJob", "Reuse", "Store", "StoredEvent", "TrialRow"]
+__all__ = ["JobRecord", "NewJob", "Reuse", "Store", "StoredEvent", "StoredTrial", "TrialRow"]

@@ -76,6 +76,11 @@ MIGRATIONS: tuple[str, ...] = (
         created_at REAL NOT NULL
     );
     """,
+    # 2: per-config rows were written and never read: a copy of what the result's ``configs`` and
+    # the ``config_done`` events hold, and not kept per attempt (a re-run mixed attempts)
+    """
+    DROP TABLE configs;
+    """,
 )
 
 

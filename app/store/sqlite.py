@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from app.schemas import ACTIVE_STATUSES, JobStatus
 from app.store.migrations import migrate
+from probes.spec import Outcome, Phase, Precision
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,15 +88,26 @@ class Reuse(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class TrialRow:
+    """One trial a probe reported, as ``trials`` stores it."""
+
     config_index: int
-    precision: str
+    precision: Precision
     gradient_checkpointing: bool
-    phase: str | None
+    phase: Phase | None
     batch_size: int
-    outcome: str
+    outcome: Outcome
     peak_reserved_bytes: int | None
     peak_allocated_bytes: int | None
     step_seconds: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredTrial:
+    """A stored trial and where it stands: ``seq`` counts the job's trials (1, 2, ...) across attempts."""
+
+    seq: int
+    attempt: int
+    trial: TrialRow
 
 
 _JOB_COLUMNS = ", ".join(JobRecord.__dataclass_fields__)
@@ -109,7 +121,7 @@ def _record(row: sqlite3.Row) -> JobRecord:
 
 
 class Store:
-    """SQLite-backed persistence for jobs, their events, trials, configs and idempotency keys."""
+    """SQLite-backed persistence for jobs, their events, trials and idempotency keys."""
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -208,25 +220,30 @@ class Store:
             ).fetchall()
         return [StoredEvent(int(r[0]), str(r[1]), json.loads(r[2])) for r in rows]
 
-    def trials(self, job_id: str) -> list[TrialRow]:
+    def trials(self, job_id: str, after_seq: int = 0) -> list[StoredTrial]:
+        """The job's trials after ``after_seq``, in the order they were stored."""
         with self._lock:
             rows = self._conn.execute(
-                "SELECT config_index, precision, gradient_checkpointing, phase, batch_size, outcome,"
-                " peak_reserved_bytes, peak_allocated_bytes, step_seconds FROM trials"
-                " WHERE job_id = ? ORDER BY seq",
-                (job_id,),
+                "SELECT seq, attempt, config_index, precision, gradient_checkpointing, phase, batch_size,"
+                " outcome, peak_reserved_bytes, peak_allocated_bytes, step_seconds FROM trials"
+                " WHERE job_id = ? AND seq > ? ORDER BY seq",
+                (job_id, after_seq),
             ).fetchall()
         return [
-            TrialRow(
-                config_index=r[0],
-                precision=r[1],
-                gradient_checkpointing=bool(r[2]),
-                phase=r[3],
-                batch_size=r[4],
-                outcome=r[5],
-                peak_reserved_bytes=r[6],
-                peak_allocated_bytes=r[7],
-                step_seconds=r[8],
+            StoredTrial(
+                seq=int(r["seq"]),
+                attempt=int(r["attempt"]),
+                trial=TrialRow(
+                    config_index=int(r["config_index"]),
+                    precision=Precision(r["precision"]),
+                    gradient_checkpointing=bool(r["gradient_checkpointing"]),
+                    phase=r["phase"],
+                    batch_size=int(r["batch_size"]),
+                    outcome=Outcome(r["outcome"]),
+                    peak_reserved_bytes=r["peak_reserved_bytes"],
+                    peak_allocated_bytes=r["peak_allocated_bytes"],
+                    step_seconds=r["step_seconds"],
+                ),
             )
             for r in rows
         ]
@@ -353,9 +370,9 @@ class Store:
         *,
         current_json: str | None,
         trial: TrialRow | None = None,
-        config: tuple[int, str, bool, str, int | None, int | None, str] | None = None,
+        config_done: bool = False,
     ) -> None:
-        """Store a trial or a finished config and the job's progress counters, in one transaction."""
+        """Store a trial or count a finished config, and the job's current config, in one transaction."""
         with self._tx() as conn:
             attempts = conn.execute("SELECT attempts FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if attempts is None:
@@ -371,21 +388,18 @@ class Store:
                         attempts[0],
                         seq,
                         trial.config_index,
-                        trial.precision,
+                        trial.precision.value,
                         int(trial.gradient_checkpointing),
                         trial.phase,
                         trial.batch_size,
-                        trial.outcome,
+                        trial.outcome.value,
                         trial.peak_reserved_bytes,
                         trial.peak_allocated_bytes,
                         trial.step_seconds,
                     ),
                 )
                 conn.execute("UPDATE jobs SET trials_done = trials_done + 1 WHERE id = ?", (job_id,))
-            if config is not None:
-                conn.execute(
-                    "INSERT OR REPLACE INTO configs VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (job_id, *config)
-                )
+            if config_done:
                 conn.execute("UPDATE jobs SET configs_done = configs_done + 1 WHERE id = ?", (job_id,))
             conn.execute("UPDATE jobs SET current_json = ? WHERE id = ?", (current_json, job_id))
 

@@ -3,7 +3,8 @@
 ``run --spec S --result R``: behaves as ``spec.model.config["fake"]`` says (default ``ok``):
 ``ok`` events and a result; ``sleep`` hangs; ``sigkill`` kills itself; ``exit1`` / ``exit2`` /
 ``exit3`` exit so; ``noresult`` exits 0 without a result; ``garbage`` prints non-JSON first;
-``spawn`` starts a sleeping grandchild (pid to ``fake_pidfile``) and hangs. ``fake_delay``
+``spawn`` starts a sleeping grandchild (pid to ``fake_pidfile``) and hangs; ``stall`` hangs after
+its first trial. ``fake_delay``
 sleeps before each event; ``fake_max`` is the largest fitting batch size. Every run appends
 ``run <job id> <behaviour>`` to ``$MAXBATCH_FAKE_RUN_LOG`` (when set); ``fake_pidfile`` gets its pid.
 
@@ -121,6 +122,8 @@ def run(spec_path: Path, result_path: Path) -> None:
             _emit(ProbeEvent(kind=EventKind.TRIAL, trial=trial, phase="search", **common), delay)
             if behaviour == "sigkill":
                 os.kill(os.getpid(), signal.SIGKILL)
+            if behaviour == "stall":
+                time.sleep(float(cfg.get("fake_seconds", 3600)))
             if not fits:
                 break
         best = max(t.batch_size for t in trials if t.outcome is Outcome.FIT)

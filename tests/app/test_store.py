@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from app.schemas import JobStatus
-from app.store import NewJob, Reuse, Store
+from app.store import NewJob, Reuse, Store, TrialRow
 from app.store.migrations import MIGRATIONS, migrate
+from probes.spec import Outcome, Precision
 
 
 def _new(job_id: str, key: str = "k1") -> NewJob:
@@ -144,3 +145,63 @@ def test_page_newest_first(store: Store) -> None:
     assert [r.id for r in store.page(limit=10, statuses=[JobStatus.FAILED])] == ["02"]
     assert store.count_by_status()[JobStatus.QUEUED] == 3
     assert store.queued_by_queue() == {"cpu": 3}
+
+
+def _trial(batch_size: int, outcome: Outcome = Outcome.FIT) -> TrialRow:
+    return TrialRow(
+        config_index=0,
+        precision=Precision.FP32,
+        gradient_checkpointing=True,
+        phase="search",
+        batch_size=batch_size,
+        outcome=outcome,
+        peak_reserved_bytes=None,
+        peak_allocated_bytes=1000 * batch_size,
+        step_seconds=0.5,
+    )
+
+
+def test_trials_are_read_back_per_attempt_and_after_a_seq(store: Store) -> None:
+    _submit(store, "a")
+    store.mark_running("a", child_pid=1, workdir="/w")
+    store.record_progress("a", current_json=None, trial=_trial(1))
+    store.record_progress("a", current_json=None, trial=_trial(2, Outcome.OOM))
+    store.requeue("a")
+    store.mark_running("a", child_pid=2, workdir="/w")
+    store.record_progress("a", current_json=None, trial=_trial(1))
+    store.record_progress("a", current_json=None, config_done=True)
+    trials = store.trials("a")
+    assert [(t.seq, t.attempt, t.trial.batch_size, t.trial.outcome) for t in trials] == [
+        (1, 1, 1, Outcome.FIT),
+        (2, 1, 2, Outcome.OOM),
+        (3, 2, 1, Outcome.FIT),
+    ]
+    assert trials[0].trial == _trial(1)
+    assert [t.seq for t in store.trials("a", after_seq=2)] == [3]
+    assert store.trials("nope") == []
+    record = store.get("a")
+    assert record is not None
+    assert (record.trials_done, record.configs_done) == (1, 1)  # counted per attempt
+
+
+def test_migration_2_drops_the_write_only_configs_table(tmp_path: Path) -> None:
+    path = tmp_path / "v1.sqlite3"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    for statement in MIGRATIONS[0].split(";"):
+        if statement.strip():
+            conn.execute(statement)
+    conn.execute("INSERT INTO schema_version VALUES (1)")
+    conn.execute(
+        "INSERT INTO jobs (id, status, device, queue, model, spec_json, cache_key, created_at, configs_total)"
+        " VALUES ('a', 'succeeded', 'simulated', 'cpu', 'gpt2', '{}', 'k', 0, 1)"
+    )
+    conn.execute("INSERT INTO configs VALUES ('a', 0, '32-true', 0, 'ok', 4, 8, '{}')")
+    conn.close()
+    store = Store(path)
+    assert store.version == 2
+    assert store.get("a") is not None  # the jobs survive
+    tables = {row[0] for row in store._conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert "configs" not in tables
+    assert {"jobs", "job_events", "trials", "idempotency_keys"} <= tables
+    store.close()
