@@ -56,7 +56,7 @@ def run_config(spec: ProbeSpec, *, confirm_steps: int | None = None, timeout: fl
         device = info_from_reply(first.request(InfoRequest(), timeout_seconds=timeout)).device
         limit = device.memory_limit_bytes or device.total_memory_bytes
         search = LadderSearch(
-            capacity_bytes=limit - spec.headroom_bytes - device.overhead_bytes,
+            capacity_bytes=device.capacity_bytes,
             upper_limit=spec.max_batch_size_limit,
         )
         confirmed: dict[int, bool] = {}

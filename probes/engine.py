@@ -71,7 +71,8 @@ class _ConfigRun:
 
     spec: ProbeSpec
     task: ConfigTask
-    capacity_bytes: int
+    #: the device's, as the first child reported it (``None``: unknown, the search then only climbs)
+    capacity_bytes: int | None
     emit: Callable[[EventKind, TrialRecord | None, ConfigResult | None, Phase | None], None]
     cancel: threading.Event | None
     confirm: bool = True
@@ -236,8 +237,7 @@ def run_probe(
     first = ConfigTask.for_config(spec, *configs[0], allow_remote_code=allow_remote_code)
     context = _inspect(first, cancel)
     device = context.device
-    limit = device.memory_limit_bytes or device.total_memory_bytes
-    capacity = limit - spec.headroom_bytes - device.overhead_bytes
+    capacity = device.capacity_bytes  # the device computed it, in the child
     stop = threading.Event()
     event_lock = threading.Lock()
 

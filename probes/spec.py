@@ -13,7 +13,7 @@ import re
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 JsonValue = Any
 """A value that ``json.dumps`` accepts (kept loose: model configs nest freely)."""
@@ -97,6 +97,18 @@ class ConfigStatus(StrEnum):
 DEVICE_PATTERN = re.compile(r"^(cuda(:\d+)?|simulated|predict)$")
 
 
+def normalize_device(value: str) -> str:
+    """The device a user's spelling names: lower case, ``cuda`` as ``cuda:0``; ``ValueError`` otherwise."""
+    name = value.strip().lower()
+    if not DEVICE_PATTERN.match(name):
+        raise ValueError(f"unknown device {name!r}; use cuda:N, simulated or predict")
+    return "cuda:0" if name == "cuda" else name
+
+
+DeviceName = Annotated[str, AfterValidator(normalize_device)]
+"""A device field: ``cuda:N``, ``simulated`` or ``predict`` (validated and normalised once, here)."""
+
+
 class ModelSpec(Frozen):
     """Which model to build: an architecture with config overrides, or a name or local path."""
 
@@ -146,7 +158,7 @@ class ProbeSpec(Frozen):
     optimizer: Literal["adamw"] = "adamw"
     target_effective_batch_size: PositiveInt
     world_size: PositiveInt = 1
-    device: str = "simulated"
+    device: DeviceName = "simulated"
     memory_limit_bytes: PositiveInt | None = Field(
         default=None,
         description="memory for tensors; required for simulated and predict, optional on cuda",
@@ -200,16 +212,6 @@ class ProbeSpec(Frozen):
     def _non_empty_checkpointing(cls, value: tuple[bool, ...]) -> tuple[bool, ...]:
         if not value:
             raise ValueError("gradient_checkpointing must list at least one of false, true")
-        return value
-
-    @field_validator("device")
-    @classmethod
-    def _known_device(cls, value: str) -> str:
-        value = value.strip().lower()
-        if value == "cuda":
-            value = "cuda:0"
-        if not DEVICE_PATTERN.match(value):
-            raise ValueError(f"unknown device {value!r}; use cuda:N, simulated or predict")
         return value
 
     @model_validator(mode="after")
@@ -301,6 +303,11 @@ class DeviceInfo(Frozen):
     timings_are_gpu_times: bool = False
     predicted: bool = False
     overhead_bytes: int = Field(default=0, description="predicted GPU overhead added to every peak")
+    capacity_bytes: int | None = Field(
+        default=None,
+        description="the peak a passing trial may reach: (memory limit, else total) - headroom - overhead; "
+        "reported by the device (absent from results of earlier versions)",
+    )
     uuid: str | None = None
 
 
@@ -365,7 +372,7 @@ class ConfigTask(Frozen):
     precision: Precision
     gradient_checkpointing: bool
     optimizer: Literal["adamw"] = "adamw"
-    device: str
+    device: DeviceName
     memory_limit_bytes: int | None = None
     headroom_bytes: int = 0
     gpu: str | None = None

@@ -19,6 +19,18 @@ import torch
 from probes.spec import DeviceInfo
 
 
+def trial_capacity_bytes(
+    *, total_bytes: int, limit_bytes: int | None, headroom_bytes: int, overhead_bytes: int = 0
+) -> int:
+    """The peak a passing trial may reach: (memory limit, else total) - headroom - overhead.
+
+    Every device reports this in :attr:`DeviceInfo.capacity_bytes`; the engine's search and the
+    trial's ``over_headroom`` check both read it from there or from :attr:`TrialDevice.capacity_bytes`.
+    """
+    limit = limit_bytes if limit_bytes is not None else total_bytes
+    return limit - headroom_bytes - overhead_bytes
+
+
 @runtime_checkable
 class TrialDevice(Protocol):
     """One device, opened once per trial process."""
@@ -30,7 +42,7 @@ class TrialDevice(Protocol):
 
     @property
     def capacity_bytes(self) -> int:
-        """Memory a trial may use: (memory limit, else total) minus the headroom.
+        """Memory a trial may use (:func:`trial_capacity_bytes`); :meth:`info` reports it too.
 
         A trial whose peak (reserved where the device reports it) exceeds this is ``over_headroom``.
         """

@@ -18,6 +18,7 @@ from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
+from probes.devices.base import trial_capacity_bytes
 from probes.errors import DeviceUnavailable, ProbeInputError
 from probes.spec import DeviceInfo
 
@@ -63,8 +64,11 @@ class CudaDevice:
 
     @property
     def capacity_bytes(self) -> int:
-        limit = self.memory_limit_bytes if self.memory_limit_bytes is not None else self.total_memory_bytes
-        return limit - self.headroom_bytes
+        return trial_capacity_bytes(
+            total_bytes=self.total_memory_bytes,
+            limit_bytes=self.memory_limit_bytes,
+            headroom_bytes=self.headroom_bytes,
+        )
 
     @property
     def computes_values(self) -> bool:
@@ -84,6 +88,7 @@ class CudaDevice:
             compute_capability=f"{major}.{minor}",
             bf16_supported=(major, minor) >= BF16_MIN_CAPABILITY,
             timings_are_gpu_times=True,
+            capacity_bytes=self.capacity_bytes,
             uuid=self._uuid(),
         )
 

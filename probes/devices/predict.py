@@ -18,9 +18,10 @@ Two ways to say how big the device is:
   both ``gpu`` and ``memory_limit_bytes``, the limit is the memory for tensors on that card (at
   most the card's memory) and no overhead is added.
 
-The trial is *capacity*-checked as the engine checks it: ``(limit, else total) - headroom -
-overhead``. Running past the tensor cap raises the counting mode's CUDA-style
-``torch.OutOfMemoryError``, as on ``simulated``.
+The trial is *capacity*-checked against ``(limit, else total) - headroom - overhead``, the
+``capacity_bytes`` that :meth:`PredictDevice.info` reports and the engine's search uses. Running
+past the tensor cap raises the counting mode's CUDA-style ``torch.OutOfMemoryError``, as on
+``simulated``.
 
 What fake tensors change, and how it is handled:
 
@@ -46,6 +47,7 @@ from typing import Any
 import torch
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
+from probes.devices.base import trial_capacity_bytes
 from probes.devices.counting import CUDA_ALLOCATOR_GRANULARITY_BYTES, CountedMemory, CountingMode
 from probes.errors import ProbeInputError
 from probes.gpus import Gpu, check_limit_fits
@@ -164,9 +166,12 @@ class PredictDevice(CountedMemory):
 
     @property
     def capacity_bytes(self) -> int:
-        """``(limit, else total) - headroom - overhead``: what the engine computes from :meth:`info`."""
-        limit = self.memory_limit_bytes if self.memory_limit_bytes is not None else self.total_memory_bytes
-        return limit - self.headroom_bytes - self.overhead_bytes
+        return trial_capacity_bytes(
+            total_bytes=self.total_memory_bytes,
+            limit_bytes=self.memory_limit_bytes,
+            headroom_bytes=self.headroom_bytes,
+            overhead_bytes=self.overhead_bytes,
+        )
 
     @property
     def computes_values(self) -> bool:
@@ -194,6 +199,7 @@ class PredictDevice(CountedMemory):
             timings_are_gpu_times=False,
             predicted=True,
             overhead_bytes=self.overhead_bytes,
+            capacity_bytes=self.capacity_bytes,
         )
 
     def build_context(self) -> AbstractContextManager[object]:

@@ -21,6 +21,7 @@ from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
+from probes.devices.base import trial_capacity_bytes
 from probes.devices.counting import CUDA_ALLOCATOR_GRANULARITY_BYTES, CountedMemory, CountingMode
 from probes.spec import DeviceInfo
 from probes.units import format_bytes
@@ -51,7 +52,9 @@ class SimulatedDevice(CountedMemory):
 
     @property
     def capacity_bytes(self) -> int:
-        return self.memory_limit_bytes - self.headroom_bytes
+        return trial_capacity_bytes(
+            total_bytes=self.memory_limit_bytes, limit_bytes=None, headroom_bytes=self.headroom_bytes
+        )
 
     @property
     def computes_values(self) -> bool:
@@ -66,6 +69,7 @@ class SimulatedDevice(CountedMemory):
             compute_capability=SIMULATED_COMPUTE_CAPABILITY,
             bf16_supported=True,
             timings_are_gpu_times=False,
+            capacity_bytes=self.capacity_bytes,
         )
 
     def build_context(self) -> AbstractContextManager[object]:
