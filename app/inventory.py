@@ -102,8 +102,7 @@ def _init_nvml() -> tuple[Any, str | None]:
 class NvmlInventory:
     """Reads NVML on each call (cheap); initialises it once, lazily."""
 
-    def __init__(self, mode: Literal["auto", "on"] = "auto") -> None:
-        self.mode = mode
+    def __init__(self) -> None:
         self._lock = threading.Lock()
         self._nvml: Any = None
         self._error: str | None = None
@@ -207,4 +206,4 @@ class NoInventory:
 
 
 def make_inventory(mode: Literal["auto", "on", "off"]) -> Inventory:
-    return NoInventory() if mode == "off" else NvmlInventory(mode)
+    return NoInventory() if mode == "off" else NvmlInventory()

@@ -15,9 +15,9 @@ from app.api import probes, system
 from app.dashboard.router import router as dashboard_router
 from app.inventory import Inventory
 from app.middleware import BodyLimitMiddleware
-from app.services.cache import package_version
 from app.services.runtime import Runtime
 from app.settings import Settings, get_settings
+from probes.environment import package_version
 
 DESCRIPTION = """\
 Measures the largest per-device batch size, and the gradient-accumulation plan, for a Hugging Face

@@ -45,9 +45,6 @@ Finder = Literal["lightning-power", "lightning-binsearch", "accelerate"]
 ACCELERATE_DEFAULT_START = 128
 """``find_executable_batch_size``'s default ``starting_batch_size``."""
 
-LIGHTNING_STEPS_PER_TRIAL = 3
-"""``Tuner.scale_batch_size``'s default ``steps_per_trial`` (optimizer steps: ``max_steps`` counts them)."""
-
 _DATASET_LENGTH = 1 << 30
 """Rows in the random-token dataset: larger than any batch Lightning tries (its ``max_val`` is 8192)."""
 

@@ -47,12 +47,11 @@ from pathlib import Path
 from typing import Any
 
 from bench._anchors import AnchorJob, AnchorResult, Finder, child_main, preload
-from bench._fast_search import run_config
 from bench._search_replay import VARIANTS, replay
 from bench.gpu_check import LLAMA_1B as GPU_CHECK_LLAMA_1B
-from probes.engine import run_probe
-from probes.isolate import ProbeCancelled, TrialChild, trial_from_reply
-from probes.protocol import TrialRequest
+from probes.engine import ConfigRun, run_probe
+from probes.isolate import ProbeCancelled, TrialChild, info_from_reply, trial_from_reply
+from probes.protocol import InfoRequest, TrialRequest
 from probes.search import ladder_next
 from probes.spec import (
     ConfigTask,
@@ -299,25 +298,57 @@ def run_maxbatch(case: Case, timeout: float) -> Row:
 
 
 def run_prototype(case: Case, label: str, confirm_steps: int | None, timeout: float) -> Row:
-    """The engine prototype of :mod:`bench._fast_search` (not the shipped engine: labelled as such)."""
+    """The engine's :class:`~probes.engine.ConfigRun` with one change: no separate inspection child.
+
+    The child that answers ``info`` serves the first trials (``run_probe`` inspects in a child of
+    its own). ``confirm_steps`` sets the confirmation length (``maxbatch-proto2``: 2). Trials after
+    the first two run in a fresh child at the confirmation's length (marked ``f``), as in the engine.
+    """
     row = Row(case=case.label, finder=label)
+    spec = case.spec().model_copy(update={"trial_timeout_seconds": timeout})
+    if confirm_steps is not None:
+        spec = spec.model_copy(update={"confirm_optimizer_steps": confirm_steps})
+    task = ConfigTask.for_config(spec, *spec.configs()[0])
+    started = time.perf_counter()
+    last = started
+
+    def on_trial(_kind: EventKind, trial: TrialRecord | None, _config: object, _phase: object) -> None:
+        nonlocal last
+        if trial is not None:
+            now = time.perf_counter()
+            row.trial_seconds.append(round(now - last, 3))
+            last = now
+
+    first = TrialChild(task)
     try:
-        result = run_config(case.spec(), confirm_steps=confirm_steps, timeout=timeout)
-    except Exception as exc:  # noqa: BLE001
+        device = info_from_reply(first.request(InfoRequest(), timeout_seconds=timeout)).device
+        last = time.perf_counter()
+        run = ConfigRun(
+            spec=spec,
+            task=task,
+            capacity_bytes=device.capacity_bytes,
+            emit=on_trial,
+            cancel=None,
+            child=first,
+        )
+        search, backing = run.run()
+    except Exception as exc:  # noqa: BLE001 - a failed finder is a row, not the end of the benchmark
+        first.close()
         row.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
         return row
-    row.seconds = result.seconds
-    row.trial_seconds = result.trial_seconds
-    row.found = result.max_batch_size
-    row.trials = len(result.trials)
-    row.ooms = sum(t.outcome in (Outcome.OOM, Outcome.OVER_HEADROOM) for t in result.trials)
-    fits = [t.batch_size for t in result.trials if t.outcome is Outcome.FIT]
+    row.seconds = time.perf_counter() - started
+    trials = run.all_trials
+    row.found = search.max_batch_size if backing is not None else None
+    row.trials = len(trials)
+    row.ooms = sum(t.outcome in (Outcome.OOM, Outcome.OVER_HEADROOM) for t in trials)
+    fits = [t.batch_size for t in trials if t.outcome is Outcome.FIT]
     row.largest_fit = max(fits) if fits else None
     row.sizes = [
-        _size_mark(t.batch_size, t.outcome is Outcome.FIT) + ("f" if fresh else "")
-        for t, fresh in zip(result.trials, result.confirming, strict=True)
+        _size_mark(t.batch_size, t.outcome is Outcome.FIT) + ("f" if i >= 2 else "")
+        for i, t in enumerate(trials)
     ]
-    row.error = result.error
+    if search.aborted_reason is not None or (backing is None and search.max_batch_size is not None):
+        row.error = search.aborted_reason or f"the confirmation at {search.max_batch_size} failed"
     return row
 
 

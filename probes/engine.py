@@ -66,8 +66,12 @@ def _fp16_warnings(trials: list[TrialRecord]) -> tuple[str, ...]:
 
 
 @dataclass
-class _ConfigRun:
-    """One config's search, driven trial by trial through replaceable children."""
+class ConfigRun:
+    """One config's search, driven trial by trial through replaceable children.
+
+    ``child``, when given, serves the first trials (a child that already answered ``info``, say);
+    the run closes whatever child it holds when it ends. ``emit`` hears every trial with its phase.
+    """
 
     spec: ProbeSpec
     task: ConfigTask
@@ -272,7 +276,7 @@ def run_probe(
         else:
             task = ConfigTask.for_config(spec, precision, checkpointing, allow_remote_code=allow_remote_code)
             confirm = not device.predicted
-            run = _ConfigRun(
+            run = ConfigRun(
                 spec=spec, task=task, capacity_bytes=capacity, emit=emit, cancel=stop, confirm=confirm
             )
             search, backing = run.run()

@@ -17,25 +17,25 @@ from probes.spec import Versions
 _PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 
 
+def package_version(name: str) -> str | None:
+    """An installed distribution's version from its metadata (nothing is imported), else ``None``."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def maxbatch_version() -> str:
     """The installed distribution's version, else the source tree's ``pyproject.toml``, else ``unknown``."""
-    try:
-        return importlib.metadata.version("maxbatch")
-    except importlib.metadata.PackageNotFoundError:
-        pass
+    installed = package_version("maxbatch")
+    if installed is not None:
+        return installed
     try:
         with _PYPROJECT.open("rb") as handle:
             version = tomllib.load(handle).get("project", {}).get("version")
     except (OSError, tomllib.TOMLDecodeError):
         return "unknown"
     return version if isinstance(version, str) else "unknown"
-
-
-def _distribution_version(name: str) -> str | None:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def nvidia_driver_version() -> str | None:
@@ -68,14 +68,14 @@ def collect_versions() -> Versions:
         torch_version = str(torch.__version__)
         cuda_version = torch.version.cuda
     except ImportError:
-        torch_version = _distribution_version("torch")
+        torch_version = package_version("torch")
         cuda_version = None
     try:
         import transformers
 
         transformers_version: str | None = str(transformers.__version__)
     except ImportError:
-        transformers_version = _distribution_version("transformers")
+        transformers_version = package_version("transformers")
     return Versions(
         maxbatch=maxbatch_version(),
         python=platform.python_version(),

@@ -8,20 +8,13 @@ transformers and the GPU driver. Versions come from package metadata, never from
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from app.inventory import GpuInfo
+from probes.environment import package_version
 from probes.spec import ProbeSpec
-
-
-def package_version(name: str) -> str | None:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -51,7 +51,3 @@ class EventBus:
                     subscribers.discard(queue)
                     if not subscribers:
                         del self._subscribers[job_id]
-
-    def subscriber_count(self) -> int:
-        with self._lock:
-            return sum(len(s) for s in self._subscribers.values())

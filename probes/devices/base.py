@@ -20,7 +20,7 @@ from probes.spec import DeviceInfo
 
 
 def trial_capacity_bytes(
-    *, total_bytes: int, limit_bytes: int | None, headroom_bytes: int, overhead_bytes: int = 0
+    total_bytes: int, limit_bytes: int | None, headroom_bytes: int, overhead_bytes: int = 0
 ) -> int:
     """The peak a passing trial may reach: (memory limit, else total) - headroom - overhead.
 

@@ -64,11 +64,7 @@ class CudaDevice:
 
     @property
     def capacity_bytes(self) -> int:
-        return trial_capacity_bytes(
-            total_bytes=self.total_memory_bytes,
-            limit_bytes=self.memory_limit_bytes,
-            headroom_bytes=self.headroom_bytes,
-        )
+        return trial_capacity_bytes(self.total_memory_bytes, self.memory_limit_bytes, self.headroom_bytes)
 
     @property
     def computes_values(self) -> bool:

@@ -166,12 +166,8 @@ class PredictDevice(CountedMemory):
 
     @property
     def capacity_bytes(self) -> int:
-        return trial_capacity_bytes(
-            total_bytes=self.total_memory_bytes,
-            limit_bytes=self.memory_limit_bytes,
-            headroom_bytes=self.headroom_bytes,
-            overhead_bytes=self.overhead_bytes,
-        )
+        limit, headroom, overhead = self.memory_limit_bytes, self.headroom_bytes, self.overhead_bytes
+        return trial_capacity_bytes(self.total_memory_bytes, limit, headroom, overhead)
 
     @property
     def computes_values(self) -> bool:

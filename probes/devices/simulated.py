@@ -52,9 +52,7 @@ class SimulatedDevice(CountedMemory):
 
     @property
     def capacity_bytes(self) -> int:
-        return trial_capacity_bytes(
-            total_bytes=self.memory_limit_bytes, limit_bytes=None, headroom_bytes=self.headroom_bytes
-        )
+        return trial_capacity_bytes(self.memory_limit_bytes, self.memory_limit_bytes, self.headroom_bytes)
 
     @property
     def computes_values(self) -> bool:

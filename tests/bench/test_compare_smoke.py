@@ -101,3 +101,20 @@ def test_report_has_every_section() -> None:
     for heading in ("## Summary", "## Sizes found", "## Every run"):
         assert heading in text
     assert "| a | 16 | 16 (=) | 19 (+3) | 15 (-1) |" in text
+
+
+@pytest.mark.slow
+def test_the_prototype_runs_the_engines_config_run_to_the_engines_answer() -> None:
+    from bench.compare_finders import PROFILES, TINY_MODELS, Case, run_maxbatch, run_prototype
+    from probes.spec import Precision
+
+    architecture, config = TINY_MODELS["llama"]
+    case = Case("llama", architecture, config, 64, Precision.FP32, False, "simulated", 32 * MiB)
+    timeout = PROFILES["quick"].finder_timeout_seconds
+    engine = run_maxbatch(case, timeout)
+    proto = run_prototype(case, "maxbatch-proto2", 2, timeout)
+    assert proto.error is None
+    assert engine.found is not None
+    assert proto.found == engine.found
+    assert len(proto.trial_seconds) == proto.trials == len(proto.sizes)
+    assert all(size.endswith("f") for size in proto.sizes[2:])

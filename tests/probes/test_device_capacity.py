@@ -15,12 +15,11 @@ MiB = 2**20
 GiB = 2**30
 
 
-@pytest.mark.parametrize(
-    ("given", "device"),
-    [("cuda", "cuda:0"), (" CUDA:3 ", "cuda:3"), ("Simulated", "simulated"), ("predict", "predict")],
-)
-def test_device_names_are_normalised(given: str, device: str) -> None:
-    assert normalize_device(given) == device
+NORMALISED = {"cuda": "cuda:0", " CUDA:3 ": "cuda:3", "Simulated": "simulated", "predict": "predict"}
+
+
+def test_device_names_are_normalised() -> None:
+    assert {given: normalize_device(given) for given in NORMALISED} == NORMALISED
 
 
 @pytest.mark.parametrize("given", ["tpu", "cuda:", "cuda:x", "cpu", "", "cuda:0:1"])
@@ -57,8 +56,8 @@ def test_a_task_carries_the_normalised_name() -> None:
 
 
 def test_capacity_is_the_limit_else_the_total_less_headroom_and_overhead() -> None:
-    assert trial_capacity_bytes(total_bytes=100, limit_bytes=None, headroom_bytes=10) == 90
-    assert trial_capacity_bytes(total_bytes=100, limit_bytes=60, headroom_bytes=10, overhead_bytes=5) == 45
+    assert trial_capacity_bytes(100, None, 10) == 90
+    assert trial_capacity_bytes(100, 60, 10, 5) == 45
 
 
 @pytest.mark.parametrize(
