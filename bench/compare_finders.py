@@ -534,66 +534,60 @@ ALL_FINDERS = (
 )
 
 
+def run_finder(case: Case, name: str, settings: Settings) -> Row:
+    """One finder (not the exhaustive truth) on ``case``; an absent library is a row saying so."""
+    if name == "maxbatch":
+        return run_maxbatch(case, settings.finder_timeout)
+    if name.startswith("maxbatch-proto"):
+        return run_prototype(case, name, 2 if name == "maxbatch-proto2" else None, settings.finder_timeout)
+    library = "lightning" if name.startswith("lightning") else "accelerate"
+    if not settings.available.get(library):
+        return Row(case=case.label, finder=name, error=f"{library} is not installed")
+    finder: Finder
+    if library == "lightning":
+        finder = "lightning-binsearch" if name == "lightning-binsearch" else "lightning-power"
+        start, label = None, name
+    else:
+        finder = "accelerate"
+        start = None if name == "accelerate-128" else settings.user_start
+        label = "accelerate-128" if start is None else f"accelerate-{start}"
+    return run_anchor(
+        case,
+        finder,
+        label,
+        start=start,
+        timeout=settings.finder_timeout,
+        start_method=settings.start_method,
+        log_path=settings.out / "anchors.log",
+    )
+
+
+def run_truth(case: Case, settings: Settings) -> Row:
+    """The exhaustive ladder and, on the simulated device, every search variant replayed on its curve."""
+    try:
+        truth = run_exhaustive(case, jobs=settings.jobs, timeout=settings.finder_timeout)
+    except Exception as exc:  # noqa: BLE001 - recorded, the benchmark goes on
+        return Row(case=case.label, finder="exhaustive", error=f"{type(exc).__name__}: {exc}")
+    if truth.error is None and case.device == "simulated":
+        for variant, factory in VARIANTS.items():
+            truth.replay[variant] = replay(truth.curve, case.memory_limit_bytes, factory)[0]
+    return truth
+
+
 def run_case(
     case: Case, settings: Settings, say: Callable[[str], None], emit: Callable[[list[Row]], None]
 ) -> list[Row]:
     """Every finder on ``case``, then the soak; ``emit`` sees each row as it is made (for partial reports)."""
     rows = _EmittingList(emit)
-    log_path = settings.out / "anchors.log"
-    for name in settings.finders:
-        if name == "exhaustive":
-            continue
+    finders = [name for name in settings.finders if name != "exhaustive"]
+    if "exhaustive" in settings.finders:
+        finders.append("exhaustive")  # the truth runs last
+    for name in finders:
         if settings.out_of_time():
             rows.append(Row(case=case.label, finder=name, error="skipped: time budget reached"))
             continue
         say(f"  {name} ...")
-        if name == "maxbatch":
-            row = run_maxbatch(case, settings.finder_timeout)
-        elif name.startswith("maxbatch-proto"):
-            steps = 2 if name == "maxbatch-proto2" else None
-            row = run_prototype(case, name, steps, settings.finder_timeout)
-        elif name.startswith("lightning"):
-            if not settings.available.get("lightning"):
-                rows.append(Row(case=case.label, finder=name, error="lightning is not installed"))
-                continue
-            finder: Finder = "lightning-binsearch" if name == "lightning-binsearch" else "lightning-power"
-            row = run_anchor(
-                case,
-                finder,
-                name,
-                start=None,
-                timeout=settings.finder_timeout,
-                start_method=settings.start_method,
-                log_path=log_path,
-            )
-        else:
-            if not settings.available.get("accelerate"):
-                rows.append(Row(case=case.label, finder=name, error="accelerate is not installed"))
-                continue
-            start = None if name == "accelerate-128" else settings.user_start
-            label = "accelerate-128" if start is None else f"accelerate-{start}"
-            row = run_anchor(
-                case,
-                "accelerate",
-                label,
-                start=start,
-                timeout=settings.finder_timeout,
-                start_method=settings.start_method,
-                log_path=log_path,
-            )
-        rows.append(row)
-    if "exhaustive" in settings.finders and settings.out_of_time():
-        rows.append(Row(case=case.label, finder="exhaustive", error="skipped: time budget reached"))
-    elif "exhaustive" in settings.finders:
-        say("  exhaustive ...")
-        try:
-            truth = run_exhaustive(case, jobs=settings.jobs, timeout=settings.finder_timeout)
-            if truth.error is None and case.device == "simulated":
-                for variant, factory in VARIANTS.items():
-                    truth.replay[variant] = replay(truth.curve, case.memory_limit_bytes, factory)[0]
-            rows.append(truth)
-        except Exception as exc:  # noqa: BLE001 - recorded, the benchmark goes on
-            rows.append(Row(case=case.label, finder="exhaustive", error=f"{type(exc).__name__}: {exc}"))
+        rows.append(run_truth(case, settings) if name == "exhaustive" else run_finder(case, name, settings))
     if settings.out_of_time():
         return rows
     say("  soak ...")

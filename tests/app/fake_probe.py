@@ -70,16 +70,8 @@ def _error(path: Path, code: str, message: str, status: int) -> None:
     sys.exit(status)
 
 
-def run(spec_path: Path, result_path: Path) -> None:
-    spec = ProbeSpec.model_validate_json(spec_path.read_text())
-    cfg = spec.model.config
-    behaviour = str(cfg.get("fake", "ok"))
-    delay = float(cfg.get("fake_delay", 0))
-    largest = int(cfg.get("fake_max", 4))
-    _log(f"run {os.environ.get('MAXBATCH_JOB_ID')} {behaviour}")
-    if "fake_pidfile" in cfg:
-        Path(cfg["fake_pidfile"]).write_text(str(os.getpid()))
-    configs = spec.configs()
+def _before_the_first_event(behaviour: str, result_path: Path) -> None:
+    """The behaviours that print garbage first, or end before any event."""
     if behaviour == "garbage":
         print("this is not json", flush=True)
         print(json.dumps({"type": "something-new", "x": 1}), flush=True)
@@ -93,6 +85,19 @@ def run(spec_path: Path, result_path: Path) -> None:
         _error(result_path, "probe-failed", "every trial crashed", 3)
     if behaviour == "noresult":
         sys.exit(0)
+
+
+def run(spec_path: Path, result_path: Path) -> None:
+    spec = ProbeSpec.model_validate_json(spec_path.read_text())
+    cfg = spec.model.config
+    behaviour = str(cfg.get("fake", "ok"))
+    delay = float(cfg.get("fake_delay", 0))
+    largest = int(cfg.get("fake_max", 4))
+    _log(f"run {os.environ.get('MAXBATCH_JOB_ID')} {behaviour}")
+    if "fake_pidfile" in cfg:
+        Path(cfg["fake_pidfile"]).write_text(str(os.getpid()))
+    configs = spec.configs()
+    _before_the_first_event(behaviour, result_path)
     results = []
     for index, (precision, checkpointing) in enumerate(configs):
         common = {
