@@ -303,19 +303,23 @@ def build_model(
     gradient_checkpointing: bool,
     device: torch.device | str,
     allow_remote_code: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> torch.nn.Module:
     """A randomly initialised causal LM on ``device``, in train mode, set up as HF Trainer would.
 
     ``bf16-true`` builds the weights in bfloat16 (as ``from_pretrained(..., dtype=torch.bfloat16)``
-    loads them); every other precision keeps fp32 weights. ``use_cache`` is off (Trainer's default for
-    training). Checkpointing uses the model's own switch, non-reentrant, as Trainer turns it on.
+    loads them); every other precision keeps fp32 weights, unless ``dtype`` says otherwise (a QLoRA
+    base is loaded in its compute dtype before it is quantised). ``use_cache`` is off (Trainer's
+    default for training). Checkpointing uses the model's own switch, non-reentrant, as Trainer turns
+    it on.
     """
     config = copy.deepcopy(config)
     config.use_cache = False
     inner = text_config(config)
     if inner is not config:
         inner.use_cache = False
-    dtype = torch.bfloat16 if precision is Precision.BF16_TRUE else torch.float32
+    if dtype is None:
+        dtype = torch.bfloat16 if precision is Precision.BF16_TRUE else torch.float32
     with torch.device(device):
         model = _from_config(config, dtype=dtype, allow_remote_code=allow_remote_code)
     if gradient_checkpointing:

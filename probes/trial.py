@@ -31,20 +31,21 @@ sets :attr:`TrialSession.poisoned`: the parent must discard the process.
 
 from __future__ import annotations
 
-import itertools
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers import PretrainedConfig
 
 from probes.devices import TrialDevice, open_device
 from probes.errors import ProbeInputError
 from probes.models import build_model, load_config, vocab_size
 from probes.oom import classify, one_line, poisons_context
+from probes.recipe.finetuning import resident_tensors
 from probes.spec import ConfigTask, DeviceInfo, Outcome, Precision, TrialRecord
 
 MAX_EXTRA_STEPS = 16
@@ -71,6 +72,21 @@ class _Steps:
     note: str | None
 
 
+ModelBuilder = Callable[[PretrainedConfig, ConfigTask, torch.device], torch.nn.Module]
+"""Builds the model a session's trials step, on the given device, inside the device's build context."""
+
+
+def build_for_task(config: PretrainedConfig, task: ConfigTask, device: torch.device) -> torch.nn.Module:
+    """The default :data:`ModelBuilder`: the task's model, fully trained (``probes.models.build_model``)."""
+    return build_model(
+        config,
+        precision=task.precision,
+        gradient_checkpointing=task.gradient_checkpointing,
+        device=device,
+        allow_remote_code=task.allow_remote_code,
+    )
+
+
 def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
     """A fresh AdamW with CUDA's default implementation (``foreach``) on every backend."""
     return torch.optim.AdamW(model.parameters(), lr=0.0, foreach=True)
@@ -81,12 +97,14 @@ class TrialSession:
 
     The constructor reads the config and opens the device (raising
     :class:`~probes.errors.ProbeInputError` subclasses for bad input or a missing device); the model
-    is built by the first :meth:`run` (or :meth:`prepare`), and a build that runs out of memory is that
-    trial's outcome.
+    is built by the first :meth:`run` (or :meth:`prepare`) with ``build`` (default
+    :func:`build_for_task`), and a build that runs out of memory is that trial's outcome. The device
+    adopts every tensor the built model keeps (:func:`~probes.recipe.finetuning.resident_tensors`).
     """
 
-    def __init__(self, task: ConfigTask) -> None:
+    def __init__(self, task: ConfigTask, *, build: ModelBuilder = build_for_task) -> None:
         self.task = task
+        self._build_model = build
         self._config = load_config(task.model, allow_remote_code=task.allow_remote_code)
         self._vocab_size = vocab_size(self._config)
         self._device: TrialDevice = open_device(task)
@@ -129,14 +147,8 @@ class TrialSession:
     def _build(self) -> torch.nn.Module:
         device = self._device
         with device.build_context():
-            model = build_model(
-                self._config,
-                precision=self.task.precision,
-                gradient_checkpointing=self.task.gradient_checkpointing,
-                device=device.torch_device,
-                allow_remote_code=self.task.allow_remote_code,
-            )
-        device.adopt(itertools.chain(model.parameters(), model.buffers()))
+            model = self._build_model(self._config, self.task, device.torch_device)
+        device.adopt(resident_tensors(model))
         return model
 
     def run(self, batch_size: int, *, accumulation_steps: int, optimizer_steps: int) -> TrialRecord:

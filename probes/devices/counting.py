@@ -16,6 +16,10 @@ How it counts (DESIGN §2):
   the op's outputs is dropped (so they are freed at once and a handler can allocate again), and
   ``torch.OutOfMemoryError`` is raised with the CUDA caching allocator's wording, which the usual
   out-of-memory matchers (Accelerate, Lightning, torch-max-mem) recognise.
+- A custom op is one dispatch: what its kernel allocates and frees inside is invisible to the mode.
+  Where that transient matters (bitsandbytes' ``gemm_4bit`` dequantises a whole weight), a
+  composite of visible ops can be registered with :func:`count_inside`; the mode then runs the
+  composite in place of the op, under itself, so its intermediates are counted too.
 - Real tensors are allocated before they are counted. Where the host itself cannot allocate an op's
   output and that output would not fit under the cap either, the host's error becomes the same
   ``torch.OutOfMemoryError``; a host failure below the cap stays what it is (the host is too small
@@ -64,6 +68,18 @@ def _tensors(value: Any) -> Iterator[torch.Tensor]:
     for leaf in tree_leaves(value):
         if isinstance(leaf, torch.Tensor) and leaf.layout == torch.strided:
             yield leaf
+
+
+_COUNTED_INSIDE: dict[torch._ops.OpOverload, Callable[..., Any]] = {}
+
+
+def count_inside(op: torch._ops.OpOverload, composite: Callable[..., Any]) -> None:
+    """Have every :class:`CountingMode` run ``composite`` in place of ``op``, counting its intermediates.
+
+    ``composite`` takes the op's arguments and returns what the op returns, built from ops the mode
+    sees (the op's own decomposition, as the kernel allocates it). Registering again replaces it.
+    """
+    _COUNTED_INSIDE[op] = composite
 
 
 def out_of_memory_message(request: int, live: int, limit: int, *, device_label: str = "GPU 0") -> str:
@@ -189,6 +205,10 @@ class CountingMode(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch
         args: tuple[Any, ...] = (),
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
+        composite = _COUNTED_INSIDE.get(func)
+        if composite is not None:
+            with self:  # the mode is off while it dispatches: back on, so the composite's ops count
+                return composite(*args, **(kwargs or {}))
         try:
             out = func(*args, **(kwargs or {}))
         except RuntimeError as exc:
