@@ -1,7 +1,7 @@
 """Every GPU check of the open issues in one time-boxed run, written as one table.
 
-Run from the repository root on a machine with a CUDA GPU (at most about 8 minutes: the parts' time
-limits add up to 475 s)::
+Run from the repository root on a machine with a CUDA GPU (at most about 10 minutes: the parts'
+time limits add up to 585 s)::
 
     python -m bench.gpu_check --out "$OUT"
 
@@ -14,7 +14,9 @@ and the next one runs; the report is rewritten after every part, so a killed run
 3. predicted against measured peak: one trial per config on ``predict`` (fake tensors, same memory
    limit, no overhead added) and on ``cuda:0``, for a ~1B and a ~7B Llama, two precisions,
    checkpointing off and on; the ratio and the difference calibrate ``probes/overhead.py``;
-4. ``python -m bench.compare_finders --profile cuda``, cut off by a time budget.
+4. ``python -m bench.compare_finders --profile cuda``, cut off by a time budget;
+5. LoRA and QLoRA (issue 9): one trial per method and checkpointing on ``predict`` and ``cuda:0``
+   (~1B Llama, bf16-mixed), the predicted against the allocated peak.
 
 Needs torch (CUDA), transformers and pydantic; Lightning and Accelerate for part 4. Never imports
 ``app`` (FastAPI is not needed). Without a GPU it says so and exits with code 3.
@@ -405,6 +407,120 @@ def part_compare(timeout: float, budget: float, out: Path, log: Path) -> Part:
     return part
 
 
+# -- part 5 (issue 9: LoRA / QLoRA): predicted against measured peaks ------------------------------
+
+PEFT_METHODS = ("lora", "qlora")
+PEFT_PRECISION = "bf16-mixed"
+
+
+def peft_peaks_worker(device: str, memory: int, out: Path) -> None:
+    """Child mode: one LoRA/QLoRA trial per (method, checkpointing) on the ~1B shape; JSON lines."""
+    from probes.finetuning_spec import FinetuningSpec
+    from probes.recipe.finetuning import DeviceKind, builder, parameter_counts, unavailable_reason
+    from probes.spec import ConfigTask, ModelSpec, Precision
+    from probes.trial import TrialSession
+
+    config, seq_len, batch = PEAK_SHAPES["llama-1b"]
+    kind: DeviceKind = "cuda" if device.startswith("cuda") else "predict"
+    for method in PEFT_METHODS:
+        spec = FinetuningSpec(method=method)
+        for checkpointing in (False, True):
+            row: dict[str, Any] = {"method": method, "checkpointing": checkpointing, "batch_size": batch}
+            started = time.monotonic()
+            try:
+                reason = unavailable_reason(spec, kind)
+                if reason is not None:
+                    row.update(outcome="skipped", message=reason)
+                else:
+                    task = ConfigTask(
+                        model=ModelSpec(architecture="llama", config=config),
+                        seq_len=seq_len,
+                        precision=Precision(PEFT_PRECISION),
+                        gradient_checkpointing=checkpointing,
+                        device=device,
+                        memory_limit_bytes=memory,
+                    )
+                    with TrialSession(task, build=builder(spec)) as session:
+                        trial = session.run(batch, accumulation_steps=2, optimizer_steps=2)
+                        counts = parameter_counts(session.model) if session.model is not None else None
+                    row.update(
+                        outcome=trial.outcome.value,
+                        reserved=trial.peak_reserved_bytes,
+                        allocated=trial.peak_allocated_bytes,
+                        message=trial.message,
+                        trainable=counts.trainable_parameters if counts else None,
+                        resident=counts.resident_bytes if counts else None,
+                    )
+            except Exception as exc:  # noqa: BLE001 - recorded; the next config runs
+                row.update(outcome="error", message=f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
+            row["seconds"] = round(time.monotonic() - started, 2)
+            with out.open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps(row) + "\n")
+
+
+def part_peft_peaks(timeout: float, memory: int, log: Path, work: Path) -> Part:
+    _, seq_len, batch = PEAK_SHAPES["llama-1b"]
+    part = Part(
+        f"5. LoRA / QLoRA (issue 9): predicted vs measured peak, llama ~1B, {PEFT_PRECISION}, "
+        f"batch {batch} x seq {seq_len}, memory limit {memory / GiB:g} GiB"
+    )
+    files = {device: work / f"peft-{device.replace(':', '')}.jsonl" for device in ("cuda:0", "predict")}
+    results: dict[str, Ran] = {}
+
+    def go(device: str) -> None:
+        command = [
+            sys.executable,
+            "-m",
+            "bench.gpu_check",
+            "_peft_peaks",
+            device,
+            str(memory),
+            str(files[device]),
+        ]
+        results[device] = run_streaming(command, timeout, log)
+
+    threads = [threading.Thread(target=go, args=(device,)) for device in files]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    part.seconds = time.monotonic() - started
+    measured = {(r["method"], r["checkpointing"]): r for r in _read_rows(files["cuda:0"])}
+    predicted = {(r["method"], r["checkpointing"]): r for r in _read_rows(files["predict"])}
+    part.status = ", ".join(
+        f"{d}: {'timed out' if r.timed_out else ('ok' if r.returncode == 0 else f'exit {r.returncode}')}"
+        for d, r in results.items()
+    )
+    part.lines = [
+        f"- {part.status}; {part.seconds:.0f} s",
+        "",
+        "| method | ckpt | predicted GiB | reserved GiB | allocated GiB | allocated ÷ predicted | "
+        "trainable params | outcomes (cuda / predict) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    table = []
+    for key in sorted(set(measured) | set(predicted)):
+        m, p = measured.get(key, {}), predicted.get(key, {})
+        pred, allocated = p.get("reserved"), m.get("allocated")
+        ratio = allocated / pred if allocated and pred else None
+        table.append({"key": list(key), "measured": m, "predicted": p, "ratio": ratio})
+
+        def gib(value: int | None) -> str:
+            return "-" if value is None else f"{value / GiB:.2f}"
+
+        part.lines.append(
+            f"| {key[0]} | {'on' if key[1] else 'off'} | {gib(pred)} | {gib(m.get('reserved'))} | "
+            f"{gib(allocated)} | {'-' if ratio is None else f'{ratio:.3f}'} | {m.get('trainable', '-')} | "
+            f"{m.get('outcome', '-')} / {p.get('outcome', '-')} |"
+        )
+        for row in (m, p):
+            if row.get("outcome") not in (None, "fit") and row.get("message"):
+                part.lines.append(f"  - {row['outcome']}: {row['message']}")
+    part.data = table
+    return part
+
+
 # -- the driver ------------------------------------------------------------------------------------
 
 
@@ -422,9 +538,12 @@ def main(argv: list[str] | None = None) -> int:
     if args_list[:1] == ["_peaks"]:
         peaks_worker(args_list[1], int(args_list[2]), Path(args_list[3]))
         return 0
+    if args_list[:1] == ["_peft_peaks"]:
+        peft_peaks_worker(args_list[1], int(args_list[2]), Path(args_list[3]))
+        return 0
     parser = argparse.ArgumentParser(description="Every GPU check in one time-boxed run.")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "bench/results/gpu"))
-    parser.add_argument("--parts", nargs="*", type=int, default=[1, 2, 3, 4], help="which parts (1-4)")
+    parser.add_argument("--parts", nargs="*", type=int, default=[1, 2, 3, 4, 5], help="which parts (1-5)")
     parser.add_argument("--probe-memory-gib", type=float, default=32.0)
     parser.add_argument("--peak-memory-gib", type=float, default=0.0, help="0: the whole card")
     parser.add_argument("--compare-budget", type=float, default=70.0)
@@ -460,6 +579,7 @@ def main(argv: list[str] | None = None) -> int:
             2: lambda: part_probe(130, probe_memory, log, work),
             3: lambda: part_peaks(130, peak_memory, log, work),
             4: lambda: part_compare(args.compare_budget + 45, args.compare_budget, out, log),
+            5: lambda: part_peft_peaks(110, peak_memory, log, work),
         }
         for number in args.parts:
             print(f"gpu_check: part {number} ...", file=sys.stderr, flush=True)

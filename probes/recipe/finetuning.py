@@ -130,7 +130,8 @@ def unavailable_reason(
             "bnb_4bit_quant_storage equal to the other weights' dtype, which this probe does not build"
         )
     if device_kind == "cuda":
-        where = str(torch_device or torch.device("cuda", torch.cuda.current_device()))
+        index = torch.cuda.current_device() if torch.cuda.is_available() else 0
+        where = str(torch_device or torch.device("cuda", index))
     else:
         where = "cpu"
     failure = _four_bit_failure(device_kind, where)
