@@ -90,7 +90,6 @@ from probes.spec import ConfigTask, Precision
 
 DeviceKind = Literal["cuda", "simulated", "predict"]
 
-_EXTRA: dict[FinetuningMethod, str] = {FinetuningMethod.LORA: "lora", FinetuningMethod.QLORA: "qlora"}
 _QUIET_DEPRECATIONS = (
     # transformers 5 deprecates the property peft reads to decide whether checkpointing is on
     r"`is_gradient_checkpointing` is deprecated",
@@ -194,24 +193,7 @@ def build_finetuning_model(
     the model (or one LoRA cannot wrap).
     """
     device = torch.device(device)
-    if spec.method is FinetuningMethod.FULL:
-        return build_model(
-            config,
-            precision=precision,
-            gradient_checkpointing=gradient_checkpointing,
-            device=device,
-            allow_remote_code=allow_remote_code,
-        )
-    if spec.method is FinetuningMethod.LORA:
-        model = build_model(
-            config,
-            precision=precision,
-            gradient_checkpointing=gradient_checkpointing,
-            device=device,
-            allow_remote_code=allow_remote_code,
-        )
-        return apply_lora(model, spec)
-    host = torch.device("cpu") if device.type == "cuda" else device
+    host = torch.device("cpu") if spec.quantized and device.type == "cuda" else device
     model = build_model(
         config,
         precision=precision,
@@ -220,13 +202,16 @@ def build_finetuning_model(
         allow_remote_code=allow_remote_code,
         dtype=_dtype(base_dtype_name(spec, precision)),
     )
-    quantize_base(model, compute_dtype=_dtype(compute_dtype_name(precision)), device=device)
-    if host != device:
-        model.to(device)  # what is not quantised: embeddings, norms, the output head
-    import peft
+    if not spec.uses_adapters:
+        return model
+    if spec.quantized:
+        quantize_base(model, compute_dtype=_dtype(compute_dtype_name(precision)), device=device)
+        if host != device:
+            model.to(device)  # what is not quantised: embeddings, norms, the output head
+        import peft
 
-    prepare: Any = peft.prepare_model_for_kbit_training  # untyped in peft
-    model = prepare(model, **kbit_preparation_kwargs())
+        prepare: Any = peft.prepare_model_for_kbit_training  # untyped in peft
+        model = prepare(model, **kbit_preparation_kwargs())
     return apply_lora(model, spec)
 
 
