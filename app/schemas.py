@@ -1,4 +1,4 @@
-"""The API's resource shapes (DESIGN.md §4); the request body itself is :class:`probes.spec.ProbeSpec`."""
+"""The API's resource shapes (``docs/architecture.md``, Resource shapes); the body is a ``ProbeSpec``."""
 
 from __future__ import annotations
 

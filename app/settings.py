@@ -22,49 +22,90 @@ def _default_probe_command() -> list[str]:
 
 
 class Settings(BaseSettings):
-    """Every knob of the service; the README's settings table documents each one."""
+    """Every knob of the service.
+
+    ``docs/settings.md`` is generated from these fields (``scripts/gen-settings-doc``): each
+    description is that page's sentence about the setting, so keep it whole and true.
+    """
 
     model_config = SettingsConfigDict(
         env_prefix="MAXBATCH_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
     )
 
-    host: str = Field(default="127.0.0.1", description="address `maxbatch serve` binds")
-    port: int = Field(default=8000, ge=0, le=65535, description="port `maxbatch serve` binds")
-    data_dir: Path = Field(default=Path("data"), description="SQLite store and per-job work files")
+    host: str = Field(
+        default="127.0.0.1",
+        description="Address `maxbatch serve` binds. A non-loopback address is refused unless "
+        "`MAXBATCH_API_TOKEN` is set.",
+    )
+    port: int = Field(default=8000, ge=0, le=65535, description="Port `maxbatch serve` binds.")
+    data_dir: Path = Field(
+        default=Path("data"),
+        description="Holds the SQLite store (`maxbatch.sqlite3`, WAL), per-job files "
+        "(`jobs/<id>/spec.json`, `result.json`, `stderr.log`) and `inspector.log`. One service per "
+        "directory (lock file).",
+    )
     api_token: SecretStr | None = Field(
-        default=None, description="bearer token that POST endpoints require; unset: loopback only"
+        default=None,
+        description="Bearer token that `POST` endpoints require (`Authorization: Bearer <token>`). "
+        "Unset: the service only listens on loopback and says so at start-up.",
     )
     model_root: Path | None = Field(
-        default=None, description="local model directories must lie under it; unset: no local paths"
+        default=None,
+        description="Local model directories (`model.name_or_path` that is a path) must resolve inside "
+        "it, symlinks included (403 otherwise). Unset: local paths are refused. Relative paths are "
+        "taken from it.",
     )
-    allow_remote_code: bool = Field(default=False, description="allow model.trust_remote_code")
-    max_body_bytes: int = Field(default=64 * 1024, gt=0, description="larger request bodies get 413")
-    max_queued_jobs: int = Field(default=100, gt=0, description="more queued jobs than this get 429")
+    allow_remote_code: bool = Field(
+        default=False, description="Allow `model.trust_remote_code` (403 otherwise)."
+    )
+    max_body_bytes: int = Field(default=64 * 1024, gt=0, description="Larger request bodies get 413.")
+    max_queued_jobs: int = Field(
+        default=100, gt=0, description="With this many jobs queued, new ones get 429 with `Retry-After`."
+    )
     simulated_memory_bytes: int = Field(
-        default=GIB, gt=0, description="size of the simulated device; caps its memory_limit_bytes"
+        default=GIB,
+        gt=0,
+        description="Size of the `simulated` device; the largest `memory_limit_bytes` it accepts "
+        "(protects host RAM).",
     )
-    job_timeout_seconds: float = Field(default=4 * 3600, gt=0, description="a probe running longer is killed")
+    job_timeout_seconds: float = Field(
+        default=4 * 3600, gt=0, description="A probe running longer is killed; the job fails as `timeout`."
+    )
     inspect_models: bool = Field(
-        default=True, description="check each request's model in the inspector child before queueing it"
+        default=True,
+        description="Check each new request's model (architecture, `seq_len` vs positions, hub id, "
+        "remote code) in the inspector child before queueing it.",
     )
-    inspect_timeout_seconds: float = Field(default=120, gt=0, description="limit for one model check")
+    inspect_timeout_seconds: float = Field(
+        default=120, gt=0, description="Limit for one model check, including a fresh inspector's start."
+    )
     probe_command: list[str] = Field(
         default_factory=_default_probe_command,
         min_length=1,
-        description="the probe engine's entry point (JSON list); `run` and `inspect-server` are appended",
+        description="The probe engine's entry point, as a JSON list; `run …` and `inspect-server` are "
+        "appended.",
     )
     nvml: Literal["auto", "on", "off"] = Field(
-        default="auto", description="auto: use NVML when present; on: required (readyz); off: never"
+        default="auto",
+        description="`auto`: use NVML when present. `on`: required (`/readyz` fails without it). "
+        "`off`: never touch NVML.",
     )
     busy_memory_bytes: int = Field(
         default=256 * 1024**2,
         ge=0,
-        description="a GPU whose other processes hold more than this is busy (409)",
+        description="A GPU whose other processes hold more than this is busy (409 unless "
+        "`allow_busy_device=true`).",
     )
-    poll_interval_seconds: int = Field(default=2, gt=0, description="Retry-After sent with 202")
-    queue_full_retry_after_seconds: int = Field(default=30, gt=0, description="Retry-After sent with 429")
-    max_wait_seconds: float = Field(default=60, gt=0, description="upper bound of ?wait= on GET")
-    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    poll_interval_seconds: int = Field(
+        default=2, gt=0, description="`Retry-After` sent with 202 and with unfinished jobs."
+    )
+    queue_full_retry_after_seconds: int = Field(default=30, gt=0, description="`Retry-After` sent with 429.")
+    max_wait_seconds: float = Field(
+        default=60, gt=0, description="Upper bound for `GET /v1/probes/{id}?wait=`."
+    )
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        default="info", description="How much the service logs (any case)."
+    )
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -2,7 +2,7 @@
 
 The ``maxbatch`` entry point (``app.cli``) registers :func:`probe`. The probe runs in this
 process's engine (torch-free) with every trial in a child process. ``--json`` prints the result
-object of DESIGN.md §4 and nothing else on stdout; progress goes to stderr. Bad input prints
+object (``ProbeResult``) and nothing else on stdout; progress goes to stderr. Bad input prints
 one line on stderr and exits with code 2.
 """
 

@@ -1,8 +1,9 @@
 """The probe's request and result types: frozen, validated, JSON-serialisable.
 
-Field names marked *fixed* in ``DESIGN.md`` §4 are relied on by clients and keep their
-spelling here. Every type is a frozen pydantic model, so one definition validates the CLI's
-flags, the API's body and the child's input, and ``model_dump(mode="json")`` is the wire form.
+The field names that ``docs/architecture.md`` lists as fixed ("Resource shapes and fixed names")
+are relied on by clients and keep their spelling here. Every type is a frozen pydantic model, so
+one definition validates the CLI's flags, the API's body and the child's input, and
+``model_dump(mode="json")`` is the wire form.
 
 This module imports no torch: the service and the search use it too.
 """

@@ -4,7 +4,8 @@ A :class:`TrialSession` lives in one child process for one config (model, sequen
 precision, checkpointing, device). It builds the model once and runs any number of trials; a trial
 never raises for running out of memory or for a failing training step: it returns the outcome.
 
-A trial, step by step (DESIGN §3), written to use what HF ``Trainer`` with the emitted arguments uses:
+A trial, step by step (why: ``docs/architecture.md``, "A trial, step by step"), written to use what
+HF ``Trainer`` with the emitted arguments uses:
 
 1. ``torch.manual_seed(task.seed)``; a fresh ``AdamW(foreach=True)`` (lr 0: memory is the same for any
    lr, and the weights stay as built, so every trial sees the same model); a fresh ``GradScaler`` for

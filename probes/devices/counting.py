@@ -1,6 +1,6 @@
 """A dispatch mode that counts the bytes of live tensor storages, keeps the peak, and enforces a cap.
 
-How it counts (DESIGN §2):
+How it counts (why: ``docs/architecture.md``, "Measuring memory"):
 
 - Every op that runs under the mode is looked at after it ran. Outputs of ops whose schema says they
   alias an input (views, ``detach``, in-place ops) are not new memory and are skipped, with two
