@@ -7,10 +7,9 @@ from fastapi.responses import PlainTextResponse
 
 from app.deps import SystemDep
 from app.schemas import DeviceList, Health
+from app.services.metrics import CONTENT_TYPE
 
 router = APIRouter()
-
-PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
 
 @router.get("/healthz", response_model=Health, tags=["system"], summary="Alive (the process answers)")
@@ -28,7 +27,7 @@ def readyz(system: SystemDep, response: Response) -> Health:
 
 @router.get("/metrics", response_class=PlainTextResponse, tags=["system"], summary="Prometheus metrics")
 def metrics(system: SystemDep) -> PlainTextResponse:
-    return PlainTextResponse(system.metrics_text(), media_type=PROMETHEUS_TEXT)
+    return PlainTextResponse(system.metrics_text(), media_type=CONTENT_TYPE)
 
 
 @router.get("/v1/devices", response_model=DeviceList, tags=["devices"], summary="Devices probes can run on")

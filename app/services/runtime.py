@@ -19,6 +19,7 @@ from app.services.recorder import JobRecorder
 from app.services.system import SystemService
 from app.settings import Settings
 from app.store import Store
+from probes.spec import Outcome
 
 log = logging.getLogger("maxbatch")
 
@@ -84,7 +85,7 @@ class Runtime:
                 timeout_seconds=settings.inspect_timeout_seconds,
                 log_path=settings.data_dir / "inspector.log",
             )
-        bus, metrics = EventBus(), Metrics()
+        bus, metrics = EventBus(), Metrics(trial_outcomes=[outcome.value for outcome in Outcome])
         bus.bind(loop)
         versions = SoftwareVersions.detect(inventory.driver_version())
         recorder = JobRecorder(store, dispatcher, bus=bus, metrics=metrics)
@@ -99,6 +100,7 @@ class Runtime:
             versions=versions,
         )
         system = SystemService(settings, store, dispatcher, inventory, inspector=inspector, metrics=metrics)
+        metrics.watch(system.metrics_state)
         runtime = cls(
             settings, store, inventory, dispatcher, inspector, bus, metrics, jobs, system, lock_file
         )

@@ -10,10 +10,9 @@ from app.dispatch.local import queue_for
 from app.inventory import GpuInfo, Inventory
 from app.schemas import DeviceEntry, DeviceList, Gpu, GpuProcess, Health, JobStatus
 from app.services.admission import other_processes_memory, pids_in_groups
-from app.services.metrics import Metrics
+from app.services.metrics import Metrics, ServiceState
 from app.settings import Settings
 from app.store import Store
-from probes.spec import Outcome
 
 
 class SystemService:
@@ -123,12 +122,15 @@ class SystemService:
             checks["inspector"] = "running" if self.inspector.alive() else "starts on the next request"
         return Health(status="ok" if ready else "unavailable", checks=checks)
 
-    def metrics_text(self) -> str:
+    def metrics_state(self) -> ServiceState:
+        """What the metrics' gauges show now (read at each scrape)."""
         counts = self.store.count_by_status()
-        return self.metrics.render(
+        return ServiceState(
             jobs_by_status={status.value: counts.get(status, 0) for status in JobStatus},
             queued_by_queue=self.store.queued_by_queue(),
             running_by_queue=self.dispatcher.running(),
-            trial_outcomes=tuple(o.value for o in Outcome),
             queues=("cpu", *(queue_for(gpu.device) for gpu in self.inventory.gpus())),
         )
+
+    def metrics_text(self) -> str:
+        return self.metrics.exposition()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 import threading
@@ -12,9 +11,12 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client import REGISTRY, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 from app.main import create_app
-from app.services.metrics import Metrics
+from app.services.metrics import Metrics, ServiceState
 from app.services.runtime import DataDirInUse
 from app.settings import Settings
 from tests.app.conftest import probe_body, wait_done, wait_status
@@ -22,17 +24,19 @@ from tests.app.conftest import probe_body, wait_done, wait_status
 THREAD_END_DEADLINE_SECONDS = 10.0
 """How long threads that the lifespan stopped may take to end before they count as leaked."""
 
-SAMPLE = re.compile(r"^([a-z_]+)(\{[^}]*\})? (-?[0-9.e+]+|\+Inf)$")
+
+def _families(text: str) -> dict[str, Metric]:
+    """The exposition as prometheus-client's own parser reads it, by family name."""
+    return {family.name: family for family in text_string_to_metric_families(text)}
 
 
 def _samples(text: str) -> dict[str, float]:
+    """Every sample by ``name{label="value",...}`` (labels sorted), as the parser read it."""
     samples: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("#") or not line:
-            continue
-        match = SAMPLE.match(line)
-        assert match, f"not a Prometheus sample line: {line!r}"
-        samples[match.group(1) + (match.group(2) or "")] = float(match.group(3))
+    for family in _families(text).values():
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            samples[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
     return samples
 
 
@@ -67,19 +71,62 @@ def test_metrics_count_jobs_trials_and_durations(client: TestClient) -> None:
     for line in response.text.splitlines():
         if line.startswith("# TYPE"):
             assert line.split()[2].startswith("maxbatch_")
+    types = {name: family.type for name, family in _families(response.text).items()}
+    assert types == {
+        "maxbatch_jobs": "gauge",
+        "maxbatch_queue_depth": "gauge",
+        "maxbatch_workers_busy": "gauge",
+        "maxbatch_trials": "counter",  # the parser names a counter's family without "_total"
+        "maxbatch_probe_runs": "counter",
+        "maxbatch_probe_duration_seconds": "histogram",
+    }
+    assert samples['maxbatch_workers_busy{queue="cpu"}'] == 0
+    assert not [name for name in samples if "_created" in name]
 
 
 def test_histogram_buckets_are_cumulative() -> None:
     metrics = Metrics()
     for seconds in (0.5, 3, 3, 4000, 9000):
         metrics.run("succeeded", seconds)
-    text = metrics.render(jobs_by_status={}, queued_by_queue={}, running_by_queue={}, trial_outcomes=())
-    samples = _samples(text)
-    assert samples['maxbatch_probe_duration_seconds_bucket{le="1"}'] == 1
-    assert samples['maxbatch_probe_duration_seconds_bucket{le="5"}'] == 3
-    assert samples['maxbatch_probe_duration_seconds_bucket{le="7200"}'] == 4
+    samples = _samples(metrics.exposition())
+    assert samples['maxbatch_probe_duration_seconds_bucket{le="1.0"}'] == 1
+    assert samples['maxbatch_probe_duration_seconds_bucket{le="5.0"}'] == 3
+    assert samples['maxbatch_probe_duration_seconds_bucket{le="7200.0"}'] == 4
     assert samples['maxbatch_probe_duration_seconds_bucket{le="+Inf"}'] == 5
     assert samples["maxbatch_probe_duration_seconds_sum"] == pytest.approx(13006.5)
+    assert samples['maxbatch_probe_runs_total{status="succeeded"}'] == 5
+
+
+def test_the_gauges_are_read_at_each_scrape() -> None:
+    state = ServiceState(
+        jobs_by_status={"queued": 2, "running": 1},
+        queued_by_queue={"cuda:0": 2},
+        running_by_queue={"cpu": "job-1"},
+        queues=("cpu",),
+    )
+    metrics = Metrics(trial_outcomes=["fit", "oom"])
+    metrics.watch(lambda: state)
+    samples = _samples(metrics.exposition())
+    assert samples['maxbatch_jobs{status="queued"}'] == 2
+    assert samples['maxbatch_queue_depth{queue="cuda:0"}'] == 2
+    assert samples['maxbatch_queue_depth{queue="cpu"}'] == 0
+    assert samples['maxbatch_workers_busy{queue="cpu"}'] == 1
+    assert samples['maxbatch_workers_busy{queue="cuda:0"}'] == 0
+    assert samples['maxbatch_trials_total{outcome="oom"}'] == 0
+    state = ServiceState(jobs_by_status={"queued": 0, "running": 0})
+    assert _samples(metrics.exposition())['maxbatch_jobs{status="queued"}'] == 0
+
+
+def test_two_services_in_one_process_count_apart() -> None:
+    first, second = Metrics(trial_outcomes=["fit"]), Metrics(trial_outcomes=["fit"])
+    first.trial("fit")
+    first.trial("fit")
+    assert _samples(first.exposition())['maxbatch_trials_total{outcome="fit"}'] == 2
+    assert _samples(second.exposition())['maxbatch_trials_total{outcome="fit"}'] == 0
+    assert not [name for name in _samples(generate_latest(REGISTRY).decode()) if name.startswith("maxbatch_")]
+    first.watch(ServiceState)
+    with pytest.raises(ValueError, match="Duplicated"):  # one store's gauges per registry
+        first.watch(ServiceState)
 
 
 def test_openapi_documents_the_api(client: TestClient) -> None:
