@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.browser.webdriver import Browser, chromium_session, find_browser, free_port
+from tests.browser.browser import Browser, chromium_session, find_browser, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"

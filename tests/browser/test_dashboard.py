@@ -19,8 +19,8 @@ import pytest
 
 from probes.spec import ProbeSpec
 from probes.units import format_bytes
+from tests.browser.browser import Browser
 from tests.browser.conftest import ARTIFACTS, Service, start_service
-from tests.browser.webdriver import Browser
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -304,11 +304,16 @@ def test_the_jobs_list_shows_and_filters(browser: Browser, service: Service, job
     browser.click(browser.find('.filter button[data-status="succeeded"]'))
     browser.wait_for("the succeeded filter", lambda: browser.find_all(row))
 
-    # Keyboard: the model name is a link to the job page.
-    link = browser.find(f"{row} a.job-link")
-    browser.focus(link)
-    browser.press("enter")
-    browser.wait_for("the job page", lambda: browser.url().endswith(f"#/jobs/{job['id']}"))
+    # Keyboard: the model name is a link to the job page. The list redraws its rows on every refresh
+    # (the link found may be replaced, and the focus lost, before Enter lands): focus and press again.
+    def open_from_the_keyboard() -> bool:
+        if browser.url().endswith(f"#/jobs/{job['id']}"):
+            return True
+        browser.focus(browser.find(f"{row} a.job-link"))
+        browser.press("enter")
+        return browser.url().endswith(f"#/jobs/{job['id']}")
+
+    browser.wait_for("the job page", open_from_the_keyboard)
     assert page_errors(browser) == []
 
 
