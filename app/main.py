@@ -12,6 +12,7 @@ from fastapi import FastAPI
 
 from app import errors
 from app.api import probes, system
+from app.apidocs import router as apidocs
 from app.dashboard.router import router as dashboard_router
 from app.inventory import Inventory
 from app.middleware import BodyLimitMiddleware
@@ -47,6 +48,8 @@ def create_app(settings: Settings | None = None, *, inventory: Inventory | None 
         version=package_version("maxbatch") or "0+unknown",
         description=DESCRIPTION,
         lifespan=lifespan,
+        docs_url=None,  # served by app.apidocs, without a CDN
+        redoc_url=None,  # ReDoc's page would load its script from a CDN too; /docs shows the same document
     )
     app.state.settings = settings
     app.state.runtime = None
@@ -55,4 +58,5 @@ def create_app(settings: Settings | None = None, *, inventory: Inventory | None 
     app.include_router(probes.router)
     app.include_router(system.router)
     app.include_router(dashboard_router)
+    app.include_router(apidocs.make_router(title=app.title, openapi_url=app.openapi_url or "/openapi.json"))
     return app
