@@ -73,46 +73,34 @@ def _no_selenium_manager(*_: object, **__: object) -> NoReturn:
     raise AssertionError("selenium asked Selenium Manager for a driver: give the chromedriver path instead")
 
 
-class Browser:
-    """One WebDriver session, with the few verbs the tests use."""
-
-    def __init__(self, driver: webdriver.Chrome) -> None:
-        self.driver = driver
-
-    # -- navigation and windows --------------------------------------------------------------
-    def get(self, url: str) -> None:
-        self.driver.get(url)
+class Browser(webdriver.Chrome):
+    """A selenium Chrome session plus the short verbs the tests read best with."""
 
     def url(self) -> str:
-        return self.driver.current_url
+        return self.current_url
 
     def set_window(self, width: int, height: int) -> None:
-        self.driver.set_window_size(width, height)
+        self.set_window_size(width, height)
 
     def cdp(self, command: str, params: dict[str, Any] | None = None) -> Any:
         """A Chrome DevTools Protocol command."""
-        return self.driver.execute_cdp_cmd(command, params or {})
+        return self.execute_cdp_cmd(command, params or {})
 
-    # -- scripts ------------------------------------------------------------------------------
     def run(self, script: str, *args: Any) -> Any:
         """Run `script` as a function body in the page; `arguments[i]` are `args`."""
-        return self.driver.execute_script(script, *args)
+        return self.execute_script(script, *args)
 
-    # -- elements -----------------------------------------------------------------------------
     def find(self, css: str) -> WebElement:
-        return self.driver.find_element(By.CSS_SELECTOR, css)
+        return self.find_element(By.CSS_SELECTOR, css)
 
     def find_all(self, css: str) -> list[WebElement]:
-        return self.driver.find_elements(By.CSS_SELECTOR, css)
+        return self.find_elements(By.CSS_SELECTOR, css)
 
     def click(self, element: WebElement) -> None:
         element.click()
 
     def clear(self, element: WebElement) -> None:
         element.clear()
-
-    def type(self, element: WebElement, text: str) -> None:
-        element.send_keys(text)
 
     def fill(self, css: str, text: str) -> None:
         element = self.find(css)
@@ -123,7 +111,7 @@ class Browser:
         return element.text
 
     def attribute(self, element: WebElement, name: str) -> str | None:
-        """The element's attribute as written in the DOM (WebDriver's Get Element Attribute)."""
+        """The attribute as written in the DOM (WebDriver's Get Element Attribute)."""
         value: str | None = element.get_dom_attribute(name)
         return value
 
@@ -134,15 +122,14 @@ class Browser:
         self.run("arguments[0].focus();", element)
 
     def active_element(self) -> WebElement:
-        return self.driver.switch_to.active_element
+        return self.switch_to.active_element
 
     def press(self, key: str) -> None:
         """Press one key (a name from KEYS) on whatever has the focus, then release all input."""
-        actions = ActionChains(self.driver)
+        actions = ActionChains(self)
         actions.send_keys(KEYS[key]).perform()
         actions.reset_actions()
 
-    # -- waiting, logs and screenshots ---------------------------------------------------------
     def wait_for(
         self, what: str, check: Callable[[], T | None], timeout: float = 30.0, every: float = 0.2
     ) -> T:
@@ -157,23 +144,18 @@ class Browser:
                 return None
 
         try:
-            value = cast("T", WebDriverWait(self.driver, timeout, poll_frequency=every).until(attempt))
+            return cast("T", WebDriverWait(self, timeout, poll_frequency=every).until(attempt))
         except TimeoutException:
             error = f"{type(last_error[0]).__name__}: {last_error[0].msg}" if last_error else None
             raise AssertionError(
                 f"timed out after {timeout:.0f} s waiting for {what} (last error: {error})"
             ) from None
-        return value
 
     def requested_urls(self) -> list[str]:
         """Every URL the browser asked for since the last call (needs ``performance_log=True``)."""
-        urls: list[str] = []
-        entries: list[dict[str, Any]] = self.driver.get_log("performance")  # type: ignore[no-untyped-call]
-        for entry in entries:
-            message = json.loads(entry["message"])["message"]
-            if message["method"] == "Network.requestWillBeSent":
-                urls.append(message["params"]["request"]["url"])
-        return urls
+        entries: list[dict[str, Any]] = self.get_log("performance")  # type: ignore[no-untyped-call]
+        messages = [json.loads(entry["message"])["message"] for entry in entries]
+        return [m["params"]["request"]["url"] for m in messages if m["method"] == "Network.requestWillBeSent"]
 
     def screenshot(self, path: Path, *, full_page: bool = True, width: int | None = None) -> None:
         """Save a PNG of the page; full_page grows the window to the document's height first."""
@@ -190,7 +172,7 @@ class Browser:
                 every=0.05,
             )
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(self.driver.get_screenshot_as_png())
+        path.write_bytes(self.get_screenshot_as_png())
 
 
 @contextlib.contextmanager
@@ -214,8 +196,8 @@ def chromium_session(
         options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
     service = Service(executable_path=driver, log_output=str(profile_dir / "chromedriver.log"))
     with mock.patch.object(SeleniumManager, "binary_paths", _no_selenium_manager):
-        session = webdriver.Chrome(options=options, service=service)
+        session = Browser(options=options, service=service)
     try:
-        yield Browser(session)
+        yield session
     finally:
         session.quit()
