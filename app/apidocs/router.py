@@ -18,6 +18,8 @@ from fastapi import APIRouter, HTTPException
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse
 
+from app.dashboard.router import CONTENT_SECURITY_POLICY as DASHBOARD_CSP
+from app.dashboard.router import SECURITY_HEADERS
 from app.dashboard.router import STATIC_PREFIX as DASHBOARD_STATIC
 
 STATIC_DIR: Final = Path(__file__).resolve().parent / "static"
@@ -39,25 +41,16 @@ def swagger_ui_version() -> str:
 
 
 def content_security_policy(page: bytes) -> str:
-    """Same origin only; the page's inline scripts by hash; inline styles (Swagger UI sets them)."""
+    """The dashboard's policy (this origin only), but the page's inline scripts allowed by their hash
+    and inline styles allowed (Swagger UI sets them)."""
+    directives = dict(directive.split(" ", 1) for directive in DASHBOARD_CSP.split("; "))
     hashes = [
         "'sha256-" + base64.b64encode(hashlib.sha256(script).digest()).decode("ascii") + "'"
         for script in _INLINE_SCRIPT.findall(page)
     ]
-    return "; ".join(
-        [
-            "default-src 'self'",
-            "script-src 'self' " + " ".join(hashes),
-            "style-src 'self' 'unsafe-inline'",
-            "img-src 'self' data:",
-            "connect-src 'self'",
-            "font-src 'self'",
-            "object-src 'none'",
-            "base-uri 'self'",
-            "form-action 'self'",
-            "frame-ancestors 'none'",
-        ]
-    )
+    directives["script-src"] = " ".join(["'self'", *hashes])
+    directives["style-src"] = "'self' 'unsafe-inline'"
+    return "; ".join(f"{name} {value}" for name, value in directives.items())
 
 
 def make_router(*, title: str, openapi_url: str) -> APIRouter:
@@ -73,13 +66,7 @@ def make_router(*, title: str, openapi_url: str) -> APIRouter:
             swagger_ui_parameters={"validatorUrl": None},
         ).body
     )
-    headers = {
-        "Content-Security-Policy": content_security_policy(body),
-        "X-Content-Type-Options": "nosniff",
-        "Referrer-Policy": "no-referrer",
-        # Revalidate on every load, so an upgraded service never runs an old Swagger UI.
-        "Cache-Control": "no-cache",
-    }
+    headers = {**SECURITY_HEADERS, "Content-Security-Policy": content_security_policy(body)}
     router = APIRouter(include_in_schema=False)
 
     @router.api_route(DOCS_URL, methods=["GET", "HEAD"])
