@@ -1,4 +1,5 @@
-"""The import graph of ``app/`` and ``probes/``, read statically: the boundaries of DESIGN §5 hold.
+"""The import graph of ``app/`` and ``probes/``, read statically: the boundaries hold that
+``docs/architecture.md`` draws ("Folders and what each may use").
 
 Every ``import`` in the two packages is read from the source (module level, inside functions and
 classes; not under ``if TYPE_CHECKING:``), so an import that a test run never executes counts
