@@ -156,9 +156,13 @@ def test_a_second_service_on_the_same_data_dir_is_refused(settings_factory: Call
 
 def _child_pids() -> set[int]:
     """This process's living children, as Linux lists them per thread."""
-    return {
-        int(pid) for path in Path("/proc/self/task").glob("*/children") for pid in path.read_text().split()
-    }
+    pids: set[int] = set()
+    for path in Path("/proc/self/task").glob("*/children"):
+        try:
+            pids.update(int(pid) for pid in path.read_text().split())
+        except FileNotFoundError:  # the thread ended after the listing: it has no children now
+            continue
+    return pids
 
 
 def test_lifespan_leaves_no_threads_or_children(settings_factory: Callable[..., Settings]) -> None:
