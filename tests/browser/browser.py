@@ -99,6 +99,19 @@ class Browser(webdriver.Chrome):
     def click(self, element: WebElement) -> None:
         element.click()
 
+    def click_on(self, css: str, timeout: float = 30.0) -> None:
+        """Find ``css`` and click it, again if the page re-rendered it in between (a stale element).
+
+        The job pages redraw on every poll, so an element found a moment ago may be replaced before
+        the click lands; this retries until a click lands on the element as it is now.
+        """
+
+        def attempt() -> bool:
+            self.find(css).click()
+            return True
+
+        self.wait_for(f"a click on {css}", attempt, timeout=timeout)
+
     def clear(self, element: WebElement) -> None:
         element.clear()
 

@@ -89,7 +89,7 @@ def job(browser: Browser, service: Service) -> dict[str, Any]:
     browser.set_window(1280, 900)
     browser.get(f"{service.url}/#/new")
     fill_form(browser)
-    browser.click(browser.find("#submit-probe"))
+    browser.click_on("#submit-probe")
     browser.wait_for("the job page after submitting", lambda: "#/jobs/" in browser.url())
     job_id = browser.url().rsplit("#/jobs/", 1)[1]
     final = browser.wait_for(
@@ -111,7 +111,7 @@ def test_the_form_puts_errors_next_to_their_fields(browser: Browser, service: Se
     browser.get(f"{service.url}/#/new")
     # One mistake the page catches itself (a size it cannot read), one that only the service finds.
     fill_form(browser, seq_len="0", memory="64 parsecs")
-    browser.click(browser.find("#submit-probe"))
+    browser.click_on("#submit-probe")
     errors = browser.wait_for("the local error", lambda: visible_errors(browser))
     assert list(errors) == ["f-memory_limit_bytes-error"]
     assert "cannot read" in errors["f-memory_limit_bytes-error"]
@@ -135,7 +135,7 @@ def test_the_form_puts_errors_next_to_their_fields(browser: Browser, service: Se
     # A model-level rule of ProbeSpec (no memory for the simulated device) lands on the memory field.
     browser.fill("#f-seq_len", "64")
     browser.clear(browser.find("#f-memory_limit_bytes"))
-    browser.click(browser.find("#submit-probe"))
+    browser.click_on("#submit-probe")
     errors = browser.wait_for("the model-level error", lambda: visible_errors(browser))
     assert list(errors) == ["f-memory_limit_bytes-error"]
     assert "memory_limit_bytes" in errors["f-memory_limit_bytes-error"]
@@ -259,7 +259,7 @@ def test_the_answer_is_copyable(browser: Browser, service: Service, job: dict[st
     assert ProbeSpec.model_validate(sent) == ProbeSpec.model_validate(job["spec"])
 
     # The copy buttons say what they did (headless Chromium grants no clipboard: either answer is honest).
-    browser.click(browser.find("#recommendation .copy"))
+    browser.click_on("#recommendation .copy")
     said = browser.wait_for(
         "the copy status", lambda: browser.text(browser.find("#recommendation .copy-status"))
     )
@@ -297,11 +297,11 @@ def test_the_jobs_list_shows_and_filters(browser: Browser, service: Service, job
     )
     assert browser.run("return window.__sameDocument === true;"), "the page reloaded"
 
-    browser.click(browser.find('.filter button[data-status="failed"]'))
+    browser.click_on('.filter button[data-status="failed"]')
     browser.wait_for(
         "the failed filter", lambda: "status=failed" in browser.url() and not browser.find_all(row)
     )
-    browser.click(browser.find('.filter button[data-status="succeeded"]'))
+    browser.click_on('.filter button[data-status="succeeded"]')
     browser.wait_for("the succeeded filter", lambda: browser.find_all(row))
 
     # Keyboard: the model name is a link to the job page. The list redraws its rows on every refresh
@@ -356,12 +356,12 @@ def test_a_token_is_asked_for_when_the_service_wants_one(browser: Browser, token
     browser.get(f"{token_service.url}/#/new")
     browser.run("sessionStorage.clear(); localStorage.clear();")
     fill_form(browser)
-    browser.click(browser.find("#submit-probe"))
+    browser.click_on("#submit-probe")
     browser.wait_for(
         "the token prompt", lambda: browser.run("return document.getElementById('token-dialog').open;")
     )
     browser.fill("#token-input", "wrong")
-    browser.click(browser.find("#token-form button[value=ok]"))
+    browser.click_on("#token-form button[value=ok]")
     browser.wait_for(
         "the prompt to ask again",
         lambda: (
@@ -377,7 +377,7 @@ def test_a_token_is_asked_for_when_the_service_wants_one(browser: Browser, token
 
     # Cancelling needs the token too; the page sends the one it was given.
     browser.wait_for("the cancel button", lambda: browser.find_all("#cancel-job"))
-    browser.click(browser.find("#cancel-job"))
+    browser.click_on("#cancel-job")
     browser.wait_for("the cancelled probe", lambda: job_status(browser) == "cancelled", timeout=60)
     with token_service.api() as api:
         assert api.get(f"/v1/probes/{job_id}").json()["status"] == "cancelled"
