@@ -15,7 +15,8 @@
     ├── PayloadTooLarge        413    body over MAXBATCH_MAX_BODY_BYTES
     ├── UnsupportedMediaType   415    POST body that is not JSON
     ├── InvalidRequest         422    the request cannot be probed as written
-    │   └── IdempotencyKeyReused      same Idempotency-Key, other body
+    │   ├── IdempotencyKeyReused      same Idempotency-Key, other body
+    │   └── GpuTypeUnavailable        no node of the fleet has the gpu_type asked for (carries known)
     ├── QueueFull              429    MAXBATCH_MAX_QUEUED_JOBS reached (carries Retry-After)
     └── ServiceUnavailable     503    a part the request needs is down (the model inspector)
 
@@ -124,6 +125,10 @@ class InvalidRequest(ApiError):
 
 class IdempotencyKeyReused(InvalidRequest):
     code, title = "idempotency-key-reused", "Idempotency-Key reused with another body"
+
+
+class GpuTypeUnavailable(InvalidRequest):
+    code, title = "gpu-type-unavailable", "No GPU of that type"
 
 
 class QueueFull(ApiError):

@@ -70,7 +70,9 @@ class Job(Schema):
 
     id: str
     status: JobStatus
-    device: str = Field(description="the device the probe runs on: cuda:N, simulated or predict")
+    device: str = Field(
+        description="the device asked for: cuda:N, gpu (with spec.gpu_type), simulated or predict"
+    )
     model: str = Field(description="short label of the model (architecture or name_or_path)")
     created_at: datetime
     started_at: datetime | None = None
@@ -78,6 +80,10 @@ class Job(Schema):
     queued_seconds: float | None = Field(default=None, description="created_at → started_at")
     run_seconds: float | None = Field(default=None, description="started_at → finished_at (or now)")
     attempts: int = Field(description="how many times a probe child started for this job")
+    queued_reason: str | None = Field(default=None, description="while queued: why it still waits")
+    node: str | None = Field(
+        default=None, description="the Ray node id it runs or ran on (ray dispatcher); null on the local one"
+    )
     progress: Progress
     error: JobError | None = None
     spec: ProbeSpec
@@ -96,6 +102,8 @@ class JobSummary(Schema):
     started_at: datetime | None = None
     finished_at: datetime | None = None
     attempts: int
+    queued_reason: str | None = None
+    node: str | None = None
     progress: Progress
     error: JobError | None = None
 
@@ -173,10 +181,18 @@ class Gpu(Schema):
 
 class DeviceEntry(Schema):
     device: str
-    kind: Literal["cuda", "simulated", "predict"]
+    kind: Literal["cuda", "gpu", "simulated", "predict"]
     description: str
     total_memory_bytes: int | None = None
     gpu: Gpu | None = None
+    gpu_type: str | None = Field(
+        default=None, description="kind gpu: ask for it as device 'gpu' with this gpu_type"
+    )
+    count: int | None = Field(default=None, description="kind gpu: how many GPUs of this type there are")
+    free: int | None = Field(
+        default=None, description="kind gpu: how many of them nothing holds now (null: unknown)"
+    )
+    nodes: int | None = Field(default=None, description="kind gpu: on how many nodes")
     queued_jobs: int = 0
     running_job: str | None = None
 

@@ -103,6 +103,31 @@ class Settings(BaseSettings):
     max_wait_seconds: float = Field(
         default=60, gt=0, description="Upper bound for `GET /v1/probes/{id}?wait=`."
     )
+    queue_deadline_seconds: float | None = Field(
+        default=3600,
+        gt=0,
+        description="A job that has not started this long after it was queued fails (code `queue-timeout`, "
+        "with the reason it waited); both dispatchers. Unset: wait forever.",
+    )
+    dispatcher: Literal["local", "ray"] = Field(
+        default="local",
+        description="`local`: probes run on this machine. `ray`: on a Ray cluster, placed by GPU type "
+        "(`pip install 'maxbatch[ray]'`; see docs/fleet.md).",
+    )
+    ray_address: str = Field(
+        default="auto",
+        description="The Ray cluster: `auto` (the `ray start` of this machine, or `RAY_ADDRESS`) or "
+        "`host:port` of the head.",
+    )
+    ray_namespace: str = Field(
+        default="maxbatch", min_length=1, description="Ray namespace of the probe actors."
+    )
+    ray_probe_cpus: float = Field(default=1, gt=0, description="CPUs each probe reserves on its Ray node.")
+    ray_workdir: str | None = Field(
+        default=None,
+        description="Per-job work files on the Ray node, removed after each run. Unset: "
+        "`<tmp>/maxbatch-jobs` there.",
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         default="info", description="How much the service logs (any case)."
     )

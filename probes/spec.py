@@ -16,6 +16,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from probes.gpu_types import normalise_gpu_type
+
 JsonValue = Any
 """A value that ``json.dumps`` accepts (kept loose: model configs nest freely)."""
 
@@ -96,6 +98,8 @@ class ConfigStatus(StrEnum):
 
 
 DEVICE_PATTERN = re.compile(r"^(cuda(:\d+)?|simulated|predict)$")
+FLEET_DEVICE = "gpu"
+"""A GPU of the kind ``gpu_type`` names, wherever the service's dispatcher finds one (fleet placement)."""
 
 
 def normalize_device(value: str) -> str:
@@ -108,6 +112,22 @@ def normalize_device(value: str) -> str:
 
 DeviceName = Annotated[str, AfterValidator(normalize_device)]
 """A device field: ``cuda:N``, ``simulated`` or ``predict`` (validated and normalised once, here)."""
+
+
+def normalize_request_device(value: str) -> str:
+    """A request's device: a :data:`DeviceName`, or ``gpu`` (a kind of GPU the service places)."""
+    if value.strip().lower() == FLEET_DEVICE:
+        return FLEET_DEVICE
+    try:
+        return normalize_device(value)
+    except ValueError:
+        raise ValueError(
+            f"unknown device {value.strip().lower()!r}; use cuda:N, gpu (with gpu_type), simulated or predict"
+        ) from None
+
+
+RequestDeviceName = Annotated[str, AfterValidator(normalize_request_device)]
+"""``ProbeSpec.device``: what a child runs on (:data:`DeviceName`), or ``gpu`` for fleet placement."""
 
 
 class ModelSpec(Frozen):
@@ -159,12 +179,17 @@ class ProbeSpec(Frozen):
     optimizer: Literal["adamw"] = "adamw"
     target_effective_batch_size: PositiveInt
     world_size: PositiveInt = 1
-    device: DeviceName = "simulated"
+    device: RequestDeviceName = "simulated"
     memory_limit_bytes: PositiveInt | None = Field(
         default=None,
         description="memory for tensors; required for simulated and predict, optional on cuda",
     )
     gpu: str | None = Field(default=None, description="a GPU name from the predict table, e.g. H100-80GB")
+    gpu_type: str | None = Field(
+        default=None,
+        description="run on a node with this kind of GPU: a predict-table name (H100-80GB) or a bare "
+        "model (H100); required with device 'gpu', placement only with simulated and predict",
+    )
     headroom_bytes: int = Field(default=0, ge=0, description="free memory a passing trial must leave")
     max_batch_size_limit: PositiveInt | None = None
     dataset_size: PositiveInt | None = None
@@ -215,6 +240,11 @@ class ProbeSpec(Frozen):
             raise ValueError("gradient_checkpointing must list at least one of false, true")
         return value
 
+    @field_validator("gpu_type")
+    @classmethod
+    def _canonical_gpu_type(cls, value: str | None) -> str | None:
+        return normalise_gpu_type(value) if value is not None else None
+
     @model_validator(mode="after")
     def _memory_for_simulated(self) -> ProbeSpec:
         if self.device == "simulated" and self.memory_limit_bytes is None:
@@ -223,14 +253,23 @@ class ProbeSpec(Frozen):
             raise ValueError("device 'predict' needs memory_limit_bytes or gpu (e.g. H100-80GB)")
         if self.gpu is not None and self.device != "predict":
             raise ValueError("gpu names a card to predict for; use it with device 'predict'")
+        if self.device == FLEET_DEVICE and self.gpu_type is None:
+            raise ValueError("device 'gpu' needs gpu_type, the kind of GPU to run on (e.g. H100-80GB)")
+        if self.gpu_type is not None and self.device.startswith("cuda"):
+            raise ValueError(
+                f"{self.device} names one GPU of the service's machine; to ask for a kind of GPU "
+                "use device 'gpu' with gpu_type"
+            )
         if self.memory_limit_bytes is not None and self.headroom_bytes >= self.memory_limit_bytes:
             raise ValueError("headroom_bytes must be smaller than memory_limit_bytes")
         return self
 
     @property
-    def device_kind(self) -> Literal["cuda", "simulated", "predict"]:
+    def device_kind(self) -> Literal["cuda", "gpu", "simulated", "predict"]:
         if self.device.startswith("cuda"):
             return "cuda"
+        if self.device == FLEET_DEVICE:
+            return "gpu"
         return "simulated" if self.device == "simulated" else "predict"
 
     @property

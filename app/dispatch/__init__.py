@@ -1,20 +1,59 @@
-"""Running probes: the dispatcher seam, its local implementation and the model inspector.
+"""Running probes: the dispatcher seam, its two implementations and the model inspector.
 
-The only part of ``app/`` that starts processes.
+The only part of ``app/`` that starts processes. :func:`make_dispatcher` picks the implementation
+the settings name; Ray is imported only when it is the one (``MAXBATCH_DISPATCHER=ray``).
 """
 
-from app.dispatch.base import CancelResult, Dispatcher, DispatchJob, JobSink, RunOutcome, RunStatus
+from __future__ import annotations
+
+from app.dispatch.base import (
+    CancelResult,
+    Dispatcher,
+    DispatchJob,
+    JobSink,
+    Placement,
+    RunOutcome,
+    RunStatus,
+)
+from app.dispatch.fleet import GpuKind
 from app.dispatch.inspector import ModelInspector
-from app.dispatch.local import LocalDispatcher, queue_for
+from app.dispatch.local import LocalDispatcher
+from app.inventory import Inventory
+from app.settings import Settings
 
 __all__ = [
     "CancelResult",
     "DispatchJob",
     "Dispatcher",
+    "GpuKind",
     "JobSink",
     "LocalDispatcher",
     "ModelInspector",
+    "Placement",
     "RunOutcome",
     "RunStatus",
-    "queue_for",
+    "make_dispatcher",
 ]
+
+
+def make_dispatcher(settings: Settings, inventory: Inventory) -> Dispatcher:
+    """The dispatcher ``settings.dispatcher`` names (not started)."""
+    if settings.dispatcher == "ray":
+        from app.dispatch.ray_dispatcher import RayDispatcher
+
+        return RayDispatcher(
+            address=settings.ray_address,
+            namespace=settings.ray_namespace,
+            command=settings.probe_command,
+            workdir=settings.ray_workdir,
+            timeout_seconds=settings.job_timeout_seconds,
+            queue_deadline_seconds=settings.queue_deadline_seconds,
+            probe_cpus=settings.ray_probe_cpus,
+        )
+    return LocalDispatcher(
+        settings.probe_command,
+        settings.jobs_dir,
+        timeout_seconds=settings.job_timeout_seconds,
+        inventory=inventory,
+        queue_deadline_seconds=settings.queue_deadline_seconds,
+    )

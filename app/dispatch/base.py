@@ -1,7 +1,8 @@
-"""The dispatcher seam: what the service asks of whatever runs probes (local processes now, Ray later).
+"""The dispatcher seam: what the service asks of whatever runs probes (local processes, or a Ray cluster).
 
-The service hands over :class:`DispatchJob` values and hears back through a :class:`JobSink`;
-it never learns where or how a probe runs.
+The service asks where a request would run (:meth:`Dispatcher.place`), hands over
+:class:`DispatchJob` values and hears back through a :class:`JobSink`; it never learns where or
+how a probe runs.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
 
-from probes.spec import ProbeEvent
+from app.dispatch.fleet import GpuKind
+from probes.spec import ProbeEvent, ProbeSpec
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +44,10 @@ class RunStatus(StrEnum):
     CANCELLED = "cancelled"
     #: the service is shutting down; its process group was killed (the job should run again)
     SHUTDOWN = "shutdown"
+    #: the worker or node that ran it died mid-probe (the job runs again once, then is interrupted)
+    LOST = "lost"
+    #: it waited for its device past the queue deadline and never ran
+    EXPIRED = "expired"
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +57,15 @@ class RunOutcome:
     code: str | None = None
     message: str | None = None
     known: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where a request will wait: its queue, and the spec as it will run (``gpu_type`` spelled as the
+    fleet spells it)."""
+
+    queue: str
+    spec: ProbeSpec
 
 
 class CancelResult(StrEnum):
@@ -65,8 +80,13 @@ class CancelResult(StrEnum):
 class JobSink(Protocol):
     """What the dispatcher reports to (the job service). Called from dispatcher threads."""
 
-    def job_started(self, job_id: str, *, pid: int, workdir: Path) -> bool:
-        """A child is running the job. Return False to have it killed (the job is gone)."""
+    def job_waiting(self, job_id: str, reason: str) -> None:
+        """Why a queued job still waits (its ``queued_reason``)."""
+        ...
+
+    def job_started(self, job_id: str, *, pid: int, workdir: Path, node: str | None = None) -> bool:
+        """A child is running the job (on ``node``, where the dispatcher has several). Return False to
+        have it killed (the job is gone)."""
         ...
 
     def job_event(self, job_id: str, event: ProbeEvent) -> None: ...
@@ -75,7 +95,18 @@ class JobSink(Protocol):
 
 
 class Dispatcher(ABC):
-    """Runs probe jobs, at most one at a time per queue (device)."""
+    """Runs probe jobs: never two at once on one GPU."""
+
+    #: True when ``cuda:N`` names a GPU of the service's own machine; False where such requests are refused
+    local_gpus: bool = True
+
+    @abstractmethod
+    def place(self, spec: ProbeSpec) -> Placement:
+        """The queue ``spec`` would wait in; an ``ApiError`` (422) when this dispatcher cannot run it."""
+
+    @abstractmethod
+    def gpu_kinds(self) -> list[GpuKind]:
+        """The kinds of GPU that ``device: gpu`` requests can name, with total and free counts."""
 
     @abstractmethod
     def start(self, sink: JobSink) -> None:
@@ -90,7 +121,7 @@ class Dispatcher(ABC):
 
     @abstractmethod
     def running(self) -> dict[str, str]:
-        """Queue name → id of the job running there now."""
+        """Queue name → id of a job running there now (one of them, where a queue runs several)."""
 
     @abstractmethod
     def own_process_groups(self) -> set[int]:

@@ -6,6 +6,9 @@ and shutdown kill together. Its stdout carries one :data:`~probes.protocol.Child
 (progress events); its stderr goes to ``stderr.log`` in the job's work directory, whose tail
 explains a crash. The exit status is a :class:`~probes.protocol.ExitCode`: ``OK`` a result,
 ``INPUT`` an input error, ``FAILED`` a failed probe; anything else (or a signal) is a crash.
+
+A fleet request (device ``gpu``) runs on the device the dispatcher was given for it (``cuda:N``
+here, ``cuda:0`` in a Ray worker that holds one GPU); its result names the request as it came.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from pydantic import ValidationError
 import probes
 from app.dispatch.base import DispatchJob, RunOutcome, RunStatus
 from probes.protocol import ErrorInfo, ExitCode, MalformedMessage, parse_child_line, parse_error_document
-from probes.spec import ProbeEvent, ProbeResult
+from probes.spec import FLEET_DEVICE, ProbeEvent, ProbeResult, ProbeSpec
 
 log = logging.getLogger("maxbatch.dispatch")
 
@@ -124,6 +127,20 @@ class _EventReader(threading.Thread):
             log.exception("job %s: handling an event failed", self._job_id)
 
 
+def spec_for_child(spec_json: str, device: str | None) -> tuple[str, ProbeSpec | None]:
+    """The spec the child runs, and the request to name in its result when that differs.
+
+    A fleet request (device ``gpu``) becomes a request for ``device``, the GPU it was given.
+    """
+    spec = ProbeSpec.model_validate_json(spec_json)
+    if spec.device != FLEET_DEVICE:
+        return spec_json, None
+    if device is None:
+        raise ValueError("a request for device 'gpu' reached a worker that holds no GPU")
+    concrete = ProbeSpec.model_validate({**spec.model_dump(mode="json"), "device": device, "gpu_type": None})
+    return concrete.model_dump_json(), spec
+
+
 def run_child(
     command: list[str],
     job: DispatchJob,
@@ -135,16 +152,22 @@ def run_child(
     on_start: Callable[[int], bool],
     on_event: Callable[[ProbeEvent], None],
     grace_seconds: float = 3.0,
+    device: str | None = None,
 ) -> RunOutcome:
     """Run the probe child for ``job`` to its end; never raises for anything the child does.
 
     Cancel, shutdown and timeout stop the child's whole process group (SIGTERM, then SIGKILL
-    after ``grace_seconds``); after any end, strays left in the group are killed.
+    after ``grace_seconds``); after any end, strays left in the group are killed. ``device`` is
+    the GPU a fleet request (device ``gpu``) runs on.
     """
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     spec_path, result_path = workdir / "spec.json", workdir / "result.json"
-    spec_path.write_text(job.spec_json)
+    try:
+        child_spec, requested = spec_for_child(job.spec_json, device)
+    except ValueError as exc:
+        return RunOutcome(RunStatus.CRASH, message=f"the dispatcher could not run the probe: {exc}")
+    spec_path.write_text(child_spec)
     result_path.unlink(missing_ok=True)
     argv = [*command, "run", "--spec", str(spec_path), "--result", str(result_path)]
     if job.allow_remote_code:
@@ -175,7 +198,7 @@ def run_child(
         proc.stdout.close()
     if ended is not None:
         return ended
-    return _classify(proc.returncode, result_path, workdir / "stderr.log")
+    return _classify(proc.returncode, result_path, workdir / "stderr.log", requested)
 
 
 def _wait(
@@ -200,7 +223,9 @@ def _wait(
     return None
 
 
-def _classify(returncode: int, result_path: Path, stderr_path: Path) -> RunOutcome:
+def _classify(
+    returncode: int, result_path: Path, stderr_path: Path, requested: ProbeSpec | None = None
+) -> RunOutcome:
     if returncode == ExitCode.OK:
         try:
             result = ProbeResult.model_validate_json(result_path.read_bytes())
@@ -208,6 +233,8 @@ def _classify(returncode: int, result_path: Path, stderr_path: Path) -> RunOutco
             return RunOutcome(
                 RunStatus.CRASH, message=f"the probe exited 0 but left no readable result: {str(exc)[:300]}"
             )
+        if requested is not None:
+            result = result.model_copy(update={"spec": requested})
         return RunOutcome(RunStatus.SUCCEEDED, result_json=result.model_dump_json())
     if returncode in (ExitCode.INPUT, ExitCode.FAILED):
         error = _read_error(result_path)

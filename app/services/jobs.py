@@ -19,7 +19,6 @@ from typing import Any
 
 from app.dispatch.base import CancelResult, Dispatcher
 from app.dispatch.inspector import ModelInspector
-from app.dispatch.local import queue_for
 from app.errors import IdempotencyKeyReused, JobFinished, JobNotFound, QueueFull
 from app.inventory import GpuInfo, Inventory
 from app.schemas import TERMINAL_STATUSES, Job, JobPage, JobStatus, ProbeSubmission, TrialList
@@ -85,6 +84,8 @@ class JobService:
     # --- submit --------------------------------------------------------------------------------
 
     def submit(self, spec: ProbeSpec, options: SubmitOptions) -> ProbeSubmission:
+        placement = self.dispatcher.place(spec)  # 422 when the dispatcher cannot run it (no such GPU type)
+        spec = placement.spec
         gpus = self.inventory.gpus() if spec.device_kind == "cuda" else []
         admitted = admit(
             spec,
@@ -114,7 +115,7 @@ class JobService:
             NewJob(
                 id=job_id,
                 device=spec.device,
-                queue=queue_for(spec.device),
+                queue=placement.queue,
                 model=spec.model.label,
                 spec_json=spec.model_dump_json(),
                 cache_key=key,

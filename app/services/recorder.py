@@ -25,7 +25,8 @@ from probes.spec import EventKind, ProbeEvent
 log = logging.getLogger("maxbatch.jobs")
 
 MAX_ATTEMPTS = 2
-"""A job whose child was running when the service died is re-queued once; the second time it fails."""
+"""A job whose child was running when the service or its worker died is re-queued once; the second
+time it fails (``interrupted``)."""
 
 DONE = "done"
 """The last event of every job's stream."""
@@ -33,8 +34,9 @@ DONE = "done"
 ERROR_TITLES: dict[str, str] = {
     "crash": "Probe child crashed",
     "timeout": "Probe timed out",
-    "interrupted": "Interrupted twice by a service restart",
+    "interrupted": "Interrupted twice (a service restart or a lost worker)",
     "cancelled": "Cancelled",
+    "queue-timeout": "Not started before the queue deadline",
 }
 
 
@@ -92,7 +94,7 @@ class JobRecorder:
                 )
                 self.finish(record.id, JobStatus.FAILED, error_json=job_error("interrupted", message))
                 log.warning("job %s failed: interrupted %d times", record.id, record.attempts)
-            elif self.store.requeue(record.id) is not None:
+            elif self.store.requeue(record.id, reason="re-queued after the service restarted") is not None:
                 self.emit(record.id, "queued", {"reason": "re-queued after the service restarted"})
                 log.warning("job %s re-queued: the service stopped while it ran", record.id)
         for record in self.store.with_status(JobStatus.QUEUED):
@@ -113,11 +115,15 @@ class JobRecorder:
 
     # --- JobSink -------------------------------------------------------------------------------
 
-    def job_started(self, job_id: str, *, pid: int, workdir: Path) -> bool:
-        record = self.store.mark_running(job_id, child_pid=pid, workdir=str(workdir))
+    def job_waiting(self, job_id: str, reason: str) -> None:
+        if self.store.set_queued_reason(job_id, reason):
+            self.emit(job_id, "waiting", {"reason": reason})
+
+    def job_started(self, job_id: str, *, pid: int, workdir: Path, node: str | None = None) -> bool:
+        record = self.store.mark_running(job_id, child_pid=pid, workdir=str(workdir), node=node)
         if record is None:
             return False
-        self.emit(job_id, "started", {"attempt": record.attempts})
+        self.emit(job_id, "started", {"attempt": record.attempts, "node": node})
         return True
 
     def job_event(self, job_id: str, event: ProbeEvent) -> None:
@@ -142,10 +148,14 @@ class JobRecorder:
     def job_finished(self, job_id: str, outcome: RunOutcome) -> None:
         record = self.store.get(job_id)
         started = record.started_at if record else None
-        self.metrics.run(outcome.status.value, time.time() - started if started else None)
+        if outcome.status is not RunStatus.EXPIRED:  # an expired job never ran a child
+            self.metrics.run(outcome.status.value, time.time() - started if started else None)
         if outcome.status is RunStatus.SHUTDOWN:
             if self.store.requeue(job_id, refund_attempt=True) is not None:
                 self.emit(job_id, "queued", {"reason": "re-queued: the service shut down while it ran"})
+            return
+        if outcome.status is RunStatus.LOST and record is not None:
+            self._lost(record, outcome.message or "the worker running the probe died")
             return
         if outcome.status is RunStatus.SUCCEEDED:
             self.finish(job_id, JobStatus.SUCCEEDED, result_json=outcome.result_json)
@@ -156,3 +166,17 @@ class JobRecorder:
             message = outcome.message or f"the probe ended as {outcome.status.value}"
             self.finish(job_id, JobStatus.FAILED, error_json=job_error(code, message, outcome.known))
         log.info("job %s ended: %s", job_id, outcome.status.value)
+
+    def _lost(self, record: JobRecord, message: str) -> None:
+        """The worker or node running the job died: run it again once, then fail it as interrupted."""
+        if record.attempts < MAX_ATTEMPTS:
+            reason = f"re-queued: {message}"
+            requeued = self.store.requeue(record.id, reason=reason)
+            if requeued is not None:
+                self.emit(record.id, "queued", {"reason": reason})
+                self.dispatcher.submit(dispatch_job(requeued))
+                log.warning("job %s re-queued: %s", record.id, message)
+            return
+        detail = f"{message}; it was interrupted {record.attempts} times and is not retried again"
+        self.finish(record.id, JobStatus.FAILED, error_json=job_error("interrupted", detail))
+        log.warning("job %s failed: %s", record.id, detail)

@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass
 from typing import IO
 
-from app.dispatch import Dispatcher, LocalDispatcher, ModelInspector
+from app.dispatch import Dispatcher, ModelInspector, make_dispatcher
 from app.inventory import Inventory, make_inventory
 from app.services.cache import SoftwareVersions
 from app.services.events import EventBus
@@ -75,9 +75,7 @@ class Runtime:
             lock_file.close()
             raise
         inventory = inventory or make_inventory(settings.nvml)
-        dispatcher = LocalDispatcher(
-            settings.probe_command, settings.jobs_dir, timeout_seconds=settings.job_timeout_seconds
-        )
+        dispatcher = make_dispatcher(settings, inventory)
         inspector = None
         if settings.inspect_models:
             inspector = ModelInspector(
@@ -113,10 +111,11 @@ class Runtime:
             runtime.close()
             raise
         log.info(
-            "maxbatch ready: data %s, NVML %s, %d GPU(s)",
+            "maxbatch ready: data %s, NVML %s, %d GPU(s), %s dispatcher",
             settings.data_dir.resolve(),
             inventory.state,
             len(inventory.gpus()),
+            settings.dispatcher,
         )
         return runtime
 

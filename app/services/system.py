@@ -5,8 +5,8 @@ from __future__ import annotations
 import sqlite3
 
 from app.dispatch.base import Dispatcher
+from app.dispatch.fleet import GpuKind
 from app.dispatch.inspector import ModelInspector
-from app.dispatch.local import queue_for
 from app.inventory import GpuInfo, Inventory
 from app.schemas import DeviceEntry, DeviceList, Gpu, GpuProcess, Health, JobStatus
 from app.services.admission import other_processes_memory, pids_in_groups
@@ -51,7 +51,7 @@ class SystemService:
             ),
         ]
         own = self.dispatcher.own_process_groups()
-        for gpu in self.inventory.gpus():
+        for gpu in self.inventory.gpus() if self.dispatcher.local_gpus else []:
             entries.append(
                 DeviceEntry(
                     device=gpu.device,
@@ -64,11 +64,27 @@ class SystemService:
         for entry in entries:
             entry.queued_jobs = queued.get(entry.device, 0)
             entry.running_job = running.get(entry.device)
+        entries.extend(self._gpu_type(kind) for kind in self.dispatcher.gpu_kinds())
         return DeviceList(
             devices=entries,
             nvml=self.inventory.state,
             nvml_error=self.inventory.error,
             driver_version=self.inventory.driver_version(),
+        )
+
+    @staticmethod
+    def _gpu_type(kind: GpuKind) -> DeviceEntry:
+        free = f", {kind.free} free" if kind.free is not None else ""
+        where = f"on {kind.nodes} node{'s' if kind.nodes != 1 else ''}"
+        return DeviceEntry(
+            device="gpu",
+            kind="gpu",
+            description=f"{kind.total} × {kind.name} {where}{free}; ask for device 'gpu' with gpu_type",
+            total_memory_bytes=kind.memory_bytes,
+            gpu_type=kind.name,
+            count=kind.total,
+            free=kind.free,
+            nodes=kind.nodes,
         )
 
     def store_device(self, job_id: str) -> str | None:
@@ -97,6 +113,11 @@ class SystemService:
             other_processes_memory_bytes=held,
             busy=held > self.settings.busy_memory_bytes,
         )
+
+    def _gpu_queues(self) -> list[str]:
+        if self.dispatcher.local_gpus:
+            return [gpu.device for gpu in self.inventory.gpus()]
+        return [f"gpu:{kind.name}" for kind in self.dispatcher.gpu_kinds()]
 
     def readiness(self) -> Health:
         checks: dict[str, str] = {}
@@ -129,7 +150,7 @@ class SystemService:
             jobs_by_status={status.value: counts.get(status, 0) for status in JobStatus},
             queued_by_queue=self.store.queued_by_queue(),
             running_by_queue=self.dispatcher.running(),
-            queues=("cpu", *(queue_for(gpu.device) for gpu in self.inventory.gpus())),
+            queues=("cpu", *self._gpu_queues()),
         )
 
     def metrics_text(self) -> str:

@@ -6,7 +6,7 @@ import time
 from dataclasses import asdict
 from datetime import UTC, datetime
 
-from app.schemas import CurrentConfig, Job, JobError, JobSummary, Progress, TrialEntry
+from app.schemas import CurrentConfig, Job, JobError, JobStatus, JobSummary, Progress, TrialEntry
 from app.store import JobRecord, StoredTrial
 from probes.spec import ModelFacts, ProbeResult, ProbeSpec
 
@@ -40,6 +40,8 @@ def summary_view(record: JobRecord) -> JobSummary:
         started_at=_maybe_when(record.started_at),
         finished_at=_maybe_when(record.finished_at),
         attempts=record.attempts,
+        queued_reason=record.queued_reason if record.status is JobStatus.QUEUED else None,
+        node=record.node,
         progress=progress_view(record),
         error=JobError.model_validate_json(record.error_json) if record.error_json else None,
     )

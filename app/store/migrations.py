@@ -81,6 +81,11 @@ MIGRATIONS: tuple[str, ...] = (
     """
     DROP TABLE configs;
     """,
+    # 3: why a queued job waits, and the node a job ran on (the Ray dispatcher's fleet)
+    """
+    ALTER TABLE jobs ADD COLUMN queued_reason TEXT;
+    ALTER TABLE jobs ADD COLUMN node TEXT;
+    """,
 )
 
 

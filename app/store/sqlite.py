@@ -47,6 +47,8 @@ class JobRecord:
     result_json: str | None
     child_pid: int | None
     workdir: str | None
+    queued_reason: str | None
+    node: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,14 +352,24 @@ class Store:
         )
         return seq
 
-    def mark_running(self, job_id: str, *, child_pid: int, workdir: str) -> JobRecord | None:
+    def set_queued_reason(self, job_id: str, reason: str) -> bool:
+        """Why a queued job waits; False when it is no longer queued."""
+        with self._tx() as conn:
+            cur = conn.execute(
+                "UPDATE jobs SET queued_reason = ? WHERE id = ? AND status = 'queued'", (reason, job_id)
+            )
+            return cur.rowcount > 0
+
+    def mark_running(
+        self, job_id: str, *, child_pid: int, workdir: str, node: str | None = None
+    ) -> JobRecord | None:
         """queued → running; counts the attempt. ``None`` when the job is no longer queued."""
         with self._tx() as conn:
             cur = conn.execute(
                 "UPDATE jobs SET status = 'running', started_at = ?, finished_at = NULL,"
-                " attempts = attempts + 1, child_pid = ?, workdir = ?, configs_done = 0,"
-                " trials_done = 0, current_json = NULL WHERE id = ? AND status = 'queued'",
-                (time.time(), child_pid, workdir, job_id),
+                " attempts = attempts + 1, child_pid = ?, workdir = ?, node = ?, queued_reason = NULL,"
+                " configs_done = 0, trials_done = 0, current_json = NULL WHERE id = ? AND status = 'queued'",
+                (time.time(), child_pid, workdir, node, job_id),
             )
             if cur.rowcount == 0:
                 return None
@@ -417,7 +429,8 @@ class Store:
         with self._tx() as conn:
             cur = conn.execute(
                 f"UPDATE jobs SET status = ?, finished_at = ?, error_json = ?, result_json = ?,"
-                f" current_json = NULL, child_pid = NULL WHERE id = ? AND status IN ({marks})",
+                f" current_json = NULL, child_pid = NULL, queued_reason = NULL"
+                f" WHERE id = ? AND status IN ({marks})",
                 (status.value, time.time(), error_json, result_json, job_id, *(s.value for s in only_if)),
             )
             if cur.rowcount == 0:
@@ -425,13 +438,16 @@ class Store:
             row = conn.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return _record(row)
 
-    def requeue(self, job_id: str, *, refund_attempt: bool = False) -> JobRecord | None:
-        """running → queued (restart, or a graceful shutdown that refunds the attempt)."""
+    def requeue(
+        self, job_id: str, *, refund_attempt: bool = False, reason: str | None = None
+    ) -> JobRecord | None:
+        """running → queued (restart, a lost worker, or a graceful shutdown that refunds the attempt)."""
         with self._tx() as conn:
             cur = conn.execute(
-                "UPDATE jobs SET status = 'queued', started_at = NULL, child_pid = NULL,"
-                " current_json = NULL, attempts = attempts - ? WHERE id = ? AND status = 'running'",
-                (int(refund_attempt), job_id),
+                "UPDATE jobs SET status = 'queued', started_at = NULL, child_pid = NULL, node = NULL,"
+                " current_json = NULL, queued_reason = ?, attempts = attempts - ?"
+                " WHERE id = ? AND status = 'running'",
+                (reason, int(refund_attempt), job_id),
             )
             if cur.rowcount == 0:
                 return None

@@ -122,8 +122,12 @@ class _Sink:
         self.events: list[ProbeEvent] = []
         self.finished: dict[str, RunOutcome] = {}
         self.done = threading.Event()
+        self.waiting: dict[str, str] = {}
 
-    def job_started(self, job_id: str, *, pid: int, workdir: Path) -> bool:
+    def job_waiting(self, job_id: str, reason: str) -> None:
+        self.waiting[job_id] = reason
+
+    def job_started(self, job_id: str, *, pid: int, workdir: Path, node: str | None = None) -> bool:
         self.started.append(job_id)
         return True
 
