@@ -1,4 +1,5 @@
-"""``maxbatch``: ``serve`` runs the HTTP service; ``probe`` runs one probe here (probes.cli)."""
+"""``maxbatch``: ``serve`` runs the HTTP service; ``probe`` runs one probe here (probes.cli); ``plan``
+asks a running service for a launch script's plan (app.launcher)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import typer
 from typer.exceptions import TyperException
 
 import probes.cli
+from app.dispatch import require_dispatcher
+from app.launcher import plan
 from app.settings import Settings, get_settings, is_loopback
 from probes.protocol import ExitCode
 
@@ -20,6 +23,7 @@ cli = typer.Typer(
     add_completion=False,
 )
 cli.command("probe")(probes.cli.probe)
+cli.command("plan")(plan)
 
 log = logging.getLogger("maxbatch")
 
@@ -63,7 +67,8 @@ def serve(
     try:
         settings = get_settings(**overrides)
         access = check_exposure(settings)
-    except ValueError as exc:
+        require_dispatcher(settings)
+    except (ValueError, RuntimeError) as exc:
         typer.echo(f"maxbatch: error: {exc}", err=True)
         raise typer.Exit(ExitCode.INPUT) from exc
     logging.basicConfig(

@@ -76,6 +76,7 @@ def build_spec(
     warmup_ratio: float | None,
     trial_timeout: float,
     confirm_steps: int,
+    gpu_type: str | None = None,
 ) -> ProbeSpec:
     """The spec the flags describe; every problem ends in :func:`fail_input`."""
     overrides: object = {}
@@ -111,6 +112,7 @@ def build_spec(
         "warmup_ratio": warmup_ratio,
         "trial_timeout_seconds": trial_timeout,
         "confirm_optimizer_steps": confirm_steps,
+        "gpu_type": gpu_type,
     }
     if precision:
         fields["precisions"] = precision

@@ -6,6 +6,8 @@ the settings name; Ray is imported only when it is the one (``MAXBATCH_DISPATCHE
 
 from __future__ import annotations
 
+import importlib.util
+
 from app.dispatch.base import (
     CancelResult,
     Dispatcher,
@@ -33,7 +35,16 @@ __all__ = [
     "RunOutcome",
     "RunStatus",
     "make_dispatcher",
+    "require_dispatcher",
 ]
+
+
+def require_dispatcher(settings: Settings) -> None:
+    """``RuntimeError`` saying how to install what the named dispatcher needs, when it is missing."""
+    if settings.dispatcher == "ray" and importlib.util.find_spec("ray") is None:
+        raise RuntimeError(
+            "MAXBATCH_DISPATCHER=ray needs Ray on the service's machine: pip install 'maxbatch[ray]'"
+        )
 
 
 def make_dispatcher(settings: Settings, inventory: Inventory) -> Dispatcher:

@@ -51,7 +51,7 @@ def matching(requested: str, kinds: Iterable[GpuKind]) -> list[GpuKind]:
     if found:
         return found
     known = known_names(kinds)
-    have = f"it has {', '.join(known)}" if known else "it has no GPU nodes that say their type"
+    have = f"it has {', '.join(known)}" if known else "there is no GPU to place it on"
     unsized = [
         k.name for k in kinds if k.type.memory_gb is None and k.type.model.upper() == wanted.model.upper()
     ]

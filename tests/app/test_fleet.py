@@ -29,38 +29,15 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from app.inventory import GpuInfo
 from app.main import create_app
 from tests.app.conftest import FAKE_PROBE, FakeInventory, make_settings, probe_body
+from tests.app.fleets import LOCAL_GPUS, NODES, RAY_ENV, RayTestCluster, start_cluster
 from tests.app.live_server import LiveServer
-from tests.app.ray_cluster import NODES, RAY_ENV, RayTestCluster, start_cluster
 
 GIB = 1024**3
 MIB = 1024**2
 FLEET_TYPES = set(NODES)
 Client = httpx.Client | TestClient
-
-
-def _local_gpu(index: int, name: str, total: int) -> GpuInfo:
-    return GpuInfo(
-        index=index,
-        nvml_index=index,
-        uuid=f"GPU-{index:08d}-aaaa-bbbb-cccc-dddddddddddd",
-        name=name,
-        total_memory_bytes=total,
-        used_memory_bytes=0,
-        free_memory_bytes=total,
-        compute_capability="8.0",
-        processes=(),
-    )
-
-
-LOCAL_GPUS = [
-    _local_gpu(0, "NVIDIA H100 80GB HBM3", 80 * GIB),
-    _local_gpu(1, "NVIDIA H100 80GB HBM3", 80 * GIB),
-    _local_gpu(2, "NVIDIA A100-SXM4-40GB", 40 * GIB),
-]
-"""The local machine of the ``local`` fleet: the same GPU types and counts as the Ray cluster."""
 
 
 @dataclass

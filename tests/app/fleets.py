@@ -1,4 +1,6 @@
-"""A real Ray cluster on this machine for the fleet tests: a head and two worker nodes with fake GPUs.
+"""The fleets the tests run against: a real Ray cluster on this machine, and a local machine like it.
+
+The cluster has a head and two worker nodes with fake GPUs.
 
 Ray's own tests fake accelerators the same way: ``num_gpus`` plus the ``accelerator_type:…``
 resources a real node of that kind carries (the bare model, which Ray sets itself, and the sized
@@ -12,6 +14,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from typing import Any
+
+from app.inventory import GpuInfo
 
 RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 """For every process that starts or joins the test cluster (this one, the service under test)."""
@@ -32,6 +36,30 @@ NODES: dict[str, dict[str, Any]] = {
     },
 }
 """The fake GPU nodes: two H100-80GB on one, one A100-40GB on the other."""
+
+GIB = 1024**3
+
+
+def _local_gpu(index: int, name: str, total: int) -> GpuInfo:
+    return GpuInfo(
+        index=index,
+        nvml_index=index,
+        uuid=f"GPU-{index:08d}-aaaa-bbbb-cccc-dddddddddddd",
+        name=name,
+        total_memory_bytes=total,
+        used_memory_bytes=0,
+        free_memory_bytes=total,
+        compute_capability="8.0",
+        processes=(),
+    )
+
+
+LOCAL_GPUS = [
+    _local_gpu(0, "NVIDIA H100 80GB HBM3", 80 * GIB),
+    _local_gpu(1, "NVIDIA H100 80GB HBM3", 80 * GIB),
+    _local_gpu(2, "NVIDIA A100-SXM4-40GB", 40 * GIB),
+]
+"""A machine (for a stand-in NVML) with the same GPU types and counts as the Ray cluster."""
 
 
 @dataclass

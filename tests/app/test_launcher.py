@@ -1,0 +1,239 @@
+"""``maxbatch plan`` against a real running service: the three formats, the exit codes.
+
+Two services run for the module (``maxbatch serve`` subprocesses, local dispatcher): one with the
+real probe engine (a tiny GPT-2 on ``simulated``; the first plan runs it, later ones are answered
+from the cache) and one with the fake probe child and a bearer token, for the failure paths.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import typer.main
+
+from app.cli import cli
+from app.launcher import EXIT_CODES, PROBE_ONLY_FLAGS, training_flags
+from tests.app.conftest import FAKE_PROBE
+from tests.app.live_server import ROOT, LiveServer, free_port
+
+
+def _hf_parse(flags: list[str]) -> Any:
+    """``flags`` as a ``HfArgumentParser(TrainingArguments)`` script reads them."""
+    from transformers import HfArgumentParser, TrainingArguments
+
+    parser = HfArgumentParser(TrainingArguments)  # type: ignore[arg-type]  # transformers' stub is narrower
+    (args,) = parser.parse_args_into_dataclasses(args=flags, look_for_args_file=False)
+    return args
+
+
+TINY_GPT2 = {"n_layer": 1, "n_embd": 32, "n_head": 2, "vocab_size": 256, "n_positions": 64}
+TOKEN = "s3cret-launcher-token"
+
+
+def _request(config: dict[str, Any], *extra: str) -> list[str]:
+    return [
+        "--architecture",
+        "gpt2",
+        "--config-json",
+        json.dumps(config),
+        "--seq-len",
+        "32",
+        "--target-batch-size",
+        "16",
+        "--precision",
+        "32-true",
+        "--checkpointing",
+        "off",
+        "--device",
+        "simulated",
+        "--memory",
+        "8MiB",
+        *extra,
+    ]
+
+
+def plan(server: str, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", "plan", "--server", server, *args],
+        cwd=ROOT,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def real_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    data = tmp_path_factory.mktemp("launcher-real") / "data"
+    with LiveServer(data, {"MAXBATCH_NVML": "off", "MAXBATCH_INSPECT_MODELS": "false"}) as server:
+        yield server.url
+
+
+@pytest.fixture(scope="module")
+def fake_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    data = tmp_path_factory.mktemp("launcher-fake") / "data"
+    env = {
+        "MAXBATCH_NVML": "off",
+        "MAXBATCH_API_TOKEN": TOKEN,
+        "MAXBATCH_PROBE_COMMAND": json.dumps([sys.executable, str(FAKE_PROBE)]),
+    }
+    with LiveServer(data, env) as server:
+        yield server.url
+
+
+@pytest.fixture(scope="module")
+def recommendation(real_server: str) -> dict[str, Any]:
+    done = plan(real_server, *_request(TINY_GPT2), "--format", "json")
+    assert done.returncode == 0, done.stderr
+    assert "maxbatch: job " in done.stderr  # progress went to stderr
+    answer = json.loads(done.stdout)
+    assert answer["device"]["kind"] == "simulated"
+    rec: dict[str, Any] = answer["recommendation"]
+    return rec
+
+
+@pytest.mark.slow
+def test_args_read_back_by_a_real_hf_argument_parser(
+    real_server: str, recommendation: dict[str, Any], tmp_path: Path
+) -> None:
+    done = plan(real_server, *_request(TINY_GPT2), "--format", "args")
+    assert done.returncode == 0, done.stderr
+    assert "answered from an earlier identical probe" in done.stderr
+    flags = shlex.split(done.stdout)
+    assert flags[0] == "--per_device_train_batch_size"
+    args = _hf_parse([*flags, "--output_dir", str(tmp_path / "out")])
+    plan_ = recommendation["plan"]
+    assert args.per_device_train_batch_size == plan_["per_device_train_batch_size"]
+    assert args.gradient_accumulation_steps == plan_["gradient_accumulation_steps"]
+    for name, value in recommendation["training_arguments"].items():
+        if name != "output_dir":
+            assert getattr(args, name) == value, name
+
+
+@pytest.mark.slow
+def test_env_is_what_a_shell_can_eval(real_server: str, recommendation: dict[str, Any]) -> None:
+    command = shlex.join(
+        [
+            sys.executable,
+            "-m",
+            "app.cli",
+            "plan",
+            "--server",
+            real_server,
+            *_request(TINY_GPT2),
+            "--format",
+            "env",
+        ]
+    )
+    script = (
+        f'eval "$({command})" && echo "$MAXBATCH_PER_DEVICE_TRAIN_BATCH_SIZE '
+        '$MAXBATCH_GRADIENT_ACCUMULATION_STEPS $MAXBATCH_PRECISION $MAXBATCH_GRADIENT_CHECKPOINTING" '
+        '&& echo "$MAXBATCH_TRAINING_ARGS"'
+    )
+    done = subprocess.run(
+        ["bash", "-c", script], cwd=ROOT, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    values, args = done.stdout.splitlines()
+    plan_ = recommendation["plan"]
+    assert values.split() == [
+        str(plan_["per_device_train_batch_size"]),
+        str(plan_["gradient_accumulation_steps"]),
+        recommendation["precision"],
+        str(recommendation["gradient_checkpointing"]).lower(),
+    ]
+    assert shlex.split(args) == training_flags(recommendation["training_arguments"])
+
+
+def _fake(
+    server: str, config: dict[str, Any], *extra: str, token: str | None = TOKEN
+) -> subprocess.CompletedProcess[str]:
+    auth = ["--token", token] if token else []
+    return plan(server, *_request({"n_layer": 2, **config}, *auth, *extra), timeout=120)
+
+
+def test_a_finished_probe_without_a_plan_exits_4(fake_server: str) -> None:
+    done = _fake(fake_server, {"fake": "ok", "case": "no-plan"})
+    assert done.returncode == 4, done.stderr
+    assert done.stdout == ""
+    assert "no plan reaches the target" in done.stderr
+
+
+def test_a_failed_probe_exits_3(fake_server: str) -> None:
+    done = _fake(fake_server, {"fake": "exit3"})
+    assert done.returncode == 3, done.stderr
+    assert "every trial crashed" in done.stderr
+
+
+def test_bad_flags_exit_2_before_any_request() -> None:
+    nobody = f"http://127.0.0.1:{free_port()}"
+    done = plan(nobody, *_request(TINY_GPT2, "--world-size", "0"))
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1
+    assert "world_size" in done.stderr
+
+
+def test_a_request_the_service_refuses_exits_2_with_its_reason(fake_server: str) -> None:
+    done = _fake(fake_server, {}, "--device", "gpu", "--gpu-type", "h100_80gb")
+    assert done.returncode == 2, done.stderr
+    assert "no node has a H100-80GB" in done.stderr
+    without_token = _fake(fake_server, {}, token=None)
+    assert without_token.returncode == 2
+    assert "Bearer" in without_token.stderr
+
+
+def test_no_answer_exits_5(fake_server: str) -> None:
+    unreachable = plan(f"http://127.0.0.1:{free_port()}", *_request(TINY_GPT2))
+    assert unreachable.returncode == 5
+    assert "cannot reach the maxbatch service" in unreachable.stderr
+    slow = _fake(fake_server, {"fake": "sleep", "fake_seconds": 30}, "--timeout", "1")
+    assert slow.returncode == 5, slow.stderr
+    assert "no answer within the --timeout" in slow.stderr
+
+
+def test_plan_takes_every_probe_flag_and_documents_its_exit_codes() -> None:
+    commands = typer.main.get_command(cli).commands  # type: ignore[attr-defined]
+    probe = {p.name for p in commands["probe"].params} - set(PROBE_ONLY_FLAGS)
+    planned = {p.name for p in commands["plan"].params}
+    assert probe <= planned
+    assert planned - probe == {"server", "token", "gpu_type", "output", "timeout"}
+    help_text = commands["plan"].help or ""
+    for code in EXIT_CODES:
+        assert str(code) in help_text
+
+
+def test_training_flags_round_trip_through_hf_argument_parser(tmp_path: Path) -> None:
+    arguments = {
+        "per_device_train_batch_size": 8,
+        "gradient_accumulation_steps": 4,
+        "max_grad_norm": 1.0,
+        "optim": "adamw_torch",
+        "bf16": True,
+        "max_steps": 120,
+        "warmup_steps": 12,
+        "fsdp": "full_shard auto_wrap",
+        "fsdp_config": {"transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]},
+        "output_dir": "ignored",
+    }
+    flags = training_flags(arguments)
+    assert "--output_dir" not in flags
+    args = _hf_parse([*flags, "--use_cpu", "True", "--output_dir", str(tmp_path)])
+    for name in (
+        "per_device_train_batch_size",
+        "gradient_accumulation_steps",
+        "max_grad_norm",
+        "bf16",
+        "max_steps",
+    ):
+        assert getattr(args, name) == arguments[name]
+    assert args.fsdp_config["transformer_layer_cls_to_wrap"] == ["LlamaDecoderLayer"]
