@@ -12,6 +12,8 @@ FROM python:3.11-slim
 ARG TORCH_VERSION=2.13.0
 # The CUDA build of torch: cu126, cu128, ... (see https://download.pytorch.org/whl/).
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+# Optional extras of maxbatch, e.g. "ray" for the Ray dispatcher and the nodes of its cluster.
+ARG EXTRAS=
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -33,7 +35,7 @@ WORKDIR /opt/maxbatch
 COPY pyproject.toml README.md ./
 COPY probes ./probes
 COPY app ./app
-RUN pip install .
+RUN pip install ".${EXTRAS:+[$EXTRAS]}"
 
 ENV MAXBATCH_DATA_DIR=/data \
     MAXBATCH_HOST=0.0.0.0 \

@@ -93,6 +93,13 @@ function loadDraft() {
   try { return JSON.parse(text); } catch { return null; }
 }
 
+/** A kind of GPU in the fleet is offered as "gpu:<type>" and sent as device "gpu" with that gpu_type. */
+const GPU_TYPE_PREFIX = "gpu:";
+
+function optionValue(entry) {
+  return entry.gpu_type ? `${GPU_TYPE_PREFIX}${entry.gpu_type}` : entry.device;
+}
+
 /** Render the form into `root`; `query` may say from=draft. Returns a cleanup function. */
 export function formView(root, query) {
   const start = (query.get("from") === "draft" && loadDraft()) || DEFAULTS;
@@ -173,7 +180,7 @@ export function formView(root, query) {
     h("div", { class: "form-actions" }, submit, h("a", { href: "#/", class: "button" }, "Cancel")));
 
   root.replaceChildren(h("div", { class: "page-head" }, h("h1", {}, "New probe")), form);
-  deviceSelect.value = start.device || "simulated";
+  deviceSelect.value = start.device === "gpu" && start.gpu_type ? `${GPU_TYPE_PREFIX}${start.gpu_type}` : start.device || "simulated";
 
   function syncVisibility() {
     const byName = sourceName.checked;
@@ -188,7 +195,7 @@ export function formView(root, query) {
 
   let devices = [];
   function describeDevice() {
-    const entry = devices.find((d) => d.device === deviceSelect.value);
+    const entry = devices.find((d) => optionValue(d) === deviceSelect.value);
     const cap = entry && entry.total_memory_bytes ? ` This device has ${formatBytes(entry.total_memory_bytes)}.` : "";
     memoryHint.textContent = `How much memory the probe may use, e.g. 64MiB, 24GB. Optional on a GPU.${cap}`;
     if (entry && entry.description) deviceHint.textContent = entry.description;
@@ -196,9 +203,10 @@ export function formView(root, query) {
   api("devices", { signal: controller.signal }).then(({ data }) => {
     devices = (data && data.devices) || [];
     const chosen = deviceSelect.value;
-    deviceSelect.replaceChildren(...devices.map((d) => h("option", { value: d.device },
-      `${d.device}${d.gpu ? ` — ${d.gpu.name}` : ""}${d.gpu && d.gpu.busy ? " (busy)" : ""}`)));
-    if (!devices.some((d) => d.device === chosen)) deviceSelect.append(h("option", { value: chosen }, chosen));
+    deviceSelect.replaceChildren(...devices.map((d) => h("option", { value: optionValue(d) },
+      d.gpu_type ? `${d.gpu_type} — ${d.count} in the fleet${d.free === null ? "" : `, ${d.free} free`}`
+        : `${d.device}${d.gpu ? ` — ${d.gpu.name}` : ""}${d.gpu && d.gpu.busy ? " (busy)" : ""}`)));
+    if (!devices.some((d) => optionValue(d) === chosen)) deviceSelect.append(h("option", { value: chosen }, chosen));
     deviceSelect.value = chosen;
     syncVisibility();
     describeDevice();
@@ -307,6 +315,10 @@ export function formView(root, query) {
     spec.gradient_checkpointing = [...form.querySelectorAll("input[name=gradient_checkpointing]:checked")]
       .map((box) => box.value === "true");
     spec.device = deviceSelect.value;
+    if (spec.device.startsWith(GPU_TYPE_PREFIX)) {
+      spec.gpu_type = spec.device.slice(GPU_TYPE_PREFIX.length);
+      spec.device = "gpu";
+    }
     for (const name of ["memory_limit_bytes", "headroom_bytes"]) {
       const text = get(name).value.trim();
       if (!text || (name === "headroom_bytes" && text === "0")) continue;

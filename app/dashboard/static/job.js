@@ -160,6 +160,8 @@ function facts(job, result) {
     ["Sequence length", spec.seq_len],
     ["Target effective batch", `${spec.target_effective_batch_size} on ${spec.world_size} GPU${spec.world_size === 1 ? "" : "s"}`],
     ["Device", result ? (device.name.includes(device.kind) ? device.name : `${device.name} (${device.kind})`) : job.device || spec.device],
+    ...(spec.gpu_type ? [["GPU type", spec.gpu_type]] : []),
+    ...(job.node ? [["Node", job.node]] : []),
     ["Memory limit", result ? formatBytes(limitOf(result)) : formatBytes(spec.memory_limit_bytes)],
     ["Headroom", formatBytes(spec.headroom_bytes || 0)],
     ["Created", formatTime(job.created_at)],

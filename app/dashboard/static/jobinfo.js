@@ -14,7 +14,7 @@ export function jobSpec(job) {
 /** {fraction (0..1 or null), text} for a job's progress object. */
 export function progressOf(job) {
   const progress = job.progress || {};
-  if (job.status === "queued") return { fraction: null, text: "waiting for the device" };
+  if (job.status === "queued") return { fraction: null, text: job.queued_reason || "waiting for the device" };
   const total = progress.configs_total || 0;
   const done = progress.configs_done || 0;
   const parts = [];
