@@ -17,6 +17,9 @@ and the next one runs; the report is rewritten after every part, so a killed run
 4. ``python -m bench.compare_finders --profile cuda``, cut off by a time budget;
 5. LoRA and QLoRA (issue 9): one trial per method and checkpointing on ``predict`` and ``cuda:0``
    (~1B Llama, bf16-mixed), the predicted against the allocated peak.
+6. (``--parts 6``, not in the default set) the fleet: a single-node Ray cluster on this GPU
+   (``ray start --head``), ``maxbatch serve`` with ``MAXBATCH_DISPATCHER=ray``, one probe placed by
+   the GPU type the service lists, against the same probe run directly on ``cuda:0``.
 
 Needs torch (CUDA), transformers and pydantic; Lightning and Accelerate for part 4. Never imports
 ``app`` (FastAPI is not needed). Without a GPU it says so and exits with code 3.
@@ -518,6 +521,118 @@ def part_peft_peaks(timeout: float, memory: int, log: Path, work: Path) -> Part:
             if row.get("outcome") not in (None, "fit") and row.get("message"):
                 part.lines.append(f"  - {row['outcome']}: {row['message']}")
     part.data = table
+
+
+# -- part 6: one probe through a single-node Ray cluster on this GPU (issue 10) ---------------------
+# Runs the Ray CLI and the service in subprocesses (this module still never imports ``app``).
+
+RAY_PROBE_MODEL: dict[str, Any] = {"n_layer": 12, "n_embd": 768, "n_head": 12, "n_positions": 1024}
+"""GPT-2 small's shape (~124M parameters)."""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _http(method: str, url: str, body: dict[str, Any] | None = None, timeout: float = 60) -> Any:
+    import urllib.request
+
+    request = urllib.request.Request(url, method=method, data=json.dumps(body).encode() if body else None)
+    request.add_header("Content-Type", "application/json")
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def _ray_cli() -> str:
+    """The ``ray`` command of this Python's environment (a venv's bin may not be on PATH)."""
+    beside = Path(sys.executable).with_name("ray")
+    return str(beside) if beside.exists() else "ray"
+
+
+def part_ray(timeout: float, memory: int, log: Path, work: Path) -> Part:
+    part = Part("6. fleet: one probe placed by GPU type through a single-node Ray cluster")
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    ray_port, http_port = _free_port(), _free_port()
+    started = time.monotonic()
+    server: subprocess.Popen[bytes] | None = None
+    spec: dict[str, Any] = {
+        "model": {"architecture": "gpt2", "config": RAY_PROBE_MODEL},
+        "seq_len": 1024,
+        "precisions": ["bf16-mixed"],
+        "gradient_checkpointing": [False],
+        "target_effective_batch_size": 256,
+        "device": "gpu",
+        "memory_limit_bytes": memory,
+    }
+    try:
+        subprocess.run(
+            [_ray_cli(), "start", "--head", f"--port={ray_port}", "--node-ip-address=127.0.0.1", "--num-cpus=4",
+             "--include-dashboard=false", "--disable-usage-stats"],
+            env=env, check=True, timeout=120, capture_output=True,
+        )  # fmt: skip
+        service_env = {
+            **env,
+            "MAXBATCH_DISPATCHER": "ray",
+            "MAXBATCH_RAY_ADDRESS": f"127.0.0.1:{ray_port}",
+            "MAXBATCH_INSPECT_MODELS": "false",
+        }
+        with log.open("ab") as sink:
+            serve = ["serve", "--port", str(http_port), "--data-dir", str(work / "ray")]
+            server = subprocess.Popen(
+                [sys.executable, "-m", "app.cli", *serve],
+                env=service_env,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+            )
+        base = f"http://127.0.0.1:{http_port}"
+        deadline = started + timeout
+        devices: list[dict[str, Any]] = []
+        while time.monotonic() < deadline and not devices:
+            with contextlib.suppress(OSError):
+                devices = [d for d in _http("GET", f"{base}/v1/devices")["devices"] if d["kind"] == "gpu"]
+            time.sleep(0.5)
+        if not devices:
+            raise RuntimeError("the service listed no GPU type")
+        spec["gpu_type"] = devices[0]["gpu_type"]
+        job = _http("POST", f"{base}/v1/probes", spec)
+        while job["status"] not in ("succeeded", "failed", "cancelled") and time.monotonic() < deadline:
+            job = _http("GET", f"{base}/v1/probes/{job['id']}?wait=20", timeout=60)
+        direct = work / "ray-direct.json"
+        local_spec = {**spec, "device": "cuda:0", "gpu_type": None}
+        direct_spec = work / "ray-direct-spec.json"
+        direct_spec.write_text(json.dumps(local_spec))
+        run = ["run", "--spec", str(direct_spec), "--result", str(direct)]
+        ran = run_streaming(
+            [sys.executable, "-m", "probes", *run], max(30.0, deadline - time.monotonic()), log
+        )
+        part.seconds = time.monotonic() - started
+        config = (job.get("result") or {}).get("configs", [{}])[0]
+        here = json.loads(direct.read_text())["configs"][0] if ran.returncode == 0 and direct.exists() else {}
+        part.status = f"ray job {job['status']}; direct run {'ok' if here else 'failed'}"
+        part.lines = [
+            f"- {part.status}; {part.seconds:.0f} s; GPU type listed: {devices[0]['gpu_type']} "
+            f"({devices[0]['count']} GPU, node {job.get('node')})",
+            "",
+            "| run | max batch | first failing | peak GiB | trials |",
+            "|---|---|---|---|---|",
+        ]
+        for name, row in (("through Ray (device gpu)", config), ("direct (cuda:0)", here)):
+            peak = row.get("peak_memory_bytes")
+            part.lines.append(
+                f"| {name} | {row.get('max_batch_size', '-')} | {row.get('first_failing_batch_size', '-')} | "
+                f"{'-' if peak is None else f'{peak / GiB:.2f}'} | {len(row.get('trials', []))} |"
+            )
+        part.data = {"job": job, "direct": here}
+    finally:
+        if server is not None:
+            server.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                server.wait(timeout=30)
+        subprocess.run([_ray_cli(), "stop", "--force"], env=env, check=False, timeout=120, capture_output=True)
     return part
 
 
@@ -543,7 +658,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     parser = argparse.ArgumentParser(description="Every GPU check in one time-boxed run.")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "bench/results/gpu"))
-    parser.add_argument("--parts", nargs="*", type=int, default=[1, 2, 3, 4, 5], help="which parts (1-5)")
+    parser.add_argument("--parts", nargs="*", type=int, default=[1, 2, 3, 4, 5], help="which parts (1-6)")
     parser.add_argument("--probe-memory-gib", type=float, default=32.0)
     parser.add_argument("--peak-memory-gib", type=float, default=0.0, help="0: the whole card")
     parser.add_argument("--compare-budget", type=float, default=70.0)
@@ -580,6 +695,7 @@ def main(argv: list[str] | None = None) -> int:
             3: lambda: part_peaks(130, peak_memory, log, work),
             4: lambda: part_compare(args.compare_budget + 45, args.compare_budget, out, log),
             5: lambda: part_peft_peaks(110, peak_memory, log, work),
+            6: lambda: part_ray(180, min(probe_memory, 16 * GiB), log, work),
         }
         for number in args.parts:
             print(f"gpu_check: part {number} ...", file=sys.stderr, flush=True)
