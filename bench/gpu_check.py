@@ -569,11 +569,10 @@ def part_ray(timeout: float, memory: int, log: Path, work: Path) -> Part:
         "memory_limit_bytes": memory,
     }
     try:
-        subprocess.run(
-            [_ray_cli(), "start", "--head", f"--port={ray_port}", "--node-ip-address=127.0.0.1", "--num-cpus=4",
-             "--include-dashboard=false", "--disable-usage-stats"],
-            env=env, check=True, timeout=120, capture_output=True,
-        )  # fmt: skip
+        head = ["--head", f"--port={ray_port}", "--node-ip-address=127.0.0.1", "--num-cpus=4"]
+        quiet = ["--include-dashboard=false", "--disable-usage-stats"]
+        start = [_ray_cli(), "start", *head, *quiet]
+        subprocess.run(start, env=env, check=True, timeout=120, capture_output=True)
         service_env = {
             **env,
             "MAXBATCH_DISPATCHER": "ray",
@@ -632,7 +631,8 @@ def part_ray(timeout: float, memory: int, log: Path, work: Path) -> Part:
             server.terminate()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 server.wait(timeout=30)
-        subprocess.run([_ray_cli(), "stop", "--force"], env=env, check=False, timeout=120, capture_output=True)
+        stop = [_ray_cli(), "stop", "--force"]
+        subprocess.run(stop, env=env, check=False, timeout=120, capture_output=True)
     return part
 
 

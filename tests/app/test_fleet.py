@@ -315,7 +315,9 @@ def test_a_worker_killed_mid_probe_requeues_the_job_once_then_it_is_interrupted(
     first = _wait(fleet.client, job["id"], lambda j: j["status"] == "running")
     assert "H100-80GB" in fleet.ran_on(first)
     child = _pid_in(pidfile)
-    os.kill(_parent(child), signal.SIGKILL)  # the Ray worker process that holds the probe
+    worker = _parent(child)  # the Ray worker process that holds the probe
+    assert "torch" not in Path(f"/proc/{worker}/maps").read_text()  # only the probe child imports torch
+    os.kill(worker, signal.SIGKILL)
     again = _wait(fleet.client, job["id"], lambda j: j["status"] == "running" and j["attempts"] == 2)
     assert again["error"] is None
     second_child = _pid_in(pidfile, other_than=child)
