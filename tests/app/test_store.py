@@ -199,9 +199,37 @@ def test_migration_2_drops_the_write_only_configs_table(tmp_path: Path) -> None:
     conn.execute("INSERT INTO configs VALUES ('a', 0, '32-true', 0, 'ok', 4, 8, '{}')")
     conn.close()
     store = Store(path)
-    assert store.version == 2
+    assert store.version == len(MIGRATIONS)
     assert store.get("a") is not None  # the jobs survive
     tables = {row[0] for row in store._conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert "configs" not in tables
     assert {"jobs", "job_events", "trials", "idempotency_keys"} <= tables
+    store.close()
+
+
+def test_migration_3_adds_queued_reason_and_node(tmp_path: Path) -> None:
+    path = tmp_path / "v2.sqlite3"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    for script in MIGRATIONS[:2]:
+        for statement in script.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+    conn.execute("INSERT INTO schema_version VALUES (2)")
+    conn.execute(
+        "INSERT INTO jobs (id, status, device, queue, model, spec_json, cache_key, created_at, configs_total)"
+        " VALUES ('a', 'queued', 'simulated', 'cpu', 'gpt2', '{}', 'k', 0, 1)"
+    )
+    conn.close()
+    store = Store(path)
+    record = store.get("a")
+    assert record is not None
+    assert (record.queued_reason, record.node) == (None, None)
+    assert store.set_queued_reason("a", "waiting for a free H100-80GB")
+    running = store.mark_running("a", child_pid=1, workdir="/w", node="n1")
+    assert running is not None
+    assert (running.queued_reason, running.node) == (None, "n1")
+    requeued = store.requeue("a", reason="re-queued: the worker died")
+    assert requeued is not None
+    assert (requeued.queued_reason, requeued.node) == ("re-queued: the worker died", None)
     store.close()
