@@ -18,12 +18,14 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
+from probes.errors import DeviceUnavailable
 from probes.isolate import ProbeCancelled, TrialChild, info_from_reply, trial_from_reply
 from probes.plan import make_plan
 from probes.protocol import InfoReply, InfoRequest, TrialRequest
 from probes.recommend import recommend
 from probes.search import LadderSearch
 from probes.spec import (
+    FLEET_DEVICE,
     ConfigResult,
     ConfigStatus,
     ConfigTask,
@@ -236,6 +238,11 @@ def run_probe(
     On ``predict`` the answer is not re-run in a fresh process: fake tensors give the same bytes
     every time, so a confirmation would only repeat the search's trial (``confirmed`` stays false).
     """
+    if spec.device == FLEET_DEVICE:
+        raise DeviceUnavailable(
+            "device 'gpu' (with gpu_type) asks a maxbatch service to place the probe on a kind of GPU; "
+            "to run it on this machine, name the GPU: cuda:N"
+        )
     started = time.monotonic()
     configs = spec.configs()
     first = ConfigTask.for_config(spec, *configs[0], allow_remote_code=allow_remote_code)

@@ -83,3 +83,11 @@ def test_device_gpu_takes_a_gpu_type() -> None:
 def test_what_gpu_type_cannot_go_with(fields: dict[str, object], fragment: str) -> None:
     with pytest.raises(ValidationError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
         _spec(**fields)
+
+
+def test_the_engine_refuses_a_fleet_request_it_cannot_place() -> None:
+    from probes.engine import run_probe
+    from probes.errors import DeviceUnavailable
+
+    with pytest.raises(DeviceUnavailable, match="name the GPU: cuda:N"):
+        run_probe(_spec(device="gpu", gpu_type="H100-80GB"))
