@@ -521,6 +521,7 @@ def part_peft_peaks(timeout: float, memory: int, log: Path, work: Path) -> Part:
             if row.get("outcome") not in (None, "fit") and row.get("message"):
                 part.lines.append(f"  - {row['outcome']}: {row['message']}")
     part.data = table
+    return part
 
 
 # -- part 6: one probe through a single-node Ray cluster on this GPU (issue 10) ---------------------
