@@ -1,6 +1,11 @@
 """The fleets the tests run against: a real Ray cluster on this machine, and a local machine like it.
 
-The cluster has a head and two worker nodes with fake GPUs.
+The cluster has a head and two worker nodes with fake GPUs. It runs in a helper process of its own
+session (``python -m tests.app.fleets LAYOUT``), never in the test process: Ray's node code makes
+the process that starts it a process-group leader, installs a SIGTERM handler there and leaves a
+"reaper" that SIGTERMs that whole group when its pipe closes, which once ended an unrelated test
+(``tests/probes/test_main.py``) minutes after the cluster was gone. The helper prints the
+cluster's address and node ids, then holds the cluster until its stdin closes.
 
 Ray's own tests fake accelerators the same way: ``num_gpus`` plus the ``accelerator_type:…``
 resources a real node of that kind carries (the bare model, which Ray sets itself, and the sized
@@ -11,14 +16,24 @@ machine's outside address when a driver connects (it would then find no one list
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import select
+import signal
+import subprocess
+import sys
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from app.inventory import GpuInfo
 
 RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-"""For every process that starts or joins the test cluster (this one, the service under test)."""
+"""For every process that starts or joins the test cluster (the helper, the service under test)."""
+
+ROOT = Path(__file__).resolve().parents[2]
 
 MIB = 1024**2
 OBJECT_STORE_BYTES = 80 * MIB
@@ -66,7 +81,7 @@ LOCAL_GPUS = [
 class RayTestCluster:
     """A started cluster: its address and which node id holds which GPU type."""
 
-    cluster: Any
+    helper: subprocess.Popen[bytes]
     address: str
     node_types: dict[str, str] = field(default_factory=dict)
 
@@ -74,25 +89,64 @@ class RayTestCluster:
         return self.node_types.get(node_id or "")
 
     def shutdown(self) -> None:
-        self.cluster.shutdown()
+        """Let the helper shut the cluster down, then kill whatever is left in its session."""
+        if self.helper.stdin is not None:
+            self.helper.stdin.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.helper.wait(timeout=90)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.helper.pid, signal.SIGKILL)
+        self.helper.wait()
+        if self.helper.stdout is not None:
+            self.helper.stdout.close()
 
 
-def start_cluster() -> RayTestCluster:
-    os.environ.update(RAY_ENV)
+DEFAULT_LAYOUT: dict[str, Any] = {"head": {"num_cpus": 1}, "nodes": NODES}
+
+
+def start_cluster(layout: dict[str, Any] | None = None, *, timeout: float = 180) -> RayTestCluster:
+    """Start the helper with ``layout`` (``head`` arguments, ``nodes`` by GPU type); wait for its address."""
+    log = tempfile.NamedTemporaryFile(prefix="ray-cluster-", suffix=".log", delete=False)  # noqa: SIM115
+    helper = subprocess.Popen(
+        [sys.executable, "-m", "tests.app.fleets", json.dumps(layout or DEFAULT_LAYOUT)],
+        cwd=ROOT,
+        env={**os.environ, **RAY_ENV, "PYTHONPATH": str(ROOT)},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=log,
+        start_new_session=True,
+    )
+    log.close()
+    assert helper.stdout is not None
+    ready, _, _ = select.select([helper.stdout], [], [], timeout)
+    line = helper.stdout.readline() if ready else b""
+    if not line:
+        RayTestCluster(helper, "").shutdown()
+        tail = Path(log.name).read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"the Ray test cluster did not start within {timeout:g} s:\n{tail}")
+    started = json.loads(line)
+    return RayTestCluster(helper, started["address"], started["node_types"])
+
+
+def _hold_cluster(layout: dict[str, Any]) -> None:
+    """The helper: start the cluster, say where it is, keep it until stdin closes."""
     from ray.cluster_utils import Cluster
 
     common: dict[str, Any] = {"node_ip_address": "127.0.0.1", "object_store_memory": OBJECT_STORE_BYTES}
     cluster = Cluster(
-        initialize_head=True,
-        head_node_args={**common, "num_cpus": 1, "include_dashboard": False},
+        initialize_head=True, head_node_args={**common, "include_dashboard": False, **layout["head"]}
     )
-    started = RayTestCluster(cluster, str(cluster.address))
     try:
-        for gpu_type, args in NODES.items():
+        node_types = {}
+        for gpu_type, args in layout["nodes"].items():
             node = cluster.add_node(**common, **args)
-            started.node_types[str(node.node_id)] = gpu_type
+            node_types[str(node.node_id)] = gpu_type
         cluster.wait_for_nodes()
-    except BaseException:
+        print(json.dumps({"address": str(cluster.address), "node_types": node_types}), flush=True)
+        sys.stdin.read()
+    finally:
         cluster.shutdown()  # type: ignore[no-untyped-call]
-        raise
-    return started
+
+
+if __name__ == "__main__":
+    _hold_cluster(json.loads(sys.argv[1]))

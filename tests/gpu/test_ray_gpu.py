@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.app.fleets import OBJECT_STORE_BYTES, RAY_ENV
+from tests.app.fleets import RAY_ENV, start_cluster
 from tests.app.live_server import LiveServer
 
 pytestmark = pytest.mark.gpu
@@ -26,25 +26,11 @@ TINY_GPT2 = {"n_layer": 2, "n_embd": 64, "n_head": 2, "vocab_size": 1000, "n_pos
 
 @pytest.fixture
 def one_gpu_cluster() -> Iterator[str]:
-    import os
-
-    os.environ.update(RAY_ENV)
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={
-            "node_ip_address": "127.0.0.1",
-            "num_cpus": 2,
-            "num_gpus": 1,
-            "include_dashboard": False,
-            "object_store_memory": OBJECT_STORE_BYTES,
-        },
-    )
+    cluster = start_cluster({"head": {"num_cpus": 2, "num_gpus": 1}, "nodes": {}})
     try:
-        yield str(cluster.address)
+        yield cluster.address
     finally:
-        cluster.shutdown()  # type: ignore[no-untyped-call]
+        cluster.shutdown()
 
 
 def test_a_gpu_probe_runs_on_the_cluster_by_type(one_gpu_cluster: str, tmp_path: Path) -> None:
