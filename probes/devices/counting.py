@@ -12,6 +12,12 @@ How it counts (why: ``docs/architecture.md``, "Measuring memory"):
   callback fires when the memory is released, not when a Python wrapper goes away.)
 - Tensors that exist before the mode is entered (parameters, buffers, the batch) are counted by
   :meth:`CountingMode.register`.
+- A wrapper subclass (FSDP2's ``DTensor``) holds no memory itself: its inner tensors (the local
+  shard) are what is counted.
+- ``UntypedStorage.resize_`` is not an op (it never reaches the dispatcher), yet FSDP2 frees and
+  re-allocates every unsharded parameter with it. While a mode is entered, ``resize_`` is wrapped
+  (as torch's own ``MemTracker`` does) so that a counted storage is re-charged at its new size, and
+  growing past the cap raises the same out-of-memory error before the storage grows.
 - When an op's new storages would take the live total past the cap, every reference the mode holds to
   the op's outputs is dropped (so they are freed at once and a handler can allocate again), and
   ``torch.OutOfMemoryError`` is raised with the CUDA caching allocator's wording, which the usual
@@ -35,10 +41,11 @@ import gc
 import re
 import weakref
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_leaves
 
 from probes.units import format_bytes
@@ -66,8 +73,25 @@ def _op_kind(func: torch._ops.OpOverload) -> int:
 
 def _tensors(value: Any) -> Iterator[torch.Tensor]:
     for leaf in tree_leaves(value):
-        if isinstance(leaf, torch.Tensor) and leaf.layout == torch.strided:
-            yield leaf
+        if isinstance(leaf, torch.Tensor):
+            yield from _storage_holders(leaf)
+
+
+def _storage_holders(tensor: torch.Tensor) -> Iterator[torch.Tensor]:
+    """The tensors whose storages hold ``tensor``'s memory.
+
+    A wrapper subclass (a ``DTensor`` of FSDP2, say) has no memory of its own: its storage is a
+    placeholder sized like the *global* tensor. What it holds is its inner tensors (the local
+    shard), so those are what is counted.
+    """
+    if is_traceable_wrapper_subclass(tensor):
+        names, _ = tensor.__tensor_flatten__()
+        for name in names:
+            inner = getattr(tensor, name)
+            if isinstance(inner, torch.Tensor):
+                yield from _storage_holders(inner)
+    elif tensor.layout == torch.strided:
+        yield tensor
 
 
 _COUNTED_INSIDE: dict[torch._ops.OpOverload, Callable[..., Any]] = {}
@@ -91,6 +115,33 @@ def out_of_memory_message(request: int, live: int, limit: int, *, device_label: 
         f"{format_bytes(live)} is allocated by PyTorch, and 0 B is reserved by PyTorch but unallocated. "
         f"(simulated: live tensor bytes counted at dispatch against a cap of {limit} bytes)"
     )
+
+
+_ORIGINAL_RESIZE = torch.UntypedStorage.resize_
+_RESIZE_WATCHERS: list[CountingMode] = []
+"""The modes entered now: each hears of every storage resize while it is entered."""
+
+
+def _watched_resize(storage: torch.UntypedStorage, size: int) -> Any:
+    for mode in _RESIZE_WATCHERS:
+        mode._before_resize(storage, size)
+    result = _ORIGINAL_RESIZE(storage, size)
+    for mode in _RESIZE_WATCHERS:
+        mode._after_resize(storage)
+    return result
+
+
+def _watch_resizes(mode: CountingMode) -> None:
+    if not _RESIZE_WATCHERS:
+        torch.UntypedStorage.resize_ = _watched_resize  # type: ignore[method-assign, assignment]
+    _RESIZE_WATCHERS.append(mode)
+
+
+def _unwatch_resizes(mode: CountingMode) -> None:
+    if mode in _RESIZE_WATCHERS:
+        _RESIZE_WATCHERS.remove(mode)
+    if not _RESIZE_WATCHERS:
+        torch.UntypedStorage.resize_ = _ORIGINAL_RESIZE  # type: ignore[method-assign]
 
 
 class CountingMode(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch leaves the hook untyped
@@ -119,6 +170,27 @@ class CountingMode(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch
         # id(storage) -> (counted bytes, weak reference whose callback un-counts them)
         self._counted: dict[int, tuple[int, weakref.ref[torch.UntypedStorage]]] = {}
         self._kinds: dict[torch._ops.OpOverload, int] = {}
+        #: (live bytes, requested bytes) of the last allocation refused for the cap
+        self.last_refusal: tuple[int, int] | None = None
+
+    def __enter__(self) -> CountingMode:
+        entered: CountingMode = super().__enter__()  # type: ignore[no-untyped-call]
+        _watch_resizes(self)
+        return entered
+
+    def __exit__(self, *exc_info: object) -> None:
+        _unwatch_resizes(self)
+        super().__exit__(*exc_info)  # type: ignore[no-untyped-call]
+
+    def _before_resize(self, storage: torch.UntypedStorage, nbytes: int) -> None:
+        entry = self._counted.get(id(storage))
+        if entry is not None:
+            self._check(max(self.size_of(nbytes) - entry[0], 0))
+
+    def _after_resize(self, storage: torch.UntypedStorage) -> None:
+        key = id(storage)
+        if key in self._counted:
+            self._resize(key, self.size_of(storage.nbytes()))
 
     @property
     def live_bytes(self) -> int:
@@ -149,9 +221,7 @@ class CountingMode(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch
         Raises ``torch.OutOfMemoryError`` (counting nothing) when they would not fit under the cap.
         """
         fresh: dict[int, torch.UntypedStorage] = {}
-        for tensor in tensors:
-            if tensor.layout != torch.strided:
-                continue
+        for tensor in _tensors(list(tensors)):
             storage = tensor.untyped_storage()
             if id(storage) not in self._counted:
                 fresh[id(storage)] = storage
@@ -163,6 +233,7 @@ class CountingMode(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch
 
     def _check(self, request: int) -> None:
         if self.limit_bytes is not None and request > 0 and self._live + request > self.limit_bytes:
+            self.last_refusal = (self._live, request)
             raise torch.OutOfMemoryError(
                 out_of_memory_message(request, self._live, self.limit_bytes, device_label=self.device_label)
             )
@@ -174,6 +245,7 @@ class CountingMode(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch
             return
         request = self.size_of(int(match.group(1)))
         if self._live + request > self.limit_bytes:
+            self.last_refusal = (self._live, request)
             raise torch.OutOfMemoryError(
                 out_of_memory_message(request, self._live, self.limit_bytes, device_label=self.device_label)
             ) from None
@@ -255,6 +327,29 @@ class CountedMemory:
     """
 
     mode: CountingMode
+
+    @property
+    def tensor_limit_bytes(self) -> int:
+        limit = self.mode.limit_bytes
+        assert limit is not None, "a counted device always has a cap"
+        return limit
+
+    @contextmanager
+    def uncapped(self) -> Iterator[None]:
+        """Count without refusing: what a step needs beyond the cap is measured, not cut off."""
+        limit = self.mode.limit_bytes
+        self.mode.limit_bytes = None
+        try:
+            yield
+        finally:
+            self.mode.limit_bytes = limit
+
+    def needed_bytes(self, exc: BaseException) -> int | None:
+        refusal = self.mode.last_refusal
+        self.mode.last_refusal = None
+        if refusal is None or not isinstance(exc, torch.OutOfMemoryError):
+            return None
+        return refusal[0] + refusal[1]
 
     def reset_peak(self) -> None:
         self.mode.reset_peak()
