@@ -37,8 +37,9 @@ import transformers
 from probes.devices import TrialDevice, open_device
 from probes.devices.counting import CountingMode
 from probes.models import build_model, load_config, vocab_size
-from probes.spec import ConfigTask, Precision
-from probes.trial import MAX_GRAD_NORM, make_optimizer
+from probes.recipe.optimizers import make_optimizer
+from probes.spec import ConfigTask, Optimizer, Precision
+from probes.trial import MAX_GRAD_NORM
 
 Finder = Literal["lightning-power", "lightning-binsearch", "accelerate"]
 
@@ -208,7 +209,7 @@ def _run_lightning(
             return loss
 
         def configure_optimizers(self) -> torch.optim.Optimizer:
-            return make_optimizer(self.model)
+            return make_optimizer(Optimizer.ADAMW_TORCH, self.model)
 
         def on_train_start(self) -> None:
             # A trial is one run of the fit loop; one that never reaches on_train_end ran out of memory
@@ -284,7 +285,7 @@ def _run_accelerate(
         began = time.perf_counter()
         try:
             accelerator.free_memory()
-            prepared, optimizer = accelerator.prepare(model, make_optimizer(model))
+            prepared, optimizer = accelerator.prepare(model, make_optimizer(Optimizer.ADAMW_TORCH, model))
             for _ in range(micro_steps):
                 batch = _random_batch(batch_size, task.seq_len, vocab, where)
                 with accelerator.accumulate(prepared):

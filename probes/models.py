@@ -278,14 +278,34 @@ def inspect_model(model: ModelSpec, seq_len: int, *, allow_remote_code: bool) ->
         parameter_count=int(count),
         max_positions=limit,
         vocab_size=vocab_size(config),
+        decoder_layer_classes=decoder_layer_classes(meta_model),
     )
 
 
-def _from_config(config: PretrainedConfig, *, dtype: torch.dtype, allow_remote_code: bool) -> torch.nn.Module:
+def decoder_layer_classes(model: torch.nn.Module) -> tuple[str, ...]:
+    """The classes the model says must not be split (``_no_split_modules``), present in it.
+
+    These are what Accelerate's transformer wrap policy (and so FSDP) makes one unit each of.
+    """
+    names = getattr(model, "_no_split_modules", None) or []
+    present = {type(module).__name__ for module in model.modules()}
+    return tuple(name for name in names if name in present)
+
+
+def _from_config(
+    config: PretrainedConfig,
+    *,
+    dtype: torch.dtype,
+    allow_remote_code: bool,
+    attn_implementation: str | None = None,
+) -> torch.nn.Module:
     trust = allow_remote_code and config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    extra: dict[str, Any] = {}
+    if attn_implementation is not None:
+        extra["attn_implementation"] = attn_implementation
     try:
         model: torch.nn.Module = AutoModelForCausalLM.from_config(  # type: ignore[no-untyped-call]
-            config, dtype=dtype, trust_remote_code=trust
+            config, dtype=dtype, trust_remote_code=trust, **extra
         )
     except ValueError as exc:
         if "trust_remote_code" in str(exc) or "Unrecognized configuration class" in str(exc):
@@ -304,6 +324,7 @@ def build_model(
     device: torch.device | str,
     allow_remote_code: bool = False,
     dtype: torch.dtype | None = None,
+    attn_implementation: str | None = None,
 ) -> torch.nn.Module:
     """A randomly initialised causal LM on ``device``, in train mode, set up as HF Trainer would.
 
@@ -312,6 +333,7 @@ def build_model(
     base is loaded in its compute dtype before it is quantised). ``use_cache`` is off (Trainer's
     default for training). Checkpointing uses the model's own switch, non-reentrant, as Trainer turns
     it on.
+    ``attn_implementation`` is passed as ``from_pretrained`` takes it (``None``: the model's default).
     """
     config = copy.deepcopy(config)
     config.use_cache = False
@@ -321,7 +343,9 @@ def build_model(
     if dtype is None:
         dtype = torch.bfloat16 if precision is Precision.BF16_TRUE else torch.float32
     with torch.device(device):
-        model = _from_config(config, dtype=dtype, allow_remote_code=allow_remote_code)
+        model = _from_config(
+            config, dtype=dtype, allow_remote_code=allow_remote_code, attn_implementation=attn_implementation
+        )
     if gradient_checkpointing:
         enable_checkpointing(model)
     model.train()

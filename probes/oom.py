@@ -16,6 +16,8 @@ is never taken for an OOM.
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from probes.spec import Outcome
@@ -129,3 +131,26 @@ def one_line(exc: BaseException, *, limit: int = 500) -> str:
     first = lines[0].strip() if lines else ""
     text = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+_TRIED = re.compile(r"Tried to allocate (\d+(?:\.\d+)?) (B|KiB|MiB|GiB|TiB)")
+_ALLOCATED = re.compile(
+    r"Of the allocated memory (\d+(?:\.\d+)?) (B|KiB|MiB|GiB|TiB) is allocated by PyTorch"
+)
+_BINARY = {"B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3, "TiB": 1024**4}
+
+
+def needed_at_least(message: str) -> int | None:
+    """From the CUDA caching allocator's OOM message: allocated + requested bytes, rounded down.
+
+    The allocator prints both with two decimals; each is read as the smallest value that prints
+    so, so the sum is a lower bound of what the step needed. ``None`` when the message lacks them.
+    """
+    tried, allocated = _TRIED.search(message), _ALLOCATED.search(message)
+    if tried is None or allocated is None:
+        return None
+    total = 0.0
+    for match in (tried, allocated):
+        unit = _BINARY[match.group(2)]
+        total += max(float(match.group(1)) - (0.005 if unit > 1 else 0.0), 0.0) * unit
+    return int(total)

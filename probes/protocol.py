@@ -24,6 +24,7 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from probes.errors import INPUT_ERRORS, ProbeError, ProbeFailed
+from probes.recipe.support import RecipeSupport
 from probes.recommend import TrainingArgumentsSupport
 from probes.spec import DeviceInfo, ModelFacts, ModelSpec, ProbeEvent, TrialRecord, Versions
 
@@ -103,6 +104,8 @@ class TrialRequest(Message):
     batch_size: int = Field(gt=0)
     accumulation_steps: int = Field(gt=0)
     optimizer_steps: int = Field(gt=0)
+    #: run without the memory cap (counted devices): what ``batch_size`` needs, not whether it fits
+    uncapped: bool = False
 
 
 class StopRequest(Message):
@@ -120,6 +123,7 @@ class InfoReply(Message):
     versions: Versions
     model: ModelFacts
     training_args: TrainingArgumentsSupport
+    recipe: RecipeSupport = Field(default_factory=RecipeSupport)
 
 
 class TrialReply(Message):

@@ -71,6 +71,74 @@ def parse_precision(value: str) -> Precision:
     raise ValueError(f"unknown precision {value!r}; use one of: {known}")
 
 
+class Strategy(StrEnum):
+    """How the job spreads over its ``world_size`` ranks; one process measures one rank."""
+
+    #: one process trains the whole model (no wrapper): a one-GPU job
+    SINGLE = "single"
+    #: torch ``DistributedDataParallel`` with the arguments HF Trainer and Accelerate pass
+    DDP = "ddp"
+    #: FSDP2 ``fully_shard`` as Accelerate applies it for ``fsdp_version: 2`` (full shard)
+    FSDP = "fsdp"
+
+
+_STRATEGY_NOT_YET = re.compile(r"^(deepspeed|ds|zero)", re.IGNORECASE)
+
+
+def parse_strategy(value: str) -> Strategy:
+    """The strategy a user's spelling names; ``ValueError`` says what is accepted."""
+    key = value.strip().lower().replace("-", "_")
+    for strategy in Strategy:
+        if key == strategy.value:
+            return strategy
+    if _STRATEGY_NOT_YET.match(key):
+        raise ValueError(
+            f"strategy {value!r}: DeepSpeed ZeRO is not supported yet; use ddp, or fsdp "
+            "(FSDP2 shards weights, gradients and optimizer state like ZeRO-3)"
+        )
+    raise ValueError(f"unknown strategy {value!r}; use one of: single, ddp, fsdp")
+
+
+def default_strategies(world_size: int) -> tuple[Strategy, ...]:
+    """``[single]`` for one rank; ``[ddp, fsdp]`` for more."""
+    return (Strategy.SINGLE,) if world_size <= 1 else (Strategy.DDP, Strategy.FSDP)
+
+
+class Optimizer(StrEnum):
+    """The optimizer, in HF ``TrainingArguments.optim`` names."""
+
+    #: ``torch.optim.AdamW`` (CUDA's default implementation, ``foreach``)
+    ADAMW_TORCH = "adamw_torch"
+    #: ``torch.optim.AdamW(fused=True)``
+    ADAMW_TORCH_FUSED = "adamw_torch_fused"
+    #: transformers' ``Adafactor`` (``scale_parameter=False, relative_step=False``, as Trainer builds it)
+    ADAFACTOR = "adafactor"
+    #: ``torch.optim.SGD`` (no momentum: Trainer passes only the learning rate)
+    SGD = "sgd"
+    #: bitsandbytes' 8-bit ``AdamW`` (embeddings kept in 32-bit state, as Trainer registers them)
+    ADAMW_BNB_8BIT = "adamw_bnb_8bit"
+
+
+OPTIMIZER_ALIASES: dict[str, Optimizer] = {
+    **{optimizer.value: optimizer for optimizer in Optimizer},
+    # the only name before the optimizer axis existed; it always meant torch's AdamW
+    "adamw": Optimizer.ADAMW_TORCH,
+    # HF's alias of adamw_bnb_8bit
+    "adamw_8bit": Optimizer.ADAMW_BNB_8BIT,
+}
+
+
+class AttnImplementation(StrEnum):
+    """The attention kernel, as ``from_pretrained(attn_implementation=...)`` names it."""
+
+    #: ``torch.nn.functional.scaled_dot_product_attention`` (the kernel the GPU would pick)
+    SDPA = "sdpa"
+    #: transformers' own matmul-softmax-matmul
+    EAGER = "eager"
+    #: the flash-attn package's kernels (CUDA only)
+    FLASH_ATTENTION_2 = "flash_attention_2"
+
+
 class Outcome(StrEnum):
     """What one trial at one batch size came to."""
 
@@ -176,7 +244,12 @@ class ProbeSpec(Frozen):
     seq_len: PositiveInt
     precisions: tuple[Precision, ...] = tuple(Precision)
     gradient_checkpointing: tuple[bool, ...] = (False, True)
-    optimizer: Literal["adamw"] = "adamw"
+    strategies: tuple[Strategy, ...] = Field(
+        default=(Strategy.SINGLE,),
+        description="single, ddp, fsdp; default [single] for world_size 1, [ddp, fsdp] above",
+    )
+    optimizer: Optimizer = Field(default=Optimizer.ADAMW_TORCH, description="an HF optim name")
+    attn_implementation: AttnImplementation = AttnImplementation.SDPA
     target_effective_batch_size: PositiveInt
     world_size: PositiveInt = 1
     device: RequestDeviceName = "simulated"
@@ -206,6 +279,42 @@ class ProbeSpec(Frozen):
     )
     trial_timeout_seconds: float = Field(default=600.0, gt=0, le=86_400)
     seed: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_strategies(cls, data: object) -> object:
+        if isinstance(data, dict) and data.get("strategies") is None:
+            world_size = data.get("world_size", 1)
+            ranks = world_size if isinstance(world_size, int) and not isinstance(world_size, bool) else 1
+            data = {**data, "strategies": default_strategies(ranks)}
+        return data
+
+    @field_validator("strategies", mode="before")
+    @classmethod
+    def _parse_strategies(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list | tuple):
+            return _dedupe([parse_strategy(v) if isinstance(v, str) else v for v in value])
+        return value
+
+    @field_validator("strategies")
+    @classmethod
+    def _non_empty_strategies(cls, value: tuple[Strategy, ...]) -> tuple[Strategy, ...]:
+        if not value:
+            raise ValueError("strategies must name at least one of single, ddp, fsdp")
+        return value
+
+    @field_validator("optimizer", mode="before")
+    @classmethod
+    def _parse_optimizer(cls, value: object) -> object:
+        if isinstance(value, str):
+            key = value.strip().lower()
+            if key not in OPTIMIZER_ALIASES:
+                known = ", ".join(o.value for o in Optimizer)
+                raise ValueError(f"unknown optimizer {value!r}; use one of: {known}")
+            return OPTIMIZER_ALIASES[key]
+        return value
 
     @field_validator("precisions", mode="before")
     @classmethod
@@ -278,9 +387,11 @@ class ProbeSpec(Frozen):
             return None
         return int(self.device.split(":")[1])
 
-    def configs(self) -> list[tuple[Precision, bool]]:
-        """Every (precision, checkpointing) pair to probe, in request order."""
-        return [(p, c) for p in self.precisions for c in self.gradient_checkpointing]
+    def configs(self) -> list[tuple[Precision, bool, Strategy]]:
+        """Every (precision, checkpointing, strategy) to probe, in request order."""
+        return [
+            (p, c, s) for p in self.precisions for c in self.gradient_checkpointing for s in self.strategies
+        ]
 
 
 class TrialRecord(Frozen):
@@ -296,6 +407,14 @@ class TrialRecord(Frozen):
     message: str | None = None
     loss_flag: str | None = Field(
         default=None, description="'nan', 'inf' or 'zero' when the fp16 loss overflowed or vanished"
+    )
+    needed_bytes: int | None = Field(
+        default=None,
+        description="out of memory: the bytes the trial needed (at least live + requested at the failed "
+        "allocation; exactly, when needed_bytes_exact)",
+    )
+    needed_bytes_exact: bool = Field(
+        default=False, description="needed_bytes is the whole peak of a run without the cap, not a bound"
     )
 
     @property
@@ -316,10 +435,11 @@ class Plan(Frozen):
 
 
 class ConfigResult(Frozen):
-    """The search result for one (precision, checkpointing) pair."""
+    """The search result for one (precision, checkpointing, strategy)."""
 
     precision: Precision
     gradient_checkpointing: bool
+    strategy: Strategy = Strategy.SINGLE
     status: ConfigStatus
     reason: str | None = None
     max_batch_size: int | None = None
@@ -331,6 +451,17 @@ class ConfigResult(Frozen):
     warnings: tuple[str, ...] = ()
     trials: tuple[TrialRecord, ...] = ()
     plan: Plan | None = None
+    min_batch_needs_bytes: int | None = Field(
+        default=None,
+        description="when batch size 1 does not fit: the memory it needs per device (a lower bound "
+        "when min_batch_need_is_lower_bound)",
+    )
+    min_batch_need_is_lower_bound: bool = False
+    fits_with: tuple[Strategy, ...] = Field(
+        default=(),
+        description="when batch size 1 does not fit: the probed strategies with the same precision and "
+        "checkpointing where it does",
+    )
 
 
 class DeviceInfo(Frozen):
@@ -354,8 +485,14 @@ class DeviceInfo(Frozen):
 class Recommendation(Frozen):
     precision: Precision
     gradient_checkpointing: bool
+    strategy: Strategy = Strategy.SINGLE
     plan: Plan
     training_arguments: dict[str, JsonValue]
+    model_init_kwargs: dict[str, JsonValue] = Field(
+        default_factory=dict,
+        description="keyword arguments for from_pretrained (attn_implementation, dtype): the model as "
+        "measured; TRL's SFTConfig takes the same dict as model_init_kwargs",
+    )
     why: str
 
 
@@ -397,6 +534,7 @@ class ProbeEvent(Frozen):
     kind: EventKind
     precision: Precision
     gradient_checkpointing: bool
+    strategy: Strategy = Strategy.SINGLE
     config_index: int = Field(description="0-based position of the config in spec.configs()")
     config_count: int
     trial: TrialRecord | None = None
@@ -411,7 +549,10 @@ class ConfigTask(Frozen):
     seq_len: PositiveInt
     precision: Precision
     gradient_checkpointing: bool
-    optimizer: Literal["adamw"] = "adamw"
+    strategy: Strategy = Strategy.SINGLE
+    world_size: PositiveInt = 1
+    optimizer: Optimizer = Optimizer.ADAMW_TORCH
+    attn_implementation: AttnImplementation = AttnImplementation.SDPA
     device: DeviceName
     memory_limit_bytes: int | None = None
     headroom_bytes: int = 0
@@ -421,14 +562,23 @@ class ConfigTask(Frozen):
 
     @classmethod
     def for_config(
-        cls, spec: ProbeSpec, precision: Precision, checkpointing: bool, *, allow_remote_code: bool = False
+        cls,
+        spec: ProbeSpec,
+        precision: Precision,
+        checkpointing: bool,
+        strategy: Strategy = Strategy.SINGLE,
+        *,
+        allow_remote_code: bool = False,
     ) -> ConfigTask:
         return cls(
             model=spec.model,
             seq_len=spec.seq_len,
             precision=precision,
             gradient_checkpointing=checkpointing,
+            strategy=strategy,
+            world_size=spec.world_size,
             optimizer=spec.optimizer,
+            attn_implementation=spec.attn_implementation,
             device=spec.device,
             memory_limit_bytes=spec.memory_limit_bytes,
             headroom_bytes=spec.headroom_bytes,
@@ -446,3 +596,6 @@ class ModelFacts(Frozen):
     parameter_count: int
     max_positions: int | None
     vocab_size: int
+    decoder_layer_classes: tuple[str, ...] = Field(
+        default=(), description="the model's _no_split_modules: what FSDP wraps one unit each"
+    )

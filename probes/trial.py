@@ -1,23 +1,28 @@
 """One trial: a few real training steps at one batch size, with the peak memory they needed.
 
 A :class:`TrialSession` lives in one child process for one config (model, sequence length,
-precision, checkpointing, device). It builds the model once and runs any number of trials; a trial
-never raises for running out of memory or for a failing training step: it returns the outcome.
+precision, checkpointing, strategy, optimizer, attention kernel, device). Its
+:class:`~probes.recipe.build.Recipe` builds the model, wraps it for the strategy once and makes the
+optimizer; the session runs any number of trials; a trial never raises for running out of memory or
+for a failing training step: it returns the outcome. Under ``ddp`` and ``fsdp`` the process measures
+rank 0 of a ``world_size``-rank job (see :mod:`probes.recipe.world`).
 
 A trial, step by step (why: ``docs/architecture.md``, "A trial, step by step"), written to use what
 HF ``Trainer`` with the emitted arguments uses:
 
-1. ``torch.manual_seed(task.seed)``; a fresh ``AdamW(foreach=True)`` (lr 0: memory is the same for any
-   lr, and the weights stay as built, so every trial sees the same model); a fresh ``GradScaler`` for
-   ``16-mixed``.
+1. ``torch.manual_seed(task.seed)``; a fresh optimizer as Trainer builds it for ``task.optimizer``
+   (lr 0: memory is the same for any lr, and the weights stay as built, so every trial sees the same
+   model); a fresh ``GradScaler`` for ``16-mixed``.
 2. Per optimizer step, first the step's micro-batches, all at once (Trainer prefetches a whole
    accumulation window onto the device): each holds ``input_ids`` (random ids, every row at the full
    ``seq_len``), ``attention_mask`` (all ones: no padding) and ``labels`` (a copy of the ids), int64.
-3. Per micro-batch: forward under autocast (``16-mixed``: fp16, ``bf16-mixed``: bf16; none for
-   ``32-true`` and ``bf16-true``); under autocast the float outputs are then copied to fp32, as
-   Accelerate's mixed-precision wrapper does; ``loss / accumulation_steps``; backward (scaled for fp16).
-4. Then ``unscale_`` (fp16), ``clip_grad_norm_(…, 1.0)``, ``optimizer.step()`` (``scaler.step`` +
-   ``scaler.update`` for fp16), ``zero_grad(set_to_none=True)``.
+3. Per micro-batch, inside the strategy's accumulation context (``no_sync`` / no gradient sync on
+   all but the last): forward under autocast (``16-mixed``: fp16, ``bf16-mixed``: bf16; none for
+   ``32-true`` and ``bf16-true``, and none under FSDP2, whose mixed-precision policy casts instead);
+   under autocast the float outputs are then copied to fp32, as Accelerate's mixed-precision wrapper
+   does; ``loss / accumulation_steps``; backward (scaled for fp16).
+4. Then ``unscale_`` (fp16), ``clip_grad_norm_(…, 1.0)`` over the trainable parameters,
+   ``optimizer.step()`` (``scaler.step`` + ``scaler.update`` for fp16), ``zero_grad(set_to_none=True)``.
 5. The peak covers every step. AdamW creates its state in its first ``step()``, so at least one
    optimizer step must run *with* that state: when the fp16 scaler skips steps (gradients overflow
    at the initial scale), extra steps run until one has (at most :data:`MAX_EXTRA_STEPS`; none when
@@ -34,19 +39,18 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import PretrainedConfig
 
 from probes.devices import TrialDevice, open_device
 from probes.errors import ProbeInputError
-from probes.models import build_model, load_config, vocab_size
+from probes.models import load_config, vocab_size
 from probes.oom import classify, one_line, poisons_context
-from probes.recipe.finetuning import resident_tensors
+from probes.recipe.build import ModelBuilder, Recipe, build_for_task
 from probes.spec import ConfigTask, DeviceInfo, Outcome, Precision, TrialRecord
 
 MAX_EXTRA_STEPS = 16
@@ -54,11 +58,6 @@ MAX_EXTRA_STEPS = 16
 
 MAX_GRAD_NORM = 1.0
 """Gradient clipping norm, HF ``TrainingArguments.max_grad_norm``'s default."""
-
-_AUTOCAST: dict[Precision, torch.dtype] = {
-    Precision.FP16_MIXED: torch.float16,
-    Precision.BF16_MIXED: torch.bfloat16,
-}
 
 
 @dataclass(frozen=True)
@@ -73,26 +72,6 @@ class _Steps:
     note: str | None
 
 
-ModelBuilder = Callable[[PretrainedConfig, ConfigTask, torch.device], torch.nn.Module]
-"""Builds the model a session's trials step, on the given device, inside the device's build context."""
-
-
-def build_for_task(config: PretrainedConfig, task: ConfigTask, device: torch.device) -> torch.nn.Module:
-    """The default :data:`ModelBuilder`: the task's model, fully trained (``probes.models.build_model``)."""
-    return build_model(
-        config,
-        precision=task.precision,
-        gradient_checkpointing=task.gradient_checkpointing,
-        device=device,
-        allow_remote_code=task.allow_remote_code,
-    )
-
-
-def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
-    """A fresh AdamW with CUDA's default implementation (``foreach``) on every backend."""
-    return torch.optim.AdamW(model.parameters(), lr=0.0, foreach=True)
-
-
 class TrialSession:
     """Trials of one config in this process: ``run(batch_size, ...)`` as often as needed, then ``close()``.
 
@@ -100,17 +79,19 @@ class TrialSession:
     :class:`~probes.errors.ProbeInputError` subclasses for bad input or a missing device); the model
     is built by the first :meth:`run` (or :meth:`prepare`) with ``build`` (default
     :func:`build_for_task`), and a build that runs out of memory is that trial's outcome. The device
-    adopts every tensor the built model keeps (:func:`~probes.recipe.finetuning.resident_tensors`).
+    adopts every tensor the built model keeps (:func:`~probes.recipe.finetuning.resident_tensors`);
+    the :class:`~probes.recipe.build.Recipe` then wraps it for the task's strategy.
     """
 
     def __init__(self, task: ConfigTask, *, build: ModelBuilder = build_for_task) -> None:
         self.task = task
-        self._build_model = build
         self._config = load_config(task.model, allow_remote_code=task.allow_remote_code)
         self._vocab_size = vocab_size(self._config)
         self._device: TrialDevice = open_device(task)
+        self._recipe = Recipe(task, self._config, self._device, build=build)
         self._model: torch.nn.Module | None = None
         self._build_failure: tuple[Outcome, str] | None = None
+        self._build_need: int | None = None
         self._poisoned = False
         self._closed = False
 
@@ -120,8 +101,14 @@ class TrialSession:
 
     @property
     def model(self) -> torch.nn.Module | None:
-        """The model, once built (``None`` before the first trial and after a failed build)."""
-        return self._model
+        """The model as built (inside the strategy's wrapper; ``None`` before the first trial and after a
+        failed build)."""
+        return self._recipe.inner
+
+    @property
+    def recipe(self) -> Recipe:
+        """How this config is set up: the wrapper, the optimizer, the attention emulation."""
+        return self._recipe
 
     @property
     def poisoned(self) -> bool:
@@ -139,27 +126,35 @@ class TrialSession:
             except ProbeInputError:
                 raise
             except Exception as exc:  # noqa: BLE001 - a failed build is the trial's outcome, not a crash
-                self._build_failure = (classify(exc), "building the model: " + one_line(exc))
+                outcome = classify(exc)
+                self._build_failure = (outcome, "building the model: " + one_line(exc))
+                self._build_need = self._device.needed_bytes(exc) if outcome is Outcome.OOM else None
                 self._poisoned = self._poisoned or poisons_context(exc)
             if self._build_failure is not None:
                 self._clean_up()
         return self._build_failure
 
     def _build(self) -> torch.nn.Module:
-        device = self._device
-        with device.build_context():
-            model = self._build_model(self._config, self.task, device.torch_device)
-        device.adopt(resident_tensors(model))
-        return model
+        self._recipe.build()
+        assert self._recipe.model is not None
+        return self._recipe.model
 
-    def run(self, batch_size: int, *, accumulation_steps: int, optimizer_steps: int) -> TrialRecord:
-        """One trial; the outcome is returned, never raised (except for bad arguments and bad input)."""
+    def run(
+        self, batch_size: int, *, accumulation_steps: int, optimizer_steps: int, uncapped: bool = False
+    ) -> TrialRecord:
+        """One trial; the outcome is returned, never raised (except for bad arguments and bad input).
+
+        ``uncapped`` (counted devices only) runs the steps without the memory cap and reports a peak
+        over the capacity as ``oom`` with ``needed_bytes`` exact: what the batch size needs.
+        """
         if batch_size < 1 or accumulation_steps < 1 or optimizer_steps < 1:
             raise ValueError("batch_size, accumulation_steps and optimizer_steps must be at least 1")
         if self._closed:
             raise RuntimeError("this TrialSession is closed")
 
-        def record(outcome: Outcome, message: str | None, steps: _Steps | None = None) -> TrialRecord:
+        def record(
+            outcome: Outcome, message: str | None, steps: _Steps | None = None, *, needed: int | None = None
+        ) -> TrialRecord:
             return TrialRecord(
                 batch_size=batch_size,
                 outcome=outcome,
@@ -170,6 +165,8 @@ class TrialSession:
                 optimizer_steps=steps.optimizer_steps if steps else 0,
                 message=message,
                 loss_flag=steps.loss_flag if steps else None,
+                needed_bytes=needed,
+                needed_bytes_exact=uncapped and needed is not None,
             )
 
         if self._poisoned:
@@ -184,20 +181,30 @@ class TrialSession:
             )
         failure = self.prepare()
         if failure is not None:
-            return record(failure[0], failure[1])
+            return record(failure[0], failure[1], needed=self._build_need)
         try:
-            steps = self._steps(batch_size, accumulation_steps, optimizer_steps)
+            with self._device.uncapped() if uncapped else nullcontext():
+                steps = self._steps(batch_size, accumulation_steps, optimizer_steps)
         except ProbeInputError:
             raise
         except Exception as exc:  # noqa: BLE001 - a trial reports every failure as its outcome
             # The exception (and the frames it holds: batches, outputs, optimizer) ends with this block.
-            result = record(classify(exc), one_line(exc))
+            outcome = classify(exc)
+            needed = self._device.needed_bytes(exc) if outcome is Outcome.OOM else None
+            result = record(outcome, one_line(exc), needed=needed)
             self._poisoned = self._poisoned or poisons_context(exc)
         else:
-            outcome = (
-                Outcome.OVER_HEADROOM if steps.peak_reserved > self._device.capacity_bytes else Outcome.FIT
-            )
-            result = record(outcome, steps.note, steps)
+            capacity = self._device.capacity_bytes
+            if uncapped and steps.peak_reserved > self._device.tensor_limit_bytes:
+                result = record(
+                    Outcome.OOM,
+                    "needs more than the memory limit (measured without the cap)",
+                    steps,
+                    needed=steps.peak_reserved,
+                )
+            else:
+                outcome = Outcome.OVER_HEADROOM if steps.peak_reserved > capacity else Outcome.FIT
+                result = record(outcome, steps.note, steps)
         self._clean_up()
         return result
 
@@ -205,18 +212,20 @@ class TrialSession:
         model = self._model
         assert model is not None
         device = self._device
+        recipe = self._recipe
         precision = self.task.precision
-        autocast_dtype = _AUTOCAST.get(precision)
+        autocast_dtype = recipe.autocast_dtype
         fp16 = precision is Precision.FP16_MIXED
         model.train()
         model.zero_grad(set_to_none=True)
+        optimizer = recipe.new_optimizer()
+        parameters = recipe.trainable_parameters()
         device.reset_peak()
         torch.manual_seed(self.task.seed)
         seconds: list[float] = []
-        losses: list[torch.Tensor] = []
+        losses: list[float] = []
         steps_done = steady_steps = 0
-        with device.step_context():
-            optimizer = make_optimizer(model)
+        with device.step_context(), recipe.step_context():
             scaler = device.grad_scaler() if fp16 else None
             while steps_done < optimizer_steps or (
                 steady_steps == 0
@@ -225,20 +234,22 @@ class TrialSession:
             ):
                 started = time.perf_counter()
                 had_state = bool(optimizer.state)
+                step_losses: list[torch.Tensor] = []
                 batches = [self._batch(batch_size) for _ in range(accumulation_steps)]
-                for batch in batches:
-                    with self._autocast(autocast_dtype):
-                        outputs = model(**batch)
-                    if autocast_dtype is not None:
-                        outputs = _float_outputs(outputs)
-                    loss = outputs["loss"] / accumulation_steps
-                    del outputs
-                    (scaler.scale(loss) if scaler is not None else loss).backward()
-                    losses.append(loss.detach())
+                for index, batch in enumerate(batches):
+                    with recipe.micro_step(index, accumulation_steps):
+                        with self._autocast(autocast_dtype):
+                            outputs = model(**batch)
+                        if autocast_dtype is not None:
+                            outputs = _float_outputs(outputs)
+                        loss = outputs["loss"] / accumulation_steps
+                        del outputs
+                        (scaler.scale(loss) if scaler is not None else loss).backward()
+                    step_losses.append(loss.detach())
                     del loss
                 if scaler is not None:
                     scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
+                torch.nn.utils.clip_grad_norm_(parameters, MAX_GRAD_NORM)
                 if scaler is not None:
                     scaler.step(optimizer)
                     scaler.update()
@@ -248,9 +259,14 @@ class TrialSession:
                 del batch
                 device.synchronize()
                 seconds.append(time.perf_counter() - started)
+                # Read the step's losses now and let them go: tensors kept across steps would make
+                # the peak depend on how many steps ran (the fp16 scaler can add some).
+                losses.extend(self._values(step_losses))
+                del step_losses
                 steps_done += 1
                 steady_steps += int(had_state and bool(optimizer.state))
-            del batches, optimizer, scaler
+            del batches, scaler
+        del optimizer, parameters
         reserved, allocated = device.peak()
         note = None
         if steady_steps == 0:
@@ -280,16 +296,21 @@ class TrialSession:
     def _autocast(self, dtype: torch.dtype | None) -> AbstractContextManager[object]:
         return self._device.autocast(dtype) if dtype is not None else nullcontext()
 
-    def _losses_finite(self, losses: list[torch.Tensor]) -> bool:
+    def _values(self, losses: list[torch.Tensor]) -> list[float]:
+        """The losses as numbers (none on a device without values)."""
+        if not self._device.computes_values:
+            return []
+        return [float(loss.item()) for loss in losses]
+
+    def _losses_finite(self, losses: list[float]) -> bool:
         """Whether more steps could help the scaler: not when the loss itself is NaN or infinite."""
         if not self._device.computes_values:
             return False
-        return all(math.isfinite(float(loss.item())) for loss in losses)
+        return all(math.isfinite(value) for value in losses)
 
-    def _loss_flag(self, losses: list[torch.Tensor]) -> str | None:
-        if not self._device.computes_values or not losses:
+    def _loss_flag(self, values: list[float]) -> str | None:
+        if not self._device.computes_values or not values:
             return None
-        values = [float(loss.item()) for loss in losses]
         if any(math.isnan(v) for v in values):
             return "nan"
         if any(math.isinf(v) for v in values):
@@ -311,6 +332,7 @@ class TrialSession:
             return
         self._closed = True
         self._model = None
+        self._recipe.close()
         self._device.close()
 
     def __enter__(self) -> TrialSession:

@@ -3,8 +3,8 @@
 Requests and replies are the trial server's messages in :mod:`probes.protocol`, one JSON
 document per pipe message:
 
-- ``InfoRequest`` → ``InfoReply`` (device, versions, model, transformers' API) — validates the
-  model (an input error comes back as an ``ErrorReply``);
+- ``InfoRequest`` → ``InfoReply`` (device, versions, model, transformers' API, what the recipe
+  can run here) — validates the model (an input error comes back as an ``ErrorReply``);
 - ``TrialRequest`` → ``TrialReply`` (the trial record, and whether the CUDA context is poisoned);
 - ``StopRequest`` → the process exits.
 
@@ -38,6 +38,7 @@ from probes.protocol import (
     TrialServerReply,
     parse_trial_request,
 )
+from probes.recipe.support import detect_support
 from probes.spec import ConfigTask
 from probes.trial import TrialSession
 
@@ -49,6 +50,9 @@ def _info(task: ConfigTask, session: TrialSession) -> InfoReply:
         versions=collect_versions(),
         model=facts,
         training_args=training_arguments_support(),
+        recipe=detect_support(
+            session.device_info().kind, optimizer=task.optimizer, attn_implementation=task.attn_implementation
+        ),
     )
 
 
@@ -59,6 +63,7 @@ def _answer(task: ConfigTask, session: TrialSession, request: InfoRequest | Tria
         request.batch_size,
         accumulation_steps=request.accumulation_steps,
         optimizer_steps=request.optimizer_steps,
+        uncapped=request.uncapped,
     )
     return TrialReply(trial=trial, poisoned=session.poisoned)
 
@@ -103,6 +108,10 @@ PRELOADED_MODULES = (
     "transformers.models.llama.modeling_llama",
     "transformers.models.mistral.modeling_mistral",
     "transformers.models.qwen2.modeling_qwen2",
+    "torch.distributed.fsdp",
+    "torch.nn.parallel.distributed",
+    "torch.testing._internal.distributed.fake_pg",
+    "probes.recipe.build",
 )
 """transformers loads these lazily, at ~2.5 s on the first model build: pay it once, in the
 forkserver, rather than in every child. A module a later transformers lacks is skipped."""

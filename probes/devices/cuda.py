@@ -20,6 +20,7 @@ import torch
 
 from probes.devices.base import trial_capacity_bytes
 from probes.errors import DeviceUnavailable, ProbeInputError
+from probes.oom import needed_at_least
 from probes.spec import DeviceInfo
 
 BF16_MIN_CAPABILITY = (8, 0)
@@ -125,6 +126,16 @@ class CudaDevice:
     def release(self) -> None:
         gc.collect()
         torch.cuda.empty_cache()
+
+    @property
+    def tensor_limit_bytes(self) -> int:
+        return self.memory_limit_bytes if self.memory_limit_bytes is not None else self.total_memory_bytes
+
+    def uncapped(self) -> AbstractContextManager[object]:
+        return nullcontext()  # a real GPU has no cap to lift
+
+    def needed_bytes(self, exc: BaseException) -> int | None:
+        return needed_at_least(str(exc))
 
     def close(self) -> None:
         self.release()

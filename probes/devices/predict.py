@@ -151,14 +151,14 @@ class PredictDevice(CountedMemory):
         if memory_limit_bytes is not None:
             self.total_memory_bytes = gpu.memory_bytes if gpu is not None else memory_limit_bytes
             self.overhead_bytes = 0
-            self.tensor_limit_bytes = memory_limit_bytes
+            tensor_limit = memory_limit_bytes
         else:
             assert gpu is not None
             self.total_memory_bytes = gpu.memory_bytes
             self.overhead_bytes = overhead_for(gpu.memory_bytes).total_bytes
-            self.tensor_limit_bytes = gpu.memory_bytes - self.overhead_bytes
+            tensor_limit = gpu.memory_bytes - self.overhead_bytes
         self.fake_mode = FakeTensorMode()
-        self.mode = CountingMode(limit_bytes=self.tensor_limit_bytes, granularity_bytes=granularity_bytes)
+        self.mode = CountingMode(limit_bytes=tensor_limit, granularity_bytes=granularity_bytes)
 
     @property
     def torch_device(self) -> torch.device:

@@ -43,8 +43,9 @@ from probes.recipe.finetuning import (
     resident_tensors,
     unavailable_reason,
 )
-from probes.spec import ConfigTask, ModelSpec, Outcome, Precision, TrialRecord
-from probes.trial import TrialSession, make_optimizer
+from probes.recipe.optimizers import make_optimizer
+from probes.spec import ConfigTask, ModelSpec, Optimizer, Outcome, Precision, TrialRecord
+from probes.trial import TrialSession
 from tests.probes.test_predict import TINY
 
 peft = pytest.importorskip("peft")
@@ -232,7 +233,7 @@ def test_only_adapters_train_and_get_gradients_and_optimizer_state(spec: Finetun
     assert trainable
     assert all("lora_" in name for name, p in model.named_parameters() if p.requires_grad)
     assert all(p.dtype == torch.float32 for p in trainable)  # peft's autocast_adapter_dtype
-    optimizer = make_optimizer(model)
+    optimizer = make_optimizer(Optimizer.ADAMW_TORCH, model)
     ids = torch.randint(0, 1000, (2, SEQ_LEN))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = model(input_ids=ids, labels=ids)["loss"]
@@ -349,7 +350,7 @@ def test_the_step_peak_includes_the_forward_transient() -> None:
 
 def _lora_steps(model: nn.Module) -> None:
     """probes.trial's loop in fp32: batches prefetched, 2 x (2 micro-batches, clip, step, zero_grad)."""
-    optimizer = make_optimizer(model)
+    optimizer = make_optimizer(Optimizer.ADAMW_TORCH, model)
     for _ in range(2):
         batches = [torch.randint(0, 1000, (2, SEQ_LEN)) for _ in range(2)]
         for ids in batches:

@@ -1,0 +1,123 @@
+"""What a config needs that the device or the installed packages may lack, and the sentence saying so.
+
+Torch-free at import: the engine (which imports no torch) decides with :func:`skip_reason` from the
+:class:`RecipeSupport` the first trial child reports (:func:`detect_support`, which imports what
+it checks).
+
+The rules, and where they come from:
+
+- ``flash_attention_2`` runs the flash-attn package's CUDA kernels: a CUDA device with flash-attn
+  installed. On ``simulated`` and ``predict`` it is skipped; ``sdpa`` stands for it there (its CUDA
+  kernel for fp16/bf16 is flash attention too, and keeps the same memory).
+- ``adamw_bnb_8bit`` needs bitsandbytes, and an 8-bit step that runs on the device: the child tries
+  one (bitsandbytes 0.50 runs its 8-bit blockwise optimizer on the CPU, so ``simulated`` and
+  ``predict`` can measure it).
+- FSDP2's parameters are ``DTensor`` shards. transformers' ``Adafactor`` builds plain-tensor state
+  for them ("got mixed torch.Tensor and DTensor") and bitsandbytes' kernels have no ``DTensor``
+  sharding strategy: both fail at the first step (tried with torch 2.13 on the fake process group;
+  ``test_adafactor_and_bnb_fail_on_fsdp2_shards`` keeps trying, so a fixed release shows up).
+"""
+
+from __future__ import annotations
+
+from probes.spec import AttnImplementation, DeviceInfo, Frozen, Optimizer, Strategy
+
+_FSDP_INCOMPATIBLE = {
+    Optimizer.ADAFACTOR: "transformers' Adafactor builds plain-tensor state for FSDP2's DTensor shards "
+    "(the first step fails: 'got mixed torch.Tensor and DTensor')",
+    Optimizer.ADAMW_BNB_8BIT: "bitsandbytes' optimizer kernels have no DTensor sharding strategy (the first "
+    "step fails: 'Operator bitsandbytes.optimizer_update_32bit.default does not have a sharding strategy "
+    "registered')",
+}
+
+
+class RecipeSupport(Frozen):
+    """What the trial child found it can run; ``None`` means available, a string says why not."""
+
+    flash_attention_2: str | None = "not checked"
+    bitsandbytes_8bit: str | None = "not checked"
+
+
+def skip_reason(
+    *,
+    strategy: Strategy,
+    optimizer: Optimizer,
+    attn_implementation: AttnImplementation,
+    device: DeviceInfo,
+    support: RecipeSupport,
+) -> str | None:
+    """Why this config cannot be measured here, or ``None``."""
+    if attn_implementation is AttnImplementation.FLASH_ATTENTION_2:
+        if device.kind != "cuda":
+            return (
+                f"flash_attention_2 runs only on a CUDA GPU, not on the {device.kind} device; probe with "
+                "attn_implementation sdpa, whose CUDA kernel for fp16/bf16 is flash attention as well"
+            )
+        if support.flash_attention_2 is not None:
+            return f"flash_attention_2 is not available: {support.flash_attention_2}"
+    if optimizer is Optimizer.ADAMW_BNB_8BIT and support.bitsandbytes_8bit is not None:
+        return f"adamw_bnb_8bit cannot run here: {support.bitsandbytes_8bit}"
+    if strategy is Strategy.FSDP and optimizer in _FSDP_INCOMPATIBLE:
+        return (
+            f"{optimizer.value} does not work with fsdp: {_FSDP_INCOMPATIBLE[optimizer]}; use adamw_torch or "
+            "adamw_torch_fused, or ddp"
+        )
+    return None
+
+
+def detect_support(
+    device_kind: str, *, optimizer: Optimizer, attn_implementation: AttnImplementation
+) -> RecipeSupport:
+    """Check, by importing and trying, what the request needs (called in a trial child).
+
+    Only what the request asks for is checked (importing bitsandbytes costs seconds); the rest stays
+    "not checked".
+    """
+    support = RecipeSupport()
+    if attn_implementation is AttnImplementation.FLASH_ATTENTION_2:
+        support = support.model_copy(update={"flash_attention_2": _flash_attention_2(device_kind)})
+    if optimizer is Optimizer.ADAMW_BNB_8BIT:
+        support = support.model_copy(update={"bitsandbytes_8bit": _bitsandbytes_8bit(device_kind)})
+    return support
+
+
+def _flash_attention_2(device_kind: str) -> str | None:
+    import importlib.util
+
+    if device_kind != "cuda":
+        return f"the {device_kind} device is not a CUDA GPU"
+    if importlib.util.find_spec("flash_attn") is None:
+        return "the flash-attn package is not installed (pip install flash-attn)"
+    import transformers.utils
+
+    if not transformers.utils.is_flash_attn_2_available():  # type: ignore[attr-defined]
+        return "transformers cannot use the installed flash-attn (is_flash_attn_2_available() is false)"
+    return None
+
+
+def _bitsandbytes_8bit(device_kind: str) -> str | None:
+    """Try one 8-bit AdamW step on a tensor large enough for 8-bit state, on the device's kind."""
+    import importlib.util
+    import warnings
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return "bitsandbytes is not installed (pip install 'maxbatch[qlora]')"
+    import torch
+
+    device = "cuda" if device_kind == "cuda" else "cpu"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import bitsandbytes
+
+            weight = torch.nn.Parameter(torch.zeros(64, 128, device=device))
+            optimizer = bitsandbytes.optim.AdamW(  # type: ignore[attr-defined, no-untyped-call]
+                [weight], lr=0.0, optim_bits=8, is_paged=False
+            )
+            weight.grad = torch.ones_like(weight)
+            optimizer.step()  # type: ignore[no-untyped-call]
+            optimizer.step()  # type: ignore[no-untyped-call]
+    except Exception as exc:  # noqa: BLE001 - any failure is the reason
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return f"an 8-bit bitsandbytes AdamW step failed on {device}: {type(exc).__name__}: {first}"
+    return None
