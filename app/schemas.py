@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from probes.spec import ModelFacts, Outcome, Phase, Precision, ProbeResult, ProbeSpec
+from probes.spec import ModelFacts, Outcome, Phase, Precision, ProbeResult, ProbeSpec, Strategy
 
 
 class JobStatus(StrEnum):
@@ -54,6 +54,7 @@ class JobError(Schema):
 class CurrentConfig(Schema):
     precision: Precision
     gradient_checkpointing: bool
+    strategy: Strategy = Strategy.SINGLE
     config_index: int
     phase: Phase | None = None
 

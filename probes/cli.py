@@ -21,7 +21,7 @@ from rich.table import Table
 from probes.errors import ProbeError, ProbeInputError
 from probes.gpus import check_card_request
 from probes.protocol import ExitCode
-from probes.spec import ConfigStatus, EventKind, ProbeEvent, ProbeResult, ProbeSpec
+from probes.spec import ConfigResult, ConfigStatus, EventKind, ProbeEvent, ProbeResult, ProbeSpec
 from probes.units import format_bytes, parse_bytes
 
 
@@ -64,6 +64,9 @@ def build_spec(
     seq_len: int,
     precision: list[str],
     checkpointing: list[str],
+    strategy: list[str] | None = None,
+    optimizer: str | None = None,
+    attn_implementation: str | None = None,
     target_batch_size: int,
     world_size: int,
     device: str,
@@ -116,6 +119,12 @@ def build_spec(
     }
     if precision:
         fields["precisions"] = precision
+    if strategy:
+        fields["strategies"] = strategy
+    if optimizer is not None:
+        fields["optimizer"] = optimizer
+    if attn_implementation is not None:
+        fields["attn_implementation"] = attn_implementation
     if checkpointing:
         fields["gradient_checkpointing"] = _checkpointing(checkpointing)
     try:
@@ -131,15 +140,27 @@ def build_spec(
 
 
 class _ProgressView:
-    """One progress bar per config; each trial advances its bar."""
+    """One progress bar per config; each trial advances its bar.
+
+    Nothing is drawn until the first event: the engine validates the request (in its first child)
+    before any config starts, so a bad request ends in its one-line error with no bars above it.
+    """
 
     def __init__(self, progress: Progress, labels: list[str]) -> None:
         self._progress = progress
-        self._tasks: list[TaskID] = [
-            progress.add_task(label, total=None, start=False, detail="waiting") for label in labels
-        ]
+        self._labels = labels
+        self._tasks: list[TaskID] = []
+
+    def _start(self) -> None:
+        if not self._tasks:
+            self._progress.start()
+            self._tasks = [
+                self._progress.add_task(label, total=None, start=False, detail="waiting")
+                for label in self._labels
+            ]
 
     def __call__(self, event: ProbeEvent) -> None:
+        self._start()
         task = self._tasks[event.config_index]
         if event.kind is EventKind.CONFIG_STARTED:
             self._progress.start_task(task)
@@ -160,25 +181,50 @@ class _ProgressView:
             self._progress.stop_task(task)
 
 
-def _label(precision: str, checkpointing: bool) -> str:
-    return f"{precision:<10} ckpt {'on ' if checkpointing else 'off'}"
+def _label(precision: str, checkpointing: bool, strategy: str) -> str:
+    return f"{precision:<10} ckpt {'on ' if checkpointing else 'off'} {strategy:<6}"
+
+
+def _peak_cell(config: ConfigResult) -> str:
+    """The peak of the answer; where batch size 1 does not fit, what it needed against the limit."""
+    if config.peak_memory_bytes:
+        return format_bytes(config.peak_memory_bytes)
+    if config.min_batch_needs_bytes is not None:
+        bound = "≥ " if config.min_batch_need_is_lower_bound else ""
+        return f"b=1 needs {bound}{format_bytes(config.min_batch_needs_bytes)}"
+    return "-"
 
 
 def render_table(result: ProbeResult, console: Console) -> None:
     """A human summary of a result: one row per config, then the recommendation."""
-    table = Table(title=f"{result.spec.model.label} · seq {result.spec.seq_len} · {result.device.name}")
-    for column in ("precision", "ckpt", "status", "max batch", "first fail", "trials", "peak", "plan"):
+    spec = result.spec
+    title = f"{spec.model.label} · seq {spec.seq_len} · {result.device.name}"
+    if spec.world_size > 1:
+        title += f" · {spec.world_size} ranks"
+    table = Table(title=title)
+    for column in (
+        "precision",
+        "ckpt",
+        "strategy",
+        "status",
+        "max batch",
+        "first fail",
+        "trials",
+        "peak",
+        "plan",
+    ):
         table.add_column(column)
     for config in result.configs:
         plan = config.plan
         table.add_row(
             config.precision.value,
             "on" if config.gradient_checkpointing else "off",
+            config.strategy.value,
             config.status.value if not config.reason else f"{config.status.value}: {config.reason}",
             str(config.max_batch_size or "-"),
             str(config.first_failing_batch_size or "-"),
             str(len(config.trials)),
-            format_bytes(config.peak_memory_bytes) if config.peak_memory_bytes else "-",
+            _peak_cell(config),
             (
                 f"{plan.per_device_train_batch_size} x {plan.gradient_accumulation_steps} x {plan.world_size}"
                 f" = {plan.effective_batch_size}"
@@ -192,9 +238,13 @@ def render_table(result: ProbeResult, console: Console) -> None:
         console.print("[bold red]no configuration reaches a plan[/]")
         return
     console.print(
-        f"[bold]recommended:[/] {rec.precision.value}, checkpointing {rec.gradient_checkpointing} — {rec.why}"
+        f"[bold]recommended:[/] {rec.precision.value}, checkpointing {rec.gradient_checkpointing}, "
+        f"{rec.strategy.value} — {rec.why}"
     )
+    console.print("TrainingArguments:")
     console.print_json(json.dumps(rec.training_arguments))
+    console.print("from_pretrained / model_init_kwargs:")
+    console.print_json(json.dumps(rec.model_init_kwargs))
     if result.timing_note:
         console.print(f"[dim]{result.timing_note}[/]")
 
@@ -219,6 +269,22 @@ def probe(
     ] = None,
     checkpointing: Annotated[
         list[str] | None, typer.Option("--checkpointing", help="on or off (repeat for both)")
+    ] = None,
+    strategy: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--strategy", help="single, ddp, fsdp (repeat); default single for 1 rank, ddp and fsdp above"
+        ),
+    ] = None,
+    optimizer: Annotated[
+        str | None,
+        typer.Option(
+            "--optimizer", help="adamw_torch (default), adamw_torch_fused, adafactor, sgd, adamw_bnb_8bit"
+        ),
+    ] = None,
+    attn_implementation: Annotated[
+        str | None,
+        typer.Option("--attn-implementation", help="sdpa (default), eager, flash_attention_2"),
     ] = None,
     world_size: Annotated[int, typer.Option("--world-size", help="data-parallel ranks")] = 1,
     device: Annotated[str, typer.Option("--device", help="cuda:N, simulated or predict")] = "simulated",
@@ -250,6 +316,9 @@ def probe(
         seq_len=seq_len,
         precision=precision or [],
         checkpointing=checkpointing or [],
+        strategy=strategy or [],
+        optimizer=optimizer,
+        attn_implementation=attn_implementation,
         target_batch_size=target_batch_size,
         world_size=world_size,
         device=device,
@@ -266,8 +335,8 @@ def probe(
     from probes.engine import run_probe  # loaded after the flags are checked: `--help` stays fast
 
     console = Console(stderr=True)
-    labels = [_label(p.value, c) for p, c in spec.configs()]
-    with Progress(
+    labels = [_label(p.value, c, s.value) for p, c, s in spec.configs()]
+    progress = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         TextColumn("{task.completed} trials"),
@@ -275,15 +344,19 @@ def probe(
         TimeElapsedColumn(),
         console=console,
         transient=as_json,
-    ) as progress:
-        view = _ProgressView(progress, labels)
-        try:
-            result = run_probe(spec, on_event=view, allow_remote_code=allow_remote_code)
-        except ProbeInputError as exc:
-            fail_input(exc.message + _known(exc))
-        except ProbeError as exc:
-            sys.stderr.write(f"maxbatch: probe failed: {exc.message}\n")
-            raise typer.Exit(ExitCode.FAILED) from exc
+        auto_refresh=True,
+    )
+    view = _ProgressView(progress, labels)
+    try:
+        result = run_probe(spec, on_event=view, allow_remote_code=allow_remote_code)
+    except ProbeInputError as exc:
+        progress.stop()
+        fail_input(exc.message + _known(exc))
+    except ProbeError as exc:
+        progress.stop()
+        sys.stderr.write(f"maxbatch: probe failed: {exc.message}\n")
+        raise typer.Exit(ExitCode.FAILED) from exc
+    progress.stop()
     if as_json:
         sys.stdout.write(result.model_dump_json(indent=2) + "\n")
     else:

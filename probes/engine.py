@@ -22,8 +22,10 @@ from probes.errors import DeviceUnavailable
 from probes.isolate import ProbeCancelled, TrialChild, info_from_reply, trial_from_reply
 from probes.plan import make_plan
 from probes.protocol import InfoReply, InfoRequest, TrialRequest
+from probes.recipe.support import skip_reason
 from probes.recommend import recommend
 from probes.search import LadderSearch
+from probes.shortfall import explain_shortfalls, min_batch_need, single_rank_warning
 from probes.spec import (
     FLEET_DEVICE,
     ConfigResult,
@@ -37,6 +39,7 @@ from probes.spec import (
     ProbeEvent,
     ProbeResult,
     ProbeSpec,
+    Strategy,
     TrialRecord,
 )
 
@@ -46,14 +49,21 @@ _INFO_TIMEOUT_SECONDS = 600.0
 MAX_CONFIRMATION_ROUNDS = 3
 
 
-def _skip_reason(precision: Precision, device: DeviceInfo) -> str | None:
+def _skip_reason(spec: ProbeSpec, precision: Precision, strategy: Strategy, context: InfoReply) -> str | None:
+    device = context.device
     if precision.needs_bf16 and not device.bf16_supported:
         capability = device.compute_capability or "unknown"
         return (
             f"{device.name} has no native bf16 (compute capability {capability} < 8.0); "
             "use 16-mixed or 32-true"
         )
-    return None
+    return skip_reason(
+        strategy=strategy,
+        optimizer=spec.optimizer,
+        attn_implementation=spec.attn_implementation,
+        device=device,
+        support=context.recipe,
+    )
 
 
 def _fp16_warnings(trials: list[TrialRecord]) -> tuple[str, ...]:
@@ -82,10 +92,14 @@ class ConfigRun:
     emit: Callable[[EventKind, TrialRecord | None, ConfigResult | None, Phase | None], None]
     cancel: threading.Event | None
     confirm: bool = True
+    #: when batch size 1 does not fit, measure what it needs (uncapped; counted devices only)
+    measure_need: bool = False
     child: TrialChild | None = None
     all_trials: list[TrialRecord] = field(default_factory=list)
 
-    def _trial(self, batch_size: int, optimizer_steps: int, phase: Phase, *, fresh: bool) -> TrialRecord:
+    def _trial(
+        self, batch_size: int, optimizer_steps: int, phase: Phase, *, fresh: bool, uncapped: bool = False
+    ) -> TrialRecord:
         if fresh and self.child is not None:
             self.child.close()
             self.child = None
@@ -96,6 +110,7 @@ class ConfigRun:
                 batch_size=batch_size,
                 accumulation_steps=self.spec.trial_accumulation_steps,
                 optimizer_steps=optimizer_steps,
+                uncapped=uncapped,
             ),
             timeout_seconds=self.spec.trial_timeout_seconds,
         )
@@ -129,6 +144,8 @@ class ConfigRun:
                         confirming[size] = trial
                     search.record(trial)
                 best = search.max_batch_size
+                if best is None and search.aborted_reason is None and self.measure_need:
+                    self._measure_smallest_need(search)
                 if best is None or search.aborted_reason is not None:
                     return search, None
                 if not self.confirm:
@@ -147,6 +164,12 @@ class ConfigRun:
                 self.child.close()
                 self.child = None
 
+    def _measure_smallest_need(self, search: LadderSearch) -> None:
+        """Batch size 1 ran out of memory: run it once more without the cap, for what it needs."""
+        failed = [t for t in search.trials if t.batch_size == 1 and t.outcome is Outcome.OOM]
+        if failed:
+            self._trial(1, self.spec.trial_optimizer_steps, "search", fresh=False, uncapped=True)
+
 
 def _last_fit(trials: tuple[TrialRecord, ...], batch_size: int) -> TrialRecord:
     return next(t for t in reversed(trials) if t.batch_size == batch_size and t.outcome is Outcome.FIT)
@@ -156,25 +179,33 @@ def _config_result(
     spec: ProbeSpec,
     precision: Precision,
     checkpointing: bool,
+    strategy: Strategy,
     search: LadderSearch,
     backing: TrialRecord | None,
     trials: list[TrialRecord],
     *,
     confirmed: bool,
+    capacity_bytes: int | None,
 ) -> ConfigResult:
     common = {
         "precision": precision,
         "gradient_checkpointing": checkpointing,
+        "strategy": strategy,
         "trials": tuple(trials),
         "first_failing_batch_size": search.first_failing_batch_size,
-        "warnings": _fp16_warnings(trials),
+        "warnings": _fp16_warnings(trials) + single_rank_warning(strategy, spec.world_size),
     }
     if search.aborted_reason is not None:
         return ConfigResult(status=ConfigStatus.FAILED, reason=search.aborted_reason, **common)
     best = search.max_batch_size
     if best is None:
+        need = min_batch_need(trials, capacity_bytes)
         return ConfigResult(
-            status=ConfigStatus.OK, reason="batch size 1 does not fit: no batch size trains here", **common
+            status=ConfigStatus.OK,
+            reason=need.sentence,
+            min_batch_needs_bytes=need.bytes,
+            min_batch_need_is_lower_bound=need.lower_bound,
+            **common,
         )
     if backing is None:
         last = trials[-1]
@@ -252,7 +283,9 @@ def run_probe(
     stop = threading.Event()
     event_lock = threading.Lock()
 
-    def probe_config(index: int, precision: Precision, checkpointing: bool) -> ConfigResult:
+    def probe_config(
+        index: int, precision: Precision, checkpointing: bool, strategy: Strategy
+    ) -> ConfigResult:
         def emit(
             kind: EventKind, trial: TrialRecord | None, config: ConfigResult | None, phase: Phase | None
         ) -> None:
@@ -262,6 +295,7 @@ def run_probe(
                 kind=kind,
                 precision=precision,
                 gradient_checkpointing=checkpointing,
+                strategy=strategy,
                 config_index=index,
                 config_count=len(configs),
                 trial=trial,
@@ -272,30 +306,47 @@ def run_probe(
                 on_event(event)
 
         emit(EventKind.CONFIG_STARTED, None, None, None)
-        skip = _skip_reason(precision, device)
+        skip = _skip_reason(spec, precision, strategy, context)
         if skip is not None:
             result = ConfigResult(
                 precision=precision,
                 gradient_checkpointing=checkpointing,
+                strategy=strategy,
                 status=ConfigStatus.SKIPPED,
                 reason=skip,
             )
         else:
-            task = ConfigTask.for_config(spec, precision, checkpointing, allow_remote_code=allow_remote_code)
+            task = ConfigTask.for_config(
+                spec, precision, checkpointing, strategy, allow_remote_code=allow_remote_code
+            )
             confirm = not device.predicted
             run = ConfigRun(
-                spec=spec, task=task, capacity_bytes=capacity, emit=emit, cancel=stop, confirm=confirm
+                spec=spec,
+                task=task,
+                capacity_bytes=capacity,
+                emit=emit,
+                cancel=stop,
+                confirm=confirm,
+                measure_need=device.predicted,
             )
             search, backing = run.run()
             result = _config_result(
-                spec, precision, checkpointing, search, backing, run.all_trials, confirmed=confirm
+                spec,
+                precision,
+                checkpointing,
+                strategy,
+                search,
+                backing,
+                run.all_trials,
+                confirmed=confirm,
+                capacity_bytes=capacity,
             )
         emit(EventKind.CONFIG_DONE, None, result, None)
         return result
 
     workers = min(concurrent_configs(device), max_concurrent_configs or len(configs))
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="probe") as pool:
-        futures = [pool.submit(probe_config, i, p, c) for i, (p, c) in enumerate(configs)]
+        futures = [pool.submit(probe_config, i, p, c, s) for i, (p, c, s) in enumerate(configs)]
         try:
             while not all(f.done() for f in futures):
                 if cancel is not None and cancel.is_set():
@@ -313,13 +364,15 @@ def run_probe(
             raise real[0]
         if errors or (cancel is not None and cancel.is_set()):
             raise ProbeCancelled("the probe was cancelled")
-        results = [f.result() for f in futures]
+        results = explain_shortfalls([f.result() for f in futures])
 
     return ProbeResult(
         spec=spec,
         device=device,
         configs=tuple(results),
-        recommendation=recommend(results, spec=spec, device=device, support=context.training_args),
+        recommendation=recommend(
+            results, spec=spec, device=device, support=context.training_args, model=context.model
+        ),
         versions=context.versions,
         elapsed_seconds=round(time.monotonic() - started, 3),
         timing_note=None

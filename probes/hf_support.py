@@ -21,4 +21,6 @@ def training_arguments_support() -> TrainingArgumentsSupport:
         has_warmup_ratio="warmup_ratio" in parameters,
         warmup_steps_accepts_ratio=warmup is not None and "float" in str(warmup.annotation),
         output_dir_required=output_dir is not None and output_dir.default is inspect.Parameter.empty,
+        # 5.x reads everything from fsdp_config and turns a string fsdp into it with a deprecation warning
+        fsdp_takes_bool=hasattr(TrainingArguments, "_apply_legacy_fsdp_to_config"),
     )

@@ -9,6 +9,19 @@ points for today's transformers:
 - ``warmup_ratio`` was removed in 5.15: ``warmup_steps`` is emitted as an integer when the step
   count is known, else as a ratio < 1 where the version reads a float that way;
 - ``gradient_checkpointing`` is a deprecated alias of ``activation_checkpointing``.
+
+What the strategy adds (read from transformers 5.24's ``TrainingArguments`` and Accelerate 1.15):
+
+- ``fsdp``: ``fsdp=True`` with everything in ``fsdp_config`` (``fsdp`` as a string is deprecated
+  in 5.24): ``version: 2``, ``reshard_after_forward: True``, the decoder-layer class(es) to wrap,
+  and ``activation_checkpointing`` there rather than as a training argument (under FSDP the
+  training argument adds a redundant all-gather in the backward pass, and Trainer warns);
+- ``ddp``: ``ddp_find_unused_parameters`` written out with the value that was measured (Trainer's
+  default for a ``PreTrainedModel``: on without checkpointing, off with it);
+- ``optim``: the optimizer that was measured.
+
+``attn_implementation`` (and ``dtype`` for ``bf16-true``) are arguments of ``from_pretrained``, not
+of ``TrainingArguments``: they go into the recommendation's ``model_init_kwargs``.
 """
 
 from __future__ import annotations
@@ -21,10 +34,12 @@ from probes.spec import (
     DeviceInfo,
     Frozen,
     JsonValue,
+    ModelFacts,
     Plan,
     Precision,
     ProbeSpec,
     Recommendation,
+    Strategy,
 )
 
 
@@ -36,6 +51,8 @@ class TrainingArgumentsSupport(Frozen):
     has_warmup_ratio: bool
     warmup_steps_accepts_ratio: bool
     output_dir_required: bool = False
+    fsdp_takes_bool: bool = True
+    """``fsdp=True`` with the version in ``fsdp_config`` (5.x); older versions take a string."""
 
 
 def optimizer_steps(*, dataset_size: int, num_train_epochs: float, plan: Plan) -> int:
@@ -57,15 +74,17 @@ def training_arguments(
     plan: Plan,
     spec: ProbeSpec,
     support: TrainingArgumentsSupport,
+    strategy: Strategy = Strategy.SINGLE,
+    layer_classes: tuple[str, ...] = (),
 ) -> dict[str, JsonValue]:
     """Keyword arguments for ``TrainingArguments(**d)`` on the transformers that ``support`` describes."""
     args: dict[str, JsonValue] = {
         "per_device_train_batch_size": plan.per_device_train_batch_size,
         "gradient_accumulation_steps": plan.gradient_accumulation_steps,
         "max_grad_norm": 1.0,
-        # The trials measure torch's AdamW (foreach on CUDA); transformers >= 5 defaults to the
-        # fused one, which needs a little less memory. Name the measured one.
-        "optim": "adamw_torch",
+        # Name the measured optimizer (transformers >= 5 defaults to the fused AdamW, which needs a
+        # little less memory than the foreach one CUDA gives adamw_torch).
+        "optim": spec.optimizer.value,
     }
     if precision is Precision.FP16_MIXED:
         args["fp16"] = True
@@ -73,9 +92,13 @@ def training_arguments(
         args["bf16"] = True
     # bf16-true: the weights are bf16 already; bf16=True would add autocast, which runs some ops
     # (layer norm, softmax) in fp32 and raises activation memory above what the trial measured.
-    if gradient_checkpointing:
+    if strategy is Strategy.FSDP:
+        args.update(_fsdp_arguments(gradient_checkpointing, layer_classes, support))
+    elif gradient_checkpointing:
         key = "activation_checkpointing" if support.has_activation_checkpointing else "gradient_checkpointing"
         args[key] = True
+    if strategy is Strategy.DDP:
+        args["ddp_find_unused_parameters"] = not gradient_checkpointing
     steps: int | None = None
     if spec.dataset_size is not None and spec.num_train_epochs is not None:
         steps = optimizer_steps(
@@ -94,6 +117,40 @@ def training_arguments(
     return args
 
 
+def _fsdp_arguments(
+    checkpointing: bool, layer_classes: tuple[str, ...], support: TrainingArgumentsSupport
+) -> dict[str, JsonValue]:
+    config: dict[str, JsonValue] = {"version": 2, "reshard_after_forward": True}
+    if layer_classes:
+        config["transformer_layer_cls_to_wrap"] = list(layer_classes)
+    config["activation_checkpointing"] = checkpointing
+    if support.fsdp_takes_bool:
+        return {"fsdp": True, "fsdp_config": config}
+    legacy = {
+        ("fsdp_" + key if key != "transformer_layer_cls_to_wrap" else key): value
+        for key, value in config.items()
+    }
+    return {"fsdp": "full_shard auto_wrap", "fsdp_config": legacy}
+
+
+def model_init_kwargs(spec: ProbeSpec, precision: Precision) -> dict[str, JsonValue]:
+    """The ``from_pretrained`` arguments measured: the attention kernel; the dtype for bf16-true."""
+    kwargs: dict[str, JsonValue] = {"attn_implementation": spec.attn_implementation.value}
+    if precision is Precision.BF16_TRUE:
+        kwargs["dtype"] = "bfloat16"
+    return kwargs
+
+
+def _strategy_rank(strategy: Strategy, world_size: int) -> int:
+    """DDP before FSDP (it communicates less); ``single`` first for one rank, last for more."""
+    order = (
+        (Strategy.SINGLE, Strategy.DDP, Strategy.FSDP)
+        if world_size <= 1
+        else (Strategy.DDP, Strategy.FSDP, Strategy.SINGLE)
+    )
+    return order.index(strategy)
+
+
 _PRECISION_PREFERENCE: dict[Precision, int] = {
     Precision.BF16_MIXED: 0,
     Precision.FP16_MIXED: 1,
@@ -104,12 +161,13 @@ _PRECISION_PREFERENCE: dict[Precision, int] = {
 pure bf16 last, because it changes the training numerics rather than only the speed."""
 
 
-def _rank_without_timings(config: ConfigResult) -> tuple[int, int, int, int, int]:
+def _rank_without_timings(config: ConfigResult, world_size: int) -> tuple[int, int, int, int, int, int]:
     assert config.plan is not None
     return (
         0 if config.plan.exact else 1,
         config.plan.gradient_accumulation_steps,
         1 if config.gradient_checkpointing else 0,
+        _strategy_rank(config.strategy, world_size),
         _PRECISION_PREFERENCE[config.precision],
         -config.plan.per_device_train_batch_size,
     )
@@ -121,14 +179,17 @@ def recommend(
     spec: ProbeSpec,
     device: DeviceInfo,
     support: TrainingArgumentsSupport,
+    model: ModelFacts | None = None,
 ) -> Recommendation | None:
     """The configuration to use, or None when no configuration has a plan.
 
     On a real GPU: the highest measured throughput among configurations whose plan reaches the
     target exactly (or, if none does, among all planned ones). Elsewhere the times are CPU times,
     so a rule stands in for them: exact plans first, then fewer accumulation steps, then no
-    checkpointing (recomputation costs ~20-30 % of the step), then bf16-mixed, fp16-mixed, fp32,
-    bf16-true, then the larger micro batch. fp16 configurations whose loss overflowed are left out.
+    checkpointing (recomputation costs ~20-30 % of the step), then the strategy (DDP before FSDP;
+    ``single`` first for one rank, last for more), then bf16-mixed, fp16-mixed, fp32, bf16-true, then
+    the larger micro batch. Configurations with warnings (an fp16 loss that overflowed; ``single``
+    for a multi-rank job) are left out while others have a plan.
     """
     candidates = [
         c for c in configs if c.status is ConfigStatus.OK and c.plan is not None and not c.warnings
@@ -145,11 +206,14 @@ def recommend(
             f"({best.samples_per_second:.1f} samples/s) among configurations that "
             + ("reach the target exactly" if exact else "have a plan")
         )
+        if best.strategy is not Strategy.SINGLE:
+            why += " (one rank's compute: the fake process group does not communicate)"
     else:
-        best = min(pool, key=_rank_without_timings)
+        best = min(pool, key=lambda c: _rank_without_timings(c, spec.world_size))
         why = (
             "times on this device are not GPU times, so the rule decides: exact plan, fewest "
-            "accumulation steps, no checkpointing, then bf16-mixed > 16-mixed > 32-true > bf16-true"
+            "accumulation steps, no checkpointing, ddp before fsdp, then bf16-mixed > 16-mixed > "
+            "32-true > bf16-true"
         )
     assert best.plan is not None
     if best.precision is Precision.BF16_TRUE:
@@ -162,11 +226,15 @@ def recommend(
         plan=best.plan,
         spec=spec,
         support=support,
+        strategy=best.strategy,
+        layer_classes=model.decoder_layer_classes if model is not None else (),
     )
     return Recommendation(
         precision=best.precision,
         gradient_checkpointing=best.gradient_checkpointing,
+        strategy=best.strategy,
         plan=best.plan,
         training_arguments=args,
+        model_init_kwargs=model_init_kwargs(spec, best.precision),
         why=why,
     )

@@ -134,6 +134,7 @@ class JobRecorder:
         current = CurrentConfig(
             precision=event.precision,
             gradient_checkpointing=event.gradient_checkpointing,
+            strategy=event.strategy,
             config_index=event.config_index,
             phase=event.phase,
         )

@@ -99,10 +99,11 @@ def run(spec_path: Path, result_path: Path) -> None:
     configs = spec.configs()
     _before_the_first_event(behaviour, result_path)
     results = []
-    for index, (precision, checkpointing) in enumerate(configs):
+    for index, (precision, checkpointing, strategy) in enumerate(configs):
         common = {
             "precision": precision,
             "gradient_checkpointing": checkpointing,
+            "strategy": strategy,
             "config_index": index,
             "config_count": len(configs),
         }
@@ -136,6 +137,7 @@ def run(spec_path: Path, result_path: Path) -> None:
         config = ConfigResult(
             precision=precision,
             gradient_checkpointing=checkpointing,
+            strategy=strategy,
             status=ConfigStatus.OK,
             max_batch_size=best,
             first_failing_batch_size=next(

@@ -1,0 +1,91 @@
+"""When a config cannot train even one sample per device: what it needs, and what fits instead (pure).
+
+- :func:`min_batch_need` reads the trials at batch size 1: a run without the cap (``predict``) or
+  one that finished over the headroom gives the exact need; an out-of-memory trial gives a lower
+  bound — the bytes in use plus the bytes of the allocation that failed — so the sentence says
+  "at least".
+- :func:`explain_shortfalls` adds, to every such config, the probed strategies with the same
+  precision and checkpointing that do fit (``fits_with``), and says so in the reason.
+- :func:`single_rank_warning`: ``single`` with ``world_size`` > 1 measures one process training
+  the whole model alone — no DDP buckets, no FSDP sharding — which is not what ``torchrun`` runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from probes.spec import ConfigResult, ConfigStatus, Outcome, Strategy, TrialRecord
+from probes.units import format_bytes
+
+
+@dataclass(frozen=True)
+class Need:
+    """What batch size 1 needs per device, when known."""
+
+    bytes: int | None
+    lower_bound: bool
+    sentence: str
+
+
+def min_batch_need(trials: list[TrialRecord], capacity_bytes: int | None) -> Need:
+    """The need of batch size 1 from its trials, and the reason sentence of a config where it fails."""
+    at_one = [t for t in trials if t.batch_size == 1]
+    exact = [t.needed_bytes for t in at_one if t.needed_bytes_exact and t.needed_bytes is not None]
+    exact += [t.peak_bytes for t in at_one if t.outcome is Outcome.OVER_HEADROOM and t.peak_bytes is not None]
+    bounds = [t.needed_bytes for t in at_one if t.outcome is Outcome.OOM and t.needed_bytes is not None]
+    limit = format_bytes(capacity_bytes) if capacity_bytes is not None else "the device's memory"
+    if exact:
+        need = max(exact)
+        return Need(
+            need,
+            False,
+            f"batch size 1 does not fit: it needs {format_bytes(need)} per device against {limit}",
+        )
+    if bounds:
+        need = max(bounds)
+        return Need(
+            need,
+            True,
+            f"batch size 1 does not fit: it needs at least {format_bytes(need)} per device against {limit}",
+        )
+    return Need(None, False, "batch size 1 does not fit: no batch size trains here")
+
+
+def explain_shortfalls(results: list[ConfigResult]) -> list[ConfigResult]:
+    """``results`` with ``fits_with`` (and its sentence) on every config where batch size 1 fails."""
+    explained = []
+    for config in results:
+        if config.status is not ConfigStatus.OK or config.max_batch_size is not None:
+            explained.append(config)
+            continue
+        fitting = [
+            other
+            for other in results
+            if other.strategy is not config.strategy
+            and other.precision is config.precision
+            and other.gradient_checkpointing == config.gradient_checkpointing
+            and other.max_batch_size is not None
+        ]
+        if not fitting:
+            explained.append(config)
+            continue
+        instead = ", ".join(f"{o.strategy.value} (max batch size {o.max_batch_size})" for o in fitting)
+        explained.append(
+            config.model_copy(
+                update={
+                    "fits_with": tuple(o.strategy for o in fitting),
+                    "reason": f"{config.reason}; with the same precision and checkpointing, {instead} fits",
+                }
+            )
+        )
+    return explained
+
+
+def single_rank_warning(strategy: Strategy, world_size: int) -> tuple[str, ...]:
+    if strategy is not Strategy.SINGLE or world_size <= 1:
+        return ()
+    return (
+        f"single measures one process training the whole model alone; under torchrun with {world_size} "
+        "ranks HF Trainer wraps the model in DDP, whose gradient buckets need about one more gradient "
+        "copy per rank: probe ddp or fsdp for the job as it will run",
+    )
