@@ -35,6 +35,10 @@ def app() -> typer.Typer:
         ([], "exactly one of model.architecture"),
         (["--architecture", "gpt2", "--world-size", "0"], "world_size"),
         (["--architecture", "gpt2", "--gpu", "H100-80GB"], "use it with device 'predict'"),
+        (["--architecture", "gpt2", "--world-size", "8", "--strategy", "deepspeed"], "DeepSpeed ZeRO is not"),
+        (["--architecture", "gpt2", "--strategy", "tp"], "unknown strategy 'tp'"),
+        (["--architecture", "gpt2", "--optimizer", "lion"], "unknown optimizer 'lion'"),
+        (["--architecture", "gpt2", "--attn-implementation", "flex"], "attn_implementation"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(app: typer.Typer, args: list[str], fragment: str) -> None:
@@ -60,3 +64,12 @@ def test_unknown_gpu_is_refused_before_the_engine_starts(app: typer.Typer) -> No
     )
     assert too_much.exit_code == 2
     assert "exceeds the T4-16GB's memory" in too_much.stderr
+
+
+def test_an_input_error_from_the_engine_draws_no_progress_bars(app: typer.Typer) -> None:
+    """An unknown architecture is found by the engine's first child: still one line, no bars above it."""
+    result = CliRunner().invoke(app, ["probe", *BASE, "--architecture", "no-such-model"])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("maxbatch: error: unknown causal-LM architecture 'no-such-model'")

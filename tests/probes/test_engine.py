@@ -68,7 +68,9 @@ def test_every_config_comes_back_with_a_confirmed_bracket(
     full_run: tuple[ProbeResult, list[ProbeEvent]],
 ) -> None:
     result, _ = full_run
-    assert [(c.precision, c.gradient_checkpointing) for c in result.configs] == result.spec.configs()
+    assert [
+        (c.precision, c.gradient_checkpointing, c.strategy) for c in result.configs
+    ] == result.spec.configs()
     assert len(result.configs) == 8
     for config in result.configs:
         assert config.status is ConfigStatus.OK, config.reason
@@ -111,7 +113,11 @@ def test_events_tell_the_whole_story(full_run: tuple[ProbeResult, list[ProbeEven
     # Configs may run concurrently: events interleave, but each names its config.
     assert [e.config for e in sorted(done, key=lambda e: e.config_index)] == list(result.configs)
     for event in trials:
-        assert result.spec.configs()[event.config_index] == (event.precision, event.gradient_checkpointing)
+        assert result.spec.configs()[event.config_index] == (
+            event.precision,
+            event.gradient_checkpointing,
+            event.strategy,
+        )
     assert len(trials) == sum(len(c.trials) for c in result.configs)
     assert {e.phase for e in trials} <= {"search", "confirm"}
     for config in result.configs:

@@ -17,6 +17,7 @@ from probes.spec import (
     Plan,
     Precision,
     ProbeSpec,
+    Strategy,
 )
 
 SIMULATED = DeviceInfo(kind="simulated", name="simulated", total_memory_bytes=1 << 30, bf16_supported=True)
@@ -175,3 +176,79 @@ def test_nothing_planned_means_no_recommendation(support: TrainingArgumentsSuppo
         precision=Precision.BF16_MIXED, gradient_checkpointing=False, status=ConfigStatus.SKIPPED, reason="x"
     )
     assert recommend([skipped], spec=_spec(), device=SIMULATED, support=support) is None
+
+
+def _planned(
+    strategy: Strategy, ckpt: bool, plan: Plan, precision: Precision = Precision.BF16_MIXED
+) -> ConfigResult:
+    return _config(precision, ckpt, plan).model_copy(update={"strategy": strategy})
+
+
+@pytest.mark.parametrize("ckpt", [False, True])
+@pytest.mark.parametrize("precision", [Precision.FP32, Precision.BF16_MIXED])
+def test_fsdp_arguments_are_accepted_as_they_are(
+    precision: Precision, ckpt: bool, support: TrainingArgumentsSupport
+) -> None:
+    """FSDP's form for transformers 5.24: fsdp=True, everything in fsdp_config, no deprecation warning."""
+    spec = _spec(world_size=8, optimizer="adamw_torch_fused")
+    args = training_arguments(
+        precision=precision,
+        gradient_checkpointing=ckpt,
+        plan=_plan(4, 8, world=8),
+        spec=spec,
+        support=support,
+        strategy=Strategy.FSDP,
+        layer_classes=("LlamaDecoderLayer",),
+    )
+    assert "activation_checkpointing" not in args
+    assert "gradient_checkpointing" not in args
+    built = _construct(args)
+    assert built.fsdp is True  # type: ignore[attr-defined]
+    assert built.optim == "adamw_torch_fused"  # type: ignore[attr-defined]
+    plugin = built.fsdp_plugin_args  # type: ignore[attr-defined]
+    assert plugin["fsdp_version"] == 2
+    assert plugin["reshard_after_forward"] is True
+    assert plugin["transformer_cls_names_to_wrap"] == "LlamaDecoderLayer"
+    assert plugin["activation_checkpointing"] is ckpt
+
+
+def test_ddp_arguments_name_what_was_measured(support: TrainingArgumentsSupport) -> None:
+    for ckpt in (False, True):
+        args = training_arguments(
+            precision=Precision.FP32,
+            gradient_checkpointing=ckpt,
+            plan=_plan(4, 8, world=8),
+            spec=_spec(world_size=8, optimizer="adafactor"),
+            support=support,
+            strategy=Strategy.DDP,
+        )
+        built = _construct(args)
+        assert built.ddp_find_unused_parameters is (not ckpt)  # type: ignore[attr-defined]
+        assert built.optim == "adafactor"  # type: ignore[attr-defined]
+
+
+def test_the_rule_prefers_ddp_then_fsdp_and_says_how_to_load(support: TrainingArgumentsSupport) -> None:
+    spec = _spec(world_size=4, attn_implementation="eager")
+    configs = [
+        _planned(Strategy.FSDP, False, _plan(16, 4, world=4)),
+        _planned(Strategy.DDP, False, _plan(16, 4, world=4)),
+        _planned(Strategy.SINGLE, False, _plan(32, 2, world=4)).model_copy(
+            update={"warnings": ("single ...",)}
+        ),
+    ]
+    rec = recommend(configs, spec=spec, device=SIMULATED, support=support)
+    assert rec is not None
+    assert rec.strategy is Strategy.DDP
+    assert rec.model_init_kwargs == {"attn_implementation": "eager"}
+    # Fewer accumulation steps come first: FSDP's larger micro batch wins over DDP's.
+    configs.append(_planned(Strategy.FSDP, True, _plan(32, 2, world=4)))
+    configs.append(_planned(Strategy.FSDP, False, _plan(32, 2, world=4), precision=Precision.BF16_TRUE))
+    rec = recommend(configs, spec=spec, device=SIMULATED, support=support)
+    assert rec is not None
+    assert (rec.strategy, rec.gradient_checkpointing, rec.precision) == (
+        Strategy.FSDP,
+        False,
+        Precision.BF16_TRUE,
+    )
+    assert rec.model_init_kwargs == {"attn_implementation": "eager", "dtype": "bfloat16"}
+    assert rec.training_arguments["fsdp"] is True

@@ -5,7 +5,16 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from probes.spec import ModelSpec, Precision, ProbeSpec, parse_precision
+from probes.spec import (
+    AttnImplementation,
+    ConfigResult,
+    ModelSpec,
+    Optimizer,
+    Precision,
+    ProbeSpec,
+    Strategy,
+    parse_precision,
+)
 
 GPT2 = ModelSpec(architecture="gpt2", config={"n_layer": 2})
 
@@ -81,3 +90,47 @@ def test_nested_lists_are_a_validation_error_not_a_crash() -> None:
         _spec(precisions=[["fp32"]])
     with pytest.raises(ValidationError):
         _spec(gradient_checkpointing=[[True]])
+
+
+def test_strategies_default_by_world_size() -> None:
+    assert _spec().strategies == (Strategy.SINGLE,)
+    assert _spec(world_size=8).strategies == (Strategy.DDP, Strategy.FSDP)
+    assert _spec(world_size=8, strategies=None).strategies == (Strategy.DDP, Strategy.FSDP)
+    spec = _spec(world_size=2, precisions=["fp32"], gradient_checkpointing=[False, True])
+    assert spec.configs() == [
+        (Precision.FP32, False, Strategy.DDP),
+        (Precision.FP32, False, Strategy.FSDP),
+        (Precision.FP32, True, Strategy.DDP),
+        (Precision.FP32, True, Strategy.FSDP),
+    ]
+    # single is allowed with more ranks (it answers for one process alone; the result warns)
+    assert _spec(world_size=4, strategies=["single", "FSDP", "fsdp"]).strategies == (
+        Strategy.SINGLE,
+        Strategy.FSDP,
+    )
+
+
+@pytest.mark.parametrize("name", ["deepspeed", "zero3", "ZeRO-2", "deepspeed_zero3"])
+def test_deepspeed_is_refused_with_a_sentence(name: str) -> None:
+    with pytest.raises(ValidationError, match="DeepSpeed ZeRO is not supported yet; use ddp, or fsdp"):
+        _spec(world_size=8, strategies=[name])
+
+
+def test_optimizer_names_and_the_old_alias() -> None:
+    assert _spec().optimizer is Optimizer.ADAMW_TORCH
+    assert _spec(optimizer="adamw").optimizer is Optimizer.ADAMW_TORCH  # requests from before the axis
+    assert _spec(optimizer="adamw_8bit").optimizer is Optimizer.ADAMW_BNB_8BIT
+    assert _spec(optimizer="adafactor").optimizer is Optimizer.ADAFACTOR
+    with pytest.raises(ValidationError, match="unknown optimizer 'lion'; use one of: adamw_torch"):
+        _spec(optimizer="lion")
+    assert _spec().attn_implementation is AttnImplementation.SDPA
+    with pytest.raises(ValidationError, match="attn_implementation"):
+        _spec(attn_implementation="flash_attention_3")
+    with pytest.raises(ValidationError, match="at least one of single, ddp, fsdp"):
+        _spec(strategies=[])
+
+
+def test_old_results_still_read() -> None:
+    """Results stored before the strategy axis (no strategy fields) validate, as single."""
+    old = {"precision": "32-true", "gradient_checkpointing": False, "status": "ok", "max_batch_size": 4}
+    assert ConfigResult.model_validate(old).strategy is Strategy.SINGLE

@@ -1,0 +1,162 @@
+"""``predict`` == ``simulated`` to the byte on every axis this issue added.
+
+Strategies (DDP with :class:`~probes.recipe.ddp.ShapeReducer` standing in for the C++ Reducer on
+fake tensors; FSDP2 on the fake process group), at 2 and 4 ranks, on GPT-2, Llama and Qwen2 shapes;
+the optimizers (Trainer's classes and options); the attention kernels (``sdpa`` through the CUDA
+kernel emulation, ``eager``). Every trial takes two accumulation steps (so DDP's ``no_sync`` and
+FSDP2's deferred gradient sync run) over two optimizer steps, at two batch sizes. The cases run in
+two worker processes, one per core.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import gc
+from typing import NamedTuple
+
+import pytest
+import torch
+
+from probes.isolate import child_context
+from probes.spec import AttnImplementation, ConfigTask, ModelSpec, Optimizer, Precision, Strategy
+from probes.trial import TrialSession
+
+pytestmark = pytest.mark.slow
+
+MiB = 2**20
+SEQ_LEN = 32
+LIMIT = 256 * MiB
+DECODER: dict[str, object] = {
+    "num_hidden_layers": 2,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 1000,
+    "max_position_embeddings": 64,
+}
+TINY: dict[str, dict[str, object]] = {
+    "gpt2": {
+        "n_layer": 2,
+        "n_embd": 64,
+        "n_head": 2,
+        "vocab_size": 1000,
+        "n_positions": 64,
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+    },
+    "llama": {**DECODER, "tie_word_embeddings": False},
+    "qwen2": DECODER,
+}
+
+
+class Case(NamedTuple):
+    arch: str
+    strategy: Strategy
+    ranks: int
+    precision: Precision
+    checkpointing: bool
+    optimizer: Optimizer
+    attention: AttnImplementation
+
+
+def _case(
+    arch: str,
+    strategy: Strategy,
+    precision: Precision = Precision.FP32,
+    checkpointing: bool = False,
+    *,
+    ranks: int = 2,
+    optimizer: Optimizer = Optimizer.ADAMW_TORCH,
+    attention: AttnImplementation = AttnImplementation.SDPA,
+) -> Case:
+    return Case(arch, strategy, ranks, precision, checkpointing, optimizer, attention)
+
+
+CASES: list[Case] = [
+    *(
+        _case(arch, strategy, precision, checkpointing)
+        for arch in TINY
+        for strategy in (Strategy.DDP, Strategy.FSDP)
+        for precision, checkpointing in ((Precision.FP32, False), (Precision.BF16_MIXED, True))
+    ),
+    _case("llama", Strategy.FSDP, Precision.FP16_MIXED, ranks=4),
+    _case("qwen2", Strategy.DDP, Precision.BF16_TRUE, ranks=4),
+    _case("gpt2", Strategy.FSDP, Precision.BF16_TRUE, True, ranks=4),
+    *(_case("llama", Strategy.DDP, optimizer=o) for o in Optimizer if o is not Optimizer.ADAMW_TORCH),
+    _case("gpt2", Strategy.SINGLE),
+    _case("llama", Strategy.FSDP, optimizer=Optimizer.ADAMW_TORCH_FUSED),
+    _case("llama", Strategy.SINGLE, optimizer=Optimizer.ADAMW_BNB_8BIT),
+    _case("qwen2", Strategy.DDP, attention=AttnImplementation.EAGER),
+    _case("gpt2", Strategy.FSDP, Precision.BF16_MIXED, attention=AttnImplementation.EAGER),
+]
+BATCH_SIZES = (1, 3)
+
+
+def _task(case: Case, device: str) -> ConfigTask:
+    arch, strategy, ranks, precision, checkpointing, optimizer, attention = case
+    return ConfigTask(
+        model=ModelSpec(architecture=arch, config=TINY[arch]),
+        seq_len=SEQ_LEN,
+        precision=precision,
+        gradient_checkpointing=checkpointing,
+        strategy=strategy,
+        world_size=ranks,
+        optimizer=optimizer,
+        attn_implementation=attention,
+        device=device,
+        memory_limit_bytes=LIMIT,
+    )
+
+
+def measure(case: Case) -> tuple[Case, dict[str, list[tuple[str, int | None]]]]:
+    torch.set_num_threads(1)
+    gc.freeze()
+    peaks = {}
+    for device in ("simulated", "predict"):
+        with TrialSession(_task(case, device)) as session:
+            records = [session.run(size, accumulation_steps=2, optimizer_steps=2) for size in BATCH_SIZES]
+        peaks[device] = [(r.outcome.value, r.peak_reserved_bytes) for r in records]
+    return case, peaks
+
+
+@pytest.fixture(scope="module")
+def matrix() -> dict[Case, dict[str, list[tuple[str, int | None]]]]:
+    with concurrent.futures.ProcessPoolExecutor(max_workers=2, mp_context=child_context()) as pool:
+        return dict(pool.map(measure, CASES))
+
+
+def _id(case: Case) -> str:
+    ckpt = "ckpt" if case.checkpointing else "nockpt"
+    return (
+        f"{case.arch}-{case.strategy.value}{case.ranks}-{case.precision.value}-{ckpt}-"
+        f"{case.optimizer.value}-{case.attention.value}"
+    )
+
+
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_predict_equals_simulated_to_the_byte(
+    matrix: dict[Case, dict[str, list[tuple[str, int | None]]]], case: Case
+) -> None:
+    simulated, predicted = matrix[case]["simulated"], matrix[case]["predict"]
+    assert [outcome for outcome, _ in simulated] == ["fit"] * len(BATCH_SIZES), simulated
+    assert predicted == simulated
+    assert simulated[1][1] is not None
+    assert simulated[0][1] is not None
+    assert simulated[1][1] > simulated[0][1]
+
+
+def test_ddp_holds_a_second_copy_of_the_gradients(
+    matrix: dict[Case, dict[str, list[tuple[str, int | None]]]],
+) -> None:
+    """DDP's buckets: the DDP peak is above the single-process one by about the fp32 gradients."""
+    ddp_peak = matrix[_case("gpt2", Strategy.DDP)]["simulated"][1][1]
+    single_peak = matrix[_case("gpt2", Strategy.SINGLE)]["simulated"][1][1]
+    assert ddp_peak is not None
+    assert single_peak is not None
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", **TINY["gpt2"]))  # type: ignore[no-untyped-call]
+    gradient_bytes = sum(p.numel() * 4 for p in model.parameters())
+    assert gradient_bytes <= ddp_peak - single_peak <= gradient_bytes * 1.5

@@ -1,0 +1,74 @@
+"""When batch size 1 does not fit: its need against the limit, and the strategy that fits instead."""
+
+from __future__ import annotations
+
+from probes.shortfall import explain_shortfalls, min_batch_need, single_rank_warning
+from probes.spec import ConfigResult, ConfigStatus, Outcome, Precision, Strategy, TrialRecord
+
+MiB = 2**20
+
+
+def _config(strategy: Strategy, best: int | None, reason: str | None = None) -> ConfigResult:
+    return ConfigResult(
+        precision=Precision.BF16_MIXED,
+        gradient_checkpointing=True,
+        strategy=strategy,
+        status=ConfigStatus.OK,
+        max_batch_size=best,
+        reason=reason,
+    )
+
+
+def test_an_oom_gives_a_lower_bound() -> None:
+    trials = [TrialRecord(batch_size=1, outcome=Outcome.OOM, needed_bytes=300 * MiB)]
+    need = min_batch_need(trials, 200 * MiB)
+    assert (need.bytes, need.lower_bound) == (300 * MiB, True)
+    assert (
+        need.sentence
+        == "batch size 1 does not fit: it needs at least 300.00 MiB per device against 200.00 MiB"
+    )
+
+
+def test_an_uncapped_run_or_a_finished_one_gives_the_need() -> None:
+    uncapped = TrialRecord(batch_size=1, outcome=Outcome.OOM, needed_bytes=310 * MiB, needed_bytes_exact=True)
+    need = min_batch_need(
+        [TrialRecord(batch_size=1, outcome=Outcome.OOM, needed_bytes=300 * MiB), uncapped], 200 * MiB
+    )
+    assert (need.bytes, need.lower_bound) == (310 * MiB, False)
+    assert "needs 310.00 MiB" in need.sentence
+    over = TrialRecord(batch_size=1, outcome=Outcome.OVER_HEADROOM, peak_allocated_bytes=210 * MiB)
+    assert min_batch_need([over], 200 * MiB).bytes == 210 * MiB
+
+
+def test_without_numbers_the_old_sentence() -> None:
+    need = min_batch_need([TrialRecord(batch_size=1, outcome=Outcome.OOM)], 200 * MiB)
+    assert need.bytes is None
+    assert need.sentence == "batch size 1 does not fit: no batch size trains here"
+
+
+def test_the_strategy_that_fits_is_named() -> None:
+    results = [
+        _config(Strategy.DDP, None, "batch size 1 does not fit: it needs at least 95 GiB"),
+        _config(Strategy.FSDP, 2),
+        _config(Strategy.SINGLE, None, "batch size 1 does not fit"),
+    ]
+    explained = explain_shortfalls(results)
+    assert explained[0].fits_with == (Strategy.FSDP,)
+    assert explained[0].reason is not None
+    assert explained[0].reason.endswith(
+        "with the same precision and checkpointing, fsdp (max batch size 2) fits"
+    )
+    assert explained[1] == results[1]
+    assert explained[2].fits_with == (Strategy.FSDP,)
+
+
+def test_no_strategy_fits_leaves_the_reason() -> None:
+    results = [_config(Strategy.DDP, None, "x"), _config(Strategy.FSDP, None, "y")]
+    assert explain_shortfalls(results) == results
+
+
+def test_single_for_a_multi_rank_job_is_warned_about() -> None:
+    assert single_rank_warning(Strategy.SINGLE, 1) == ()
+    assert single_rank_warning(Strategy.DDP, 8) == ()
+    (warning,) = single_rank_warning(Strategy.SINGLE, 8)
+    assert "probe ddp or fsdp" in warning
