@@ -282,14 +282,14 @@ def inspect_model(model: ModelSpec, seq_len: int, *, allow_remote_code: bool) ->
     )
 
 
-def decoder_layer_classes(model: torch.nn.Module) -> tuple[str, ...]:
+def decoder_layer_classes(model: torch.nn.Module) -> list[str]:
     """The classes the model says must not be split (``_no_split_modules``), present in it.
 
     These are what Accelerate's transformer wrap policy (and so FSDP) makes one unit each of.
     """
     names = getattr(model, "_no_split_modules", None) or []
     present = {type(module).__name__ for module in model.modules()}
-    return tuple(name for name in names if name in present)
+    return [name for name in names if name in present]
 
 
 def _from_config(

@@ -227,7 +227,7 @@ def recommend(
         spec=spec,
         support=support,
         strategy=best.strategy,
-        layer_classes=model.decoder_layer_classes if model is not None else (),
+        layer_classes=tuple(model.decoder_layer_classes) if model is not None else (),
     )
     return Recommendation(
         precision=best.precision,

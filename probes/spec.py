@@ -596,6 +596,6 @@ class ModelFacts(Frozen):
     parameter_count: int
     max_positions: int | None
     vocab_size: int
-    decoder_layer_classes: tuple[str, ...] = Field(
-        default=(), description="the model's _no_split_modules: what FSDP wraps one unit each"
+    decoder_layer_classes: list[str] = Field(
+        default_factory=list, description="the model's _no_split_modules: what FSDP wraps one unit each"
     )

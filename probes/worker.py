@@ -38,7 +38,7 @@ from probes.protocol import (
     TrialServerReply,
     parse_trial_request,
 )
-from probes.recipe.support import detect_support
+from probes.recipe.detect import detect_support
 from probes.spec import ConfigTask
 from probes.trial import TrialSession
 

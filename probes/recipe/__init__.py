@@ -17,8 +17,8 @@ every combination:
 - :mod:`probes.recipe.optimizers` — HF ``optim`` names to the classes and options Trainer builds;
 - :mod:`probes.recipe.attention` — the CUDA SDPA kernel choice, emulated where the CPU stands in;
 - :mod:`probes.recipe.collectives` — values for a fake process group's reduce-scatter;
-- :mod:`probes.recipe.support` — what this machine can run (torch-free rules, so the engine can
-  skip a config with a sentence before any child starts).
+- :mod:`probes.recipe.support` — the torch-free rules that skip a config with a sentence, and
+  :mod:`probes.recipe.detect` — what this machine can run, found in a trial child.
 
 This package's ``__init__`` imports nothing, so the torch-free engine can import
 :mod:`probes.recipe.support`.

@@ -1,8 +1,8 @@
 """What a config needs that the device or the installed packages may lack, and the sentence saying so.
 
-Torch-free at import: the engine (which imports no torch) decides with :func:`skip_reason` from the
-:class:`RecipeSupport` the first trial child reports (:func:`detect_support`, which imports what
-it checks).
+Torch-free (the import-graph test holds it to that): the engine decides with :func:`skip_reason`
+from the :class:`RecipeSupport` the first trial child reports (:func:`probes.recipe.detect.detect_support`,
+which imports what it checks).
 
 The rules, and where they come from:
 
@@ -62,62 +62,4 @@ def skip_reason(
             f"{optimizer.value} does not work with fsdp: {_FSDP_INCOMPATIBLE[optimizer]}; use adamw_torch or "
             "adamw_torch_fused, or ddp"
         )
-    return None
-
-
-def detect_support(
-    device_kind: str, *, optimizer: Optimizer, attn_implementation: AttnImplementation
-) -> RecipeSupport:
-    """Check, by importing and trying, what the request needs (called in a trial child).
-
-    Only what the request asks for is checked (importing bitsandbytes costs seconds); the rest stays
-    "not checked".
-    """
-    support = RecipeSupport()
-    if attn_implementation is AttnImplementation.FLASH_ATTENTION_2:
-        support = support.model_copy(update={"flash_attention_2": _flash_attention_2(device_kind)})
-    if optimizer is Optimizer.ADAMW_BNB_8BIT:
-        support = support.model_copy(update={"bitsandbytes_8bit": _bitsandbytes_8bit(device_kind)})
-    return support
-
-
-def _flash_attention_2(device_kind: str) -> str | None:
-    import importlib.util
-
-    if device_kind != "cuda":
-        return f"the {device_kind} device is not a CUDA GPU"
-    if importlib.util.find_spec("flash_attn") is None:
-        return "the flash-attn package is not installed (pip install flash-attn)"
-    import transformers.utils
-
-    if not transformers.utils.is_flash_attn_2_available():  # type: ignore[attr-defined]
-        return "transformers cannot use the installed flash-attn (is_flash_attn_2_available() is false)"
-    return None
-
-
-def _bitsandbytes_8bit(device_kind: str) -> str | None:
-    """Try one 8-bit AdamW step on a tensor large enough for 8-bit state, on the device's kind."""
-    import importlib.util
-    import warnings
-
-    if importlib.util.find_spec("bitsandbytes") is None:
-        return "bitsandbytes is not installed (pip install 'maxbatch[qlora]')"
-    import torch
-
-    device = "cuda" if device_kind == "cuda" else "cpu"
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import bitsandbytes
-
-            weight = torch.nn.Parameter(torch.zeros(64, 128, device=device))
-            optimizer = bitsandbytes.optim.AdamW(  # type: ignore[attr-defined, no-untyped-call]
-                [weight], lr=0.0, optim_bits=8, is_paged=False
-            )
-            weight.grad = torch.ones_like(weight)
-            optimizer.step()  # type: ignore[no-untyped-call]
-            optimizer.step()  # type: ignore[no-untyped-call]
-    except Exception as exc:  # noqa: BLE001 - any failure is the reason
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        return f"an 8-bit bitsandbytes AdamW step failed on {device}: {type(exc).__name__}: {first}"
     return None
