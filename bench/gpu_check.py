@@ -1,7 +1,7 @@
 """Every GPU check of the open issues in one time-boxed run, written as one table.
 
-Run from the repository root on a machine with a CUDA GPU (at most about 10 minutes: the parts'
-time limits add up to 585 s)::
+Run from the repository root on a machine with a CUDA GPU (at most about 14 minutes: the parts'
+time limits add up to 825 s; ``--parts 6`` runs the distributed checks alone, at most 4 minutes)::
 
     python -m bench.gpu_check --out "$OUT"
 
@@ -16,10 +16,13 @@ and the next one runs; the report is rewritten after every part, so a killed run
    checkpointing off and on; the ratio and the difference calibrate ``probes/overhead.py``;
 4. ``python -m bench.compare_finders --profile cuda``, cut off by a time budget;
 5. LoRA and QLoRA (issue 9): one trial per method and checkpointing on ``predict`` and ``cuda:0``
-   (~1B Llama, bf16-mixed), the predicted against the allocated peak.
+   (~1B Llama, bf16-mixed), the predicted against the allocated peak;
 6. (``--parts 6``, not in the default set) the fleet: a single-node Ray cluster on this GPU
    (``ray start --head``), ``maxbatch serve`` with ``MAXBATCH_DISPATCHER=ray``, one probe placed by
-   the GPU type the service lists, against the same probe run directly on ``cuda:0``.
+   the GPU type the service lists, against the same probe run directly on ``cuda:0``;
+7. issue 9, strategies: DDP on a one-rank NCCL group and FSDP2 on a fake group of 8 against
+   ``predict``, the fp32 attention kernel predicted within 5 %, and a 20-step soak at the engine's
+   FSDP size (see the block near the end).
 
 Needs torch (CUDA), transformers and pydantic; Lightning and Accelerate for part 4. Never imports
 ``app`` (FastAPI is not needed). Without a GPU it says so and exits with code 3.
@@ -637,6 +640,171 @@ def part_ray(timeout: float, memory: int, log: Path, work: Path) -> Part:
     return part
 
 
+# == issue 9: distributed strategies, the fp32 attention kernel, a soak at an FSDP size ===========
+#
+# Part 7 runs in one subprocess (``_distributed``), one JSON line per check:
+#
+# - ``ddp-nccl``: DDP on a real one-rank NCCL group (the Reducer, its buckets, NCCL) on cuda:0,
+#   against ``predict`` of the same config (``strategy ddp``, ``world_size`` 1);
+# - ``fsdp-fake8``: FSDP2 on the fake process group of 8 ranks on cuda:0 (one GPU measuring a rank of
+#   an 8-GPU job), against ``predict``;
+# - ``fp32-attention``: the ~1B GQA Llama in fp32 without checkpointing at seq 2048 (where CUDA's
+#   SDPA falls back to the math kernel), allocated bytes against ``predict`` — within 5 %;
+# - ``fsdp-soak``: the engine's answer for FSDP over 8 ranks on cuda:0 (bf16-mixed, checkpointing
+#   on, under the memory limit), then 20 optimizer steps at that size in a fresh session.
+
+DISTRIBUTED_LIMIT_SECONDS = 240
+ATTENTION_TOLERANCE = 0.05
+
+
+def _distributed_task(
+    device: str, strategy: str, ranks: int, precision: str, checkpointing: bool, memory: int
+) -> Any:
+    from probes.spec import ConfigTask, ModelSpec, Precision, Strategy
+
+    return ConfigTask(
+        model=ModelSpec(architecture="llama", config=LLAMA_1B),
+        seq_len=2048,
+        precision=Precision(precision),
+        gradient_checkpointing=checkpointing,
+        strategy=Strategy(strategy),
+        world_size=ranks,
+        device=device,
+        memory_limit_bytes=memory,
+    )
+
+
+def _one_trial(task: Any, batch: int, steps: int = 2) -> dict[str, Any]:
+    from probes.trial import TrialSession
+
+    started = time.monotonic()
+    with TrialSession(task) as session:
+        trial = session.run(batch, accumulation_steps=2, optimizer_steps=steps)
+    return {
+        "outcome": trial.outcome.value,
+        "reserved": trial.peak_reserved_bytes,
+        "allocated": trial.peak_allocated_bytes,
+        "message": trial.message,
+        "seconds": round(time.monotonic() - started, 1),
+    }
+
+
+def distributed_worker(memory: int, out: Path) -> None:
+    """Child mode for part 7: each check appends one JSON line to ``out``."""
+    import socket
+
+    import torch.distributed as dist
+
+    def write(row: dict[str, Any]) -> None:
+        with out.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row) + "\n")
+
+    def guarded(name: str, check: Any) -> None:
+        try:
+            write({"check": name, **check()})
+        except Exception as exc:  # noqa: BLE001 - recorded; the next check runs
+            write({"check": name, "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]})
+
+    def ddp_nccl() -> dict[str, Any]:
+        with socket.socket() as free:
+            free.bind(("127.0.0.1", 0))
+            port = free.getsockname()[1]
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("nccl", rank=0, world_size=1)
+        try:
+            measured = _one_trial(_distributed_task("cuda:0", "ddp", 1, "bf16-mixed", False, memory), 2)
+        finally:
+            dist.destroy_process_group()
+        predicted = _one_trial(_distributed_task("predict", "ddp", 1, "bf16-mixed", False, memory), 2)
+        return {"measured": measured, "predicted": predicted}
+
+    def fsdp_fake8() -> dict[str, Any]:
+        measured = _one_trial(_distributed_task("cuda:0", "fsdp", 8, "bf16-mixed", False, memory), 2)
+        predicted = _one_trial(_distributed_task("predict", "fsdp", 8, "bf16-mixed", False, memory), 2)
+        return {"measured": measured, "predicted": predicted}
+
+    def fp32_attention() -> dict[str, Any]:
+        measured = _one_trial(_distributed_task("cuda:0", "single", 1, "32-true", False, memory), 2)
+        predicted = _one_trial(_distributed_task("predict", "single", 1, "32-true", False, memory), 2)
+        return {"measured": measured, "predicted": predicted}
+
+    def fsdp_soak() -> dict[str, Any]:
+        from probes.engine import run_probe
+        from probes.spec import ModelSpec, ProbeSpec
+
+        spec = ProbeSpec(
+            model=ModelSpec(architecture="llama", config=LLAMA_1B),
+            seq_len=2048,
+            precisions=["bf16-mixed"],
+            gradient_checkpointing=[True],
+            strategies=["fsdp"],
+            world_size=8,
+            target_effective_batch_size=256,
+            device="cuda:0",
+            memory_limit_bytes=memory,
+            max_batch_size_limit=64,
+        )
+        result = run_probe(spec)
+        best = result.configs[0].max_batch_size
+        if best is None:
+            return {"max_batch_size": None, "reason": result.configs[0].reason}
+        soak = _one_trial(_distributed_task("cuda:0", "fsdp", 8, "bf16-mixed", True, memory), best, steps=20)
+        return {"max_batch_size": best, "soak": soak}
+
+    guarded("ddp-nccl", ddp_nccl)
+    guarded("fsdp-fake8", fsdp_fake8)
+    guarded("fp32-attention", fp32_attention)
+    guarded("fsdp-soak", fsdp_soak)
+
+
+def part_distributed(timeout: float, memory: int, log: Path, work: Path) -> Part:
+    part = Part(f"7. distributed strategies, fp32 attention, FSDP soak (memory limit {memory / GiB:g} GiB)")
+    rows_file = work / "distributed.jsonl"
+    ran = run_streaming(
+        [sys.executable, "-m", "bench.gpu_check", "_distributed", str(memory), str(rows_file)], timeout, log
+    )
+    part.seconds = ran.seconds
+    part.status = (
+        "timed out" if ran.timed_out else ("ok" if ran.returncode == 0 else f"exit {ran.returncode}")
+    )
+    rows = _read_rows(rows_file)
+    part.lines = [f"- {part.status}; {part.seconds:.0f} s", ""]
+    for row in rows:
+        if "error" in row:
+            part.lines.append(f"- {row['check']}: error: {row['error']}")
+            continue
+        if "soak" in row or "max_batch_size" in row:
+            soak = row.get("soak") or {}
+            part.lines.append(
+                f"- {row['check']}: engine's FSDP size {row.get('max_batch_size')}; 20 steps: "
+                f"{soak.get('outcome', '-')}, peak reserved {_gib_text(soak.get('reserved'))} GiB "
+                f"({soak.get('seconds', '-')} s)"
+            )
+            continue
+        measured, predicted = row["measured"], row["predicted"]
+        ratio = (
+            measured["allocated"] / predicted["reserved"]
+            if measured.get("allocated") and predicted.get("reserved")
+            else None
+        )
+        verdict = ""
+        if row["check"] == "fp32-attention" and ratio is not None:
+            verdict = " — within 5 %" if abs(ratio - 1) <= ATTENTION_TOLERANCE else " — OUTSIDE 5 %"
+        shown = "-" if ratio is None else f"{ratio:.3f}"
+        part.lines.append(
+            f"- {row['check']}: measured allocated {_gib_text(measured.get('allocated'))} GiB "
+            f"(reserved {_gib_text(measured.get('reserved'))}), "
+            f"predicted {_gib_text(predicted.get('reserved'))} GiB, allocated ÷ predicted {shown}{verdict}; "
+            f"outcomes {measured['outcome']} / {predicted['outcome']}"
+        )
+    part.data = rows
+    return part
+
+
+def _gib_text(value: int | None) -> str:
+    return "-" if value is None else f"{value / GiB:.2f}"
+
+
 # -- the driver ------------------------------------------------------------------------------------
 
 
@@ -657,9 +825,12 @@ def main(argv: list[str] | None = None) -> int:
     if args_list[:1] == ["_peft_peaks"]:
         peft_peaks_worker(args_list[1], int(args_list[2]), Path(args_list[3]))
         return 0
+    if args_list[:1] == ["_distributed"]:
+        distributed_worker(int(args_list[1]), Path(args_list[2]))
+        return 0
     parser = argparse.ArgumentParser(description="Every GPU check in one time-boxed run.")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "bench/results/gpu"))
-    parser.add_argument("--parts", nargs="*", type=int, default=[1, 2, 3, 4, 5], help="which parts (1-6)")
+    parser.add_argument("--parts", nargs="*", type=int, default=[1, 2, 3, 4, 5, 7], help="which parts (1-7)")
     parser.add_argument("--probe-memory-gib", type=float, default=32.0)
     parser.add_argument("--peak-memory-gib", type=float, default=0.0, help="0: the whole card")
     parser.add_argument("--compare-budget", type=float, default=70.0)
@@ -697,6 +868,7 @@ def main(argv: list[str] | None = None) -> int:
             4: lambda: part_compare(args.compare_budget + 45, args.compare_budget, out, log),
             5: lambda: part_peft_peaks(110, peak_memory, log, work),
             6: lambda: part_ray(180, min(probe_memory, 16 * GiB), log, work),
+            7: lambda: part_distributed(DISTRIBUTED_LIMIT_SECONDS, probe_memory, log, work),
         }
         for number in args.parts:
             print(f"gpu_check: part {number} ...", file=sys.stderr, flush=True)
