@@ -92,14 +92,10 @@ class ConfigRun:
     emit: Callable[[EventKind, TrialRecord | None, ConfigResult | None, Phase | None], None]
     cancel: threading.Event | None
     confirm: bool = True
-    #: when batch size 1 does not fit, measure what it needs (uncapped; counted devices only)
-    measure_need: bool = False
     child: TrialChild | None = None
     all_trials: list[TrialRecord] = field(default_factory=list)
 
-    def _trial(
-        self, batch_size: int, optimizer_steps: int, phase: Phase, *, fresh: bool, uncapped: bool = False
-    ) -> TrialRecord:
+    def _trial(self, batch_size: int, optimizer_steps: int, phase: Phase, *, fresh: bool) -> TrialRecord:
         if fresh and self.child is not None:
             self.child.close()
             self.child = None
@@ -110,7 +106,6 @@ class ConfigRun:
                 batch_size=batch_size,
                 accumulation_steps=self.spec.trial_accumulation_steps,
                 optimizer_steps=optimizer_steps,
-                uncapped=uncapped,
             ),
             timeout_seconds=self.spec.trial_timeout_seconds,
         )
@@ -144,8 +139,6 @@ class ConfigRun:
                         confirming[size] = trial
                     search.record(trial)
                 best = search.max_batch_size
-                if best is None and search.aborted_reason is None and self.measure_need:
-                    self._measure_smallest_need(search)
                 if best is None or search.aborted_reason is not None:
                     return search, None
                 if not self.confirm:
@@ -163,12 +156,6 @@ class ConfigRun:
             if self.child is not None:
                 self.child.close()
                 self.child = None
-
-    def _measure_smallest_need(self, search: LadderSearch) -> None:
-        """Batch size 1 ran out of memory: run it once more without the cap, for what it needs."""
-        failed = [t for t in search.trials if t.batch_size == 1 and t.outcome is Outcome.OOM]
-        if failed:
-            self._trial(1, self.spec.trial_optimizer_steps, "search", fresh=False, uncapped=True)
 
 
 def _last_fit(trials: tuple[TrialRecord, ...], batch_size: int) -> TrialRecord:
@@ -327,7 +314,6 @@ def run_probe(
                 emit=emit,
                 cancel=stop,
                 confirm=confirm,
-                measure_need=device.predicted,
             )
             search, backing = run.run()
             result = _config_result(

@@ -104,8 +104,6 @@ class TrialRequest(Message):
     batch_size: int = Field(gt=0)
     accumulation_steps: int = Field(gt=0)
     optimizer_steps: int = Field(gt=0)
-    #: run without the memory cap (counted devices): what ``batch_size`` needs, not whether it fits
-    uncapped: bool = False
 
 
 class StopRequest(Message):

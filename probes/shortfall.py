@@ -1,9 +1,9 @@
 """When a config cannot train even one sample per device: what it needs, and what fits instead (pure).
 
-- :func:`min_batch_need` reads the trials at batch size 1: a run without the cap (``predict``) or
-  one that finished over the headroom gives the exact need; an out-of-memory trial gives a lower
-  bound — the bytes in use plus the bytes of the allocation that failed — so the sentence says
-  "at least".
+- :func:`min_batch_need` reads the trials at batch size 1: one that finished over the headroom
+  gives the exact need; an out-of-memory trial gives a lower bound — the bytes in use plus the
+  bytes of the allocation that failed — so the sentence says "at least". (Measuring the exact need
+  would take a full uncapped step per such config: on the 8B probe, eight more trials.)
 - :func:`explain_shortfalls` adds, to every such config, the probed strategies with the same
   precision and checkpointing that do fit (``fits_with``), and says so in the reason.
 - :func:`single_rank_warning`: ``single`` with ``world_size`` > 1 measures one process training
@@ -30,8 +30,7 @@ class Need:
 def min_batch_need(trials: list[TrialRecord], capacity_bytes: int | None) -> Need:
     """The need of batch size 1 from its trials, and the reason sentence of a config where it fails."""
     at_one = [t for t in trials if t.batch_size == 1]
-    exact = [t.needed_bytes for t in at_one if t.needed_bytes_exact and t.needed_bytes is not None]
-    exact += [t.peak_bytes for t in at_one if t.outcome is Outcome.OVER_HEADROOM and t.peak_bytes is not None]
+    exact = [t.peak_bytes for t in at_one if t.outcome is Outcome.OVER_HEADROOM and t.peak_bytes is not None]
     bounds = [t.needed_bytes for t in at_one if t.outcome is Outcome.OOM and t.needed_bytes is not None]
     limit = format_bytes(capacity_bytes) if capacity_bytes is not None else "the device's memory"
     if exact:

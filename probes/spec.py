@@ -410,11 +410,8 @@ class TrialRecord(Frozen):
     )
     needed_bytes: int | None = Field(
         default=None,
-        description="out of memory: the bytes the trial needed (at least live + requested at the failed "
-        "allocation; exactly, when needed_bytes_exact)",
-    )
-    needed_bytes_exact: bool = Field(
-        default=False, description="needed_bytes is the whole peak of a run without the cap, not a bound"
+        description="out of memory: the bytes the trial needed at least (in use + requested at the failed "
+        "allocation)",
     )
 
     @property

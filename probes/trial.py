@@ -139,13 +139,11 @@ class TrialSession:
         assert self._recipe.model is not None
         return self._recipe.model
 
-    def run(
-        self, batch_size: int, *, accumulation_steps: int, optimizer_steps: int, uncapped: bool = False
-    ) -> TrialRecord:
+    def run(self, batch_size: int, *, accumulation_steps: int, optimizer_steps: int) -> TrialRecord:
         """One trial; the outcome is returned, never raised (except for bad arguments and bad input).
 
-        ``uncapped`` (counted devices only) runs the steps without the memory cap and reports a peak
-        over the capacity as ``oom`` with ``needed_bytes`` exact: what the batch size needs.
+        An out-of-memory outcome carries ``needed_bytes``: the bytes in use plus the allocation that
+        failed, a lower bound of what the batch size needs.
         """
         if batch_size < 1 or accumulation_steps < 1 or optimizer_steps < 1:
             raise ValueError("batch_size, accumulation_steps and optimizer_steps must be at least 1")
@@ -166,7 +164,6 @@ class TrialSession:
                 message=message,
                 loss_flag=steps.loss_flag if steps else None,
                 needed_bytes=needed,
-                needed_bytes_exact=uncapped and needed is not None,
             )
 
         if self._poisoned:
@@ -183,8 +180,7 @@ class TrialSession:
         if failure is not None:
             return record(failure[0], failure[1], needed=self._build_need)
         try:
-            with self._device.uncapped() if uncapped else nullcontext():
-                steps = self._steps(batch_size, accumulation_steps, optimizer_steps)
+            steps = self._steps(batch_size, accumulation_steps, optimizer_steps)
         except ProbeInputError:
             raise
         except Exception as exc:  # noqa: BLE001 - a trial reports every failure as its outcome
@@ -194,17 +190,10 @@ class TrialSession:
             result = record(outcome, one_line(exc), needed=needed)
             self._poisoned = self._poisoned or poisons_context(exc)
         else:
-            capacity = self._device.capacity_bytes
-            if uncapped and steps.peak_reserved > self._device.tensor_limit_bytes:
-                result = record(
-                    Outcome.OOM,
-                    "needs more than the memory limit (measured without the cap)",
-                    steps,
-                    needed=steps.peak_reserved,
-                )
-            else:
-                outcome = Outcome.OVER_HEADROOM if steps.peak_reserved > capacity else Outcome.FIT
-                result = record(outcome, steps.note, steps)
+            outcome = (
+                Outcome.OVER_HEADROOM if steps.peak_reserved > self._device.capacity_bytes else Outcome.FIT
+            )
+            result = record(outcome, steps.note, steps)
         self._clean_up()
         return result
 

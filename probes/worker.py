@@ -63,7 +63,6 @@ def _answer(task: ConfigTask, session: TrialSession, request: InfoRequest | Tria
         request.batch_size,
         accumulation_steps=request.accumulation_steps,
         optimizer_steps=request.optimizer_steps,
-        uncapped=request.uncapped,
     )
     return TrialReply(trial=trial, poisoned=session.poisoned)
 

@@ -100,15 +100,6 @@ class TrialDevice(Protocol):
         """Give back whatever the device holds (limits, modes)."""
         ...
 
-    @property
-    def tensor_limit_bytes(self) -> int:
-        """The memory tensors may take before an allocation fails (the cap, the limit or the total)."""
-        ...
-
-    def uncapped(self) -> AbstractContextManager[object]:
-        """A context in which allocations past the cap do not fail (counted devices; else no change)."""
-        ...
-
     def needed_bytes(self, exc: BaseException) -> int | None:
         """For an out-of-memory error just raised here: the bytes in use plus the bytes asked for.
 

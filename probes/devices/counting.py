@@ -41,10 +41,10 @@ import gc
 import re
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_leaves
 
@@ -56,6 +56,7 @@ CUDA_ALLOCATOR_GRANULARITY_BYTES = 512
 _NEW, _VIEW, _WRITE = 0, 1, 2
 _HOST_ALLOCATION_FAILED = re.compile(r"DefaultCPUAllocator: .*?you tried to allocate (\d+) bytes")
 _LIFT_FRESH = torch.ops.aten.lift_fresh.default
+_PLAIN = frozenset({torch.Tensor, torch.nn.Parameter, FakeTensor})
 
 
 def _op_kind(func: torch._ops.OpOverload) -> int:
@@ -84,7 +85,10 @@ def _storage_holders(tensor: torch.Tensor) -> Iterator[torch.Tensor]:
     placeholder sized like the *global* tensor. What it holds is its inner tensors (the local
     shard), so those are what is counted.
     """
-    if is_traceable_wrapper_subclass(tensor):
+    if type(tensor) in _PLAIN:  # the common case, per op output: skip the subclass test
+        if tensor.layout == torch.strided:
+            yield tensor
+    elif is_traceable_wrapper_subclass(tensor):
         names, _ = tensor.__tensor_flatten__()
         for name in names:
             inner = getattr(tensor, name)
@@ -327,22 +331,6 @@ class CountedMemory:
     """
 
     mode: CountingMode
-
-    @property
-    def tensor_limit_bytes(self) -> int:
-        limit = self.mode.limit_bytes
-        assert limit is not None, "a counted device always has a cap"
-        return limit
-
-    @contextmanager
-    def uncapped(self) -> Iterator[None]:
-        """Count without refusing: what a step needs beyond the cap is measured, not cut off."""
-        limit = self.mode.limit_bytes
-        self.mode.limit_bytes = None
-        try:
-            yield
-        finally:
-            self.mode.limit_bytes = limit
 
     def needed_bytes(self, exc: BaseException) -> int | None:
         refusal = self.mode.last_refusal

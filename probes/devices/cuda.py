@@ -127,13 +127,6 @@ class CudaDevice:
         gc.collect()
         torch.cuda.empty_cache()
 
-    @property
-    def tensor_limit_bytes(self) -> int:
-        return self.memory_limit_bytes if self.memory_limit_bytes is not None else self.total_memory_bytes
-
-    def uncapped(self) -> AbstractContextManager[object]:
-        return nullcontext()  # a real GPU has no cap to lift
-
     def needed_bytes(self, exc: BaseException) -> int | None:
         return needed_at_least(str(exc))
 

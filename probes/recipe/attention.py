@@ -82,8 +82,18 @@ class AttentionCall:
         is_causal: bool,
         enable_gqa: bool,
     ) -> AttentionCall:
+        """The call as the GPU's kernel sees it: under autocast, in the autocast dtype.
+
+        ``scaled_dot_product_attention`` is on CUDA autocast's lower-precision list, so the kernel
+        gets fp16/bf16 inputs even where the model hands it fp32 ones (Llama's rotary embedding
+        promotes the query to fp32 under autocast).
+        """
+        dtype = query.dtype
+        device_type = query.device.type
+        if dtype.is_floating_point and torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
         return cls(
-            dtype=query.dtype,
+            dtype=dtype,
             query_heads=int(query.shape[-3]) if query.dim() >= 3 else 1,
             key_heads=int(key.shape[-3]) if key.dim() >= 3 else 1,
             value_heads=int(value.shape[-3]) if value.dim() >= 3 else 1,

@@ -4,8 +4,9 @@ For each cell below, maxbatch probes the job in one process (``simulated``, the 
 of ``world_size`` ranks), then one ``torchrun`` launch per world size runs, on every rank, with the
 simulated cap (see ``rank_main.py``):
 
-1. maxbatch's own trial on the *real* process group, at a fixed batch size: its rank-0 peak must
-   equal the single-process peak within 1 % (it is equal to the byte);
+1. maxbatch's own trial on the *real* process group, at the answer's batch size: its rank-0 peak
+   must equal the peak of the single-process trial that backs the answer within 1 % (it is equal to
+   the byte);
 2. the job at the returned plan — HF ``Trainer`` with the recommended ``training_arguments`` for
    DDP; for FSDP2, Accelerate's own FSDP2 preparation and Trainer's loop by hand, because on the
    CPU Trainer wraps FSDP requests in DDP (see ``rank_main.py``) — must fit on every rank;
@@ -116,8 +117,6 @@ CELLS = (
     Cell("llama", LLAMA, Strategy.DDP, ranks=4, cap=160 * MiB, target=32),
     Cell("gpt2", GPT2, Strategy.FSDP, ranks=4, cap=260 * MiB, target=32),
 )
-TRIAL_BATCH = 4
-
 
 def _config(result: ProbeResult, strategy: Strategy) -> ConfigResult:
     return next(c for c in result.configs if c.strategy is strategy)
@@ -132,7 +131,7 @@ def _trial_task(cell: Cell) -> ConfigTask:
         strategy=cell.strategy,
         world_size=cell.ranks,
         device="simulated",
-        memory_limit_bytes=2048 * MiB,
+        memory_limit_bytes=cell.cap,
     )
 
 
@@ -222,7 +221,7 @@ def measured(tmp_path_factory: pytest.TempPathFactory) -> Measured:
                 "kind": "trial",
                 "name": f"{cell.name}/trial",
                 "task": _trial_task(cell).model_dump(mode="json"),
-                "batch_size": TRIAL_BATCH,
+                "batch_size": config.max_batch_size,
                 "accumulation_steps": 2,
                 "optimizer_steps": 2,
             }
@@ -257,17 +256,16 @@ def measured(tmp_path_factory: pytest.TempPathFactory) -> Measured:
 
 @pytest.mark.parametrize("cell", CELLS, ids=lambda c: c.name)
 def test_one_process_measures_rank_zero_of_the_real_run(measured: Measured, cell: Cell) -> None:
-    from probes.trial import TrialSession
+    """The trial that backs the answer (one process, fake group) against the same trial on real ranks.
 
-    with TrialSession(_trial_task(cell)) as session:
-        alone = session.run(TRIAL_BATCH, accumulation_steps=2, optimizer_steps=2)
+    Both take 2 accumulation steps and 2 optimizer steps (the probe's trial and confirmation length
+    here), at the answer's batch size, under the cell's cap.
+    """
+    alone = _config(measured.probes[cell.name], cell.strategy).peak_memory_bytes
     real = measured.ranks[f"{cell.name}/trial"]
     assert all(r["outcome"] == "fit" for r in real), real
-    assert alone.peak_bytes is not None
-    assert abs(real[0]["peak"] - alone.peak_bytes) <= 0.01 * alone.peak_bytes, (
-        real[0]["peak"],
-        alone.peak_bytes,
-    )
+    assert alone is not None
+    assert abs(real[0]["peak"] - alone) <= 0.01 * alone, (real[0]["peak"], alone)
 
 
 @pytest.mark.parametrize("cell", CELLS, ids=lambda c: c.name)

@@ -20,32 +20,17 @@ import torch
 from probes.isolate import child_context
 from probes.spec import AttnImplementation, ConfigTask, ModelSpec, Optimizer, Precision, Strategy
 from probes.trial import TrialSession
+from tests.probes.test_predict import DECODER
+from tests.probes.test_predict import TINY as SHAPES
 
 pytestmark = pytest.mark.slow
 
 MiB = 2**20
 SEQ_LEN = 32
 LIMIT = 256 * MiB
-DECODER: dict[str, object] = {
-    "num_hidden_layers": 2,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": 1000,
-    "max_position_embeddings": 64,
-}
 TINY: dict[str, dict[str, object]] = {
-    "gpt2": {
-        "n_layer": 2,
-        "n_embd": 64,
-        "n_head": 2,
-        "vocab_size": 1000,
-        "n_positions": 64,
-        "bos_token_id": 0,
-        "eos_token_id": 0,
-    },
-    "llama": {**DECODER, "tie_word_embeddings": False},
+    "gpt2": SHAPES["gpt2"],
+    "llama": {**DECODER, "tie_word_embeddings": False},  # untied: FSDP's embedding gets its own unit
     "qwen2": DECODER,
 }
 

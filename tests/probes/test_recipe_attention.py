@@ -141,3 +141,16 @@ def test_the_emulation_is_undone_on_exit() -> None:
         torch.nn.functional.scaled_dot_product_attention(query, query, query)
     assert torch.nn.functional.scaled_dot_product_attention is original
     assert kernels.kernels[Kernel.EFFICIENT] == 1
+
+
+def test_under_autocast_the_kernel_sees_the_autocast_dtype() -> None:
+    """Llama's rotary embedding hands SDPA an fp32 query under bf16 autocast; CUDA autocast casts it
+    to bf16 at the op, so the GPU runs flash attention, not math."""
+    query = torch.randn(1, 8, 32, 16)
+    key = torch.randn(1, 2, 32, 16)
+    kernels = CudaAttentionKernels(H100)
+    with kernels, torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.nn.functional.scaled_dot_product_attention(query, key, key, is_causal=True, enable_gqa=True)
+    with kernels:
+        torch.nn.functional.scaled_dot_product_attention(query, key, key, is_causal=True, enable_gqa=True)
+    assert kernels.kernels == {Kernel.FLASH: 1, Kernel.MATH: 1}

@@ -18,21 +18,12 @@ from probes.recipe.fsdp import wrap_fsdp
 from probes.recipe.optimizers import make_optimizer
 from probes.recipe.world import World
 from probes.spec import Optimizer, Precision
+from tests.probes.test_predict import DECODER, TINY
 
-TINY_LLAMA = {
-    "num_hidden_layers": 2,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": 1000,
-    "max_position_embeddings": 64,
-}
-TINY_GPT2 = {"n_layer": 2, "n_embd": 64, "n_head": 2, "vocab_size": 1000, "n_positions": 64}
 MODELS = {
-    "llama-untied": ("llama", {**TINY_LLAMA, "tie_word_embeddings": False}),
-    "llama-tied": ("llama", {**TINY_LLAMA, "tie_word_embeddings": True}),
-    "gpt2": ("gpt2", {**TINY_GPT2, "bos_token_id": 0, "eos_token_id": 0}),
+    "llama-untied": ("llama", {**DECODER, "tie_word_embeddings": False}),
+    "llama-tied": ("llama", {**DECODER, "tie_word_embeddings": True}),
+    "gpt2": ("gpt2", TINY["gpt2"]),
 }
 
 
