@@ -68,3 +68,39 @@ def test_single_for_a_multi_rank_job_is_warned_about() -> None:
     assert single_rank_warning(Strategy.DDP, 8) == ()
     (warning,) = single_rank_warning(Strategy.SINGLE, 8)
     assert "probe ddp or fsdp" in warning
+
+
+def test_the_cli_table_shows_what_batch_1_needed() -> None:
+    import io
+
+    from rich.console import Console
+
+    from probes.cli import render_table
+    from probes.spec import DeviceInfo, ModelSpec, ProbeResult, ProbeSpec, Versions
+
+    spec = ProbeSpec(
+        model=ModelSpec(architecture="llama"),
+        seq_len=4096,
+        world_size=8,
+        target_effective_batch_size=256,
+        device="predict",
+        gpu="H100-80GB",
+    )
+    short = _config(Strategy.DDP, None, "batch size 1 does not fit").model_copy(
+        update={"min_batch_needs_bytes": 300 * MiB, "min_batch_need_is_lower_bound": True}
+    )
+    result = ProbeResult(
+        spec=spec,
+        device=DeviceInfo(
+            kind="predict", name="predict: H100-80GB", total_memory_bytes=80 << 30, bf16_supported=True
+        ),
+        configs=(short, _config(Strategy.FSDP, 2)),
+        versions=Versions(maxbatch="0", python="3"),
+        elapsed_seconds=1.0,
+    )
+    out = io.StringIO()
+    render_table(result, Console(file=out, width=220))
+    text = out.getvalue()
+    assert "b=1 needs ≥ 300.00 MiB" in text
+    assert "8 ranks" in text
+    assert "fsdp" in text
