@@ -118,6 +118,7 @@ CELLS = (
     Cell("gpt2", GPT2, Strategy.FSDP, ranks=4, cap=260 * MiB, target=32),
 )
 
+
 def _config(result: ProbeResult, strategy: Strategy) -> ConfigResult:
     return next(c for c in result.configs if c.strategy is strategy)
 
