@@ -88,7 +88,7 @@ MALFORMED: list[tuple[str, Any]] = [
     ("unknown field", _with("batch", 8)),
     ("unknown model field", _with("model.weights", "x")),
     ("task unknown", _with("task", "seq2seq")),
-    ("optimizer unknown", _with("optimizer", "sgd")),
+    ("optimizer unknown", _with("optimizer", "lion")),
     ("warmup ratio 1", _with("warmup_ratio", 1)),
     ("epochs negative", _with("num_train_epochs", -1)),
     ("trial steps 1", _with("trial_optimizer_steps", 1)),

@@ -199,6 +199,7 @@ def test_job_status_while_running_shows_progress(client: TestClient) -> None:
     assert current == {
         "precision": "32-true",
         "gradient_checkpointing": False,
+        "strategy": "single",
         "config_index": 0,
         "phase": "search",
     }
