@@ -58,6 +58,11 @@ PROBE_ONLY_FLAGS = ("allow_remote_code", "as_json")
 """``maxbatch probe`` flags that mean nothing for a request to a service."""
 
 SKIPPED_ARGUMENTS = ("output_dir",)
+
+BARE_WHEN_TRUE = ("fsdp",)
+"""Arguments ``HfArgumentParser`` declares with ``nargs="?"`` and ``const=True`` (transformers 5.x's
+``fsdp``): ``fsdp=True`` is the bare ``--fsdp``; ``--fsdp True`` would be read as the legacy option
+string "True" and refused."""
 """Training arguments a launch script sets itself."""
 
 
@@ -195,6 +200,9 @@ def training_flags(arguments: dict[str, Any]) -> list[str]:
     for name, value in arguments.items():
         if name in SKIPPED_ARGUMENTS or value is None:
             continue
+        if value is True and name in BARE_WHEN_TRUE:
+            flags.append(f"--{name}")
+            continue
         flags += [f"--{name}", *_flag_value(value)]
     return flags
 
@@ -209,6 +217,7 @@ def env_lines(job: dict[str, Any], recommendation: dict[str, Any]) -> list[str]:
         "MAXBATCH_EFFECTIVE_BATCH_SIZE": plan["effective_batch_size"],
         "MAXBATCH_PRECISION": recommendation["precision"],
         "MAXBATCH_GRADIENT_CHECKPOINTING": str(recommendation["gradient_checkpointing"]).lower(),
+        "MAXBATCH_STRATEGY": recommendation.get("strategy", "single"),
         "MAXBATCH_TRAINING_ARGS": shlex.join(training_flags(recommendation["training_arguments"])),
     }
     return [f"export {name}={shlex.quote(str(value))}" for name, value in values.items()]
@@ -227,7 +236,8 @@ def render(job: dict[str, Any], output: Format) -> str:
 def _no_plan_reason(result: dict[str, Any]) -> str:
     parts = []
     for config in result.get("configs", []):
-        name = f"{config['precision']} ckpt {'on' if config['gradient_checkpointing'] else 'off'}"
+        checkpointing = "on" if config["gradient_checkpointing"] else "off"
+        name = f"{config['precision']} ckpt {checkpointing} {config.get('strategy', 'single')}"
         why = config.get("reason") or (config.get("plan") or {}).get("note") or config["status"]
         parts.append(f"{name}: {why}")
     return "; ".join(parts) or "no configuration was probed"

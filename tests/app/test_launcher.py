@@ -19,7 +19,7 @@ import pytest
 import typer.main
 
 from app.cli import cli
-from app.launcher import EXIT_CODES, PROBE_ONLY_FLAGS, training_flags
+from app.launcher import EXIT_CODES, PROBE_ONLY_FLAGS, Format, training_flags
 from tests.app.conftest import FAKE_PROBE
 from tests.app.live_server import ROOT, LiveServer, free_port
 
@@ -136,7 +136,8 @@ def test_env_is_what_a_shell_can_eval(real_server: str, recommendation: dict[str
     )
     script = (
         f'eval "$({command})" && echo "$MAXBATCH_PER_DEVICE_TRAIN_BATCH_SIZE '
-        '$MAXBATCH_GRADIENT_ACCUMULATION_STEPS $MAXBATCH_PRECISION $MAXBATCH_GRADIENT_CHECKPOINTING" '
+        "$MAXBATCH_GRADIENT_ACCUMULATION_STEPS $MAXBATCH_PRECISION $MAXBATCH_GRADIENT_CHECKPOINTING "
+        '$MAXBATCH_STRATEGY" '
         '&& echo "$MAXBATCH_TRAINING_ARGS"'
     )
     done = subprocess.run(
@@ -151,6 +152,7 @@ def test_env_is_what_a_shell_can_eval(real_server: str, recommendation: dict[str
         str(plan_["gradient_accumulation_steps"]),
         recommendation["precision"],
         str(recommendation["gradient_checkpointing"]).lower(),
+        recommendation["strategy"],
     ]
     assert shlex.split(args) == training_flags(recommendation["training_arguments"])
 
@@ -237,3 +239,66 @@ def test_training_flags_round_trip_through_hf_argument_parser(tmp_path: Path) ->
     ):
         assert getattr(args, name) == arguments[name]
     assert args.fsdp_config["transformer_layer_cls_to_wrap"] == ["LlamaDecoderLayer"]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_strategy_arguments_read_back_by_a_real_hf_argument_parser(
+    strategy: str, checkpointing: bool, tmp_path: Path
+) -> None:
+    """What the recommendation emits for DDP and FSDP2 survives ``--format args`` (``fsdp=True`` is
+    the bare ``--fsdp``; ``--fsdp True`` is refused by transformers as an unknown legacy option)."""
+    from probes.hf_support import training_arguments_support
+    from probes.recommend import training_arguments
+    from probes.spec import Plan, Precision, ProbeSpec, Strategy
+
+    spec = ProbeSpec.model_validate(
+        {
+            "model": {"architecture": "llama"},
+            "seq_len": 64,
+            "target_effective_batch_size": 64,
+            "world_size": 2,
+            "device": "simulated",
+            "memory_limit_bytes": 2**30,
+        }
+    )
+    plan_ = Plan(
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=8,
+        world_size=2,
+        effective_batch_size=64,
+        exact=True,
+    )
+    arguments = training_arguments(
+        precision=Precision.BF16_MIXED,
+        gradient_checkpointing=checkpointing,
+        plan=plan_,
+        spec=spec,
+        support=training_arguments_support(),
+        strategy=Strategy(strategy),
+        layer_classes=("LlamaDecoderLayer",),
+    )
+    args = _hf_parse([*training_flags(arguments), "--use_cpu", "True", "--output_dir", str(tmp_path)])
+    assert args.per_device_train_batch_size == 4
+    assert args.gradient_accumulation_steps == 8
+    if strategy == "fsdp":
+        assert args.fsdp is True
+        assert args.fsdp_config["version"] == 2
+        assert args.fsdp_config["transformer_layer_cls_to_wrap"] == ["LlamaDecoderLayer"]
+        assert args.fsdp_config["activation_checkpointing"] is checkpointing
+    else:
+        assert not args.fsdp
+        assert args.ddp_find_unused_parameters is (not checkpointing)
+
+
+def test_no_plan_names_each_config_with_its_strategy() -> None:
+    from app.launcher import EXIT_NO_PLAN, _Exit, plan_job
+
+    config = {"precision": "bf16-mixed", "gradient_checkpointing": True, "status": "ok", "plan": None}
+    result = {"configs": [{**config, "strategy": "ddp", "reason": "batch size 1 needs 90 GiB"}, config]}
+    with pytest.raises(_Exit) as stopped:
+        plan_job({"id": "j", "status": "succeeded", "result": result}, Format.JSON)
+    assert stopped.value.code == EXIT_NO_PLAN
+    message = stopped.value.message
+    assert "bf16-mixed ckpt on ddp: batch size 1 needs 90 GiB" in message
+    assert "bf16-mixed ckpt on single: ok" in message
