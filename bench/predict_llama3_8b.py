@@ -1,6 +1,6 @@
 """Llama-3-8B fine-tuned on 8 x H100-80GB: the whole ``predict`` probe, timed, through the real CLI.
 
-``python -m bench.predict_llama3_8b [--save RESULT.json] [--strategy fsdp ...]``
+``python -m bench.predict_llama3_8b [--save RESULT.json] [--strategy fsdp ...] [--finetuning lora]``
 
 Runs ``maxbatch probe --model bench/models/llama-3-8b --seq-len 4096 --world-size 8
 --target-batch-size 256 --device predict --gpu H100-80GB --json`` (the published ``config.json``:
@@ -32,9 +32,11 @@ MODEL = Path(__file__).resolve().parent / "models" / "llama-3-8b"
 TARGET_SECONDS = 180.0
 
 
-def command(strategies: list[str]) -> list[str]:
+def command(strategies: list[str], finetuning: str | None = None) -> list[str]:
     maxbatch = Path(sys.executable).with_name("maxbatch")
     extra = [flag for strategy in strategies for flag in ("--strategy", strategy)]
+    if finetuning is not None:
+        extra += ["--finetuning", finetuning]
     return [
         str(maxbatch),
         "probe",
@@ -79,6 +81,8 @@ def report(result: dict[str, Any]) -> None:
             f"{plan['world_size']} = {plan['effective_batch_size']}"
         )
         print(f"training_arguments: {json.dumps(recommendation['training_arguments'])}")
+        if recommendation.get("peft_config"):
+            print(f"peft_config: {json.dumps(recommendation['peft_config'])}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,9 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m bench.predict_llama3_8b", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--strategy", action="append", default=[], help="limit the strategies (repeat)")
+    parser.add_argument("--finetuning", choices=["full", "lora", "qlora"], help="default: full")
     parser.add_argument("--save", type=Path, help="write the probe's JSON result here")
     args = parser.parse_args(argv)
-    argv_shown = command(args.strategy)
+    argv_shown = command(args.strategy, args.finetuning)
     print("$ " + " ".join(argv_shown))
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
     watch = TreeWatch(os.getpid())

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from probes.errors import ProbeError, ProbeFailed, ProbeInputError
+from probes.notices import drop_optional_kernel_notices
 from probes.spec import (
     ConfigResult,
     ConfigStatus,
@@ -30,6 +31,8 @@ from probes.spec import (
 
 if TYPE_CHECKING:
     from probes.engine import run_probe
+
+drop_optional_kernel_notices()  # before anything here imports transformers (and through it bitsandbytes)
 
 __all__ = [
     "ConfigResult",

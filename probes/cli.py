@@ -67,6 +67,11 @@ def build_spec(
     strategy: list[str] | None = None,
     optimizer: str | None = None,
     attn_implementation: str | None = None,
+    finetuning: str | None = None,
+    lora_r: int | None = None,
+    lora_alpha: int | None = None,
+    lora_dropout: float | None = None,
+    lora_target_modules: str | None = None,
     target_batch_size: int,
     world_size: int,
     device: str,
@@ -125,6 +130,14 @@ def build_spec(
         fields["optimizer"] = optimizer
     if attn_implementation is not None:
         fields["attn_implementation"] = attn_implementation
+    lora = {
+        "finetuning": finetuning,
+        "lora_r": lora_r,
+        "lora_alpha": lora_alpha,
+        "lora_dropout": lora_dropout,
+        "lora_target_modules": lora_target_modules,
+    }
+    fields.update({name: value for name, value in lora.items() if value is not None})
     if checkpointing:
         fields["gradient_checkpointing"] = _checkpointing(checkpointing)
     try:
@@ -158,6 +171,12 @@ class _ProgressView:
                 self._progress.add_task(label, total=None, start=False, detail="waiting")
                 for label in self._labels
             ]
+
+    def stop(self) -> None:
+        """Stop the display if it started (rich writes a blank line when a display that never
+        started is stopped: it would stand above a one-line error)."""
+        if self._tasks:
+            self._progress.stop()
 
     def __call__(self, event: ProbeEvent) -> None:
         self._start()
@@ -199,6 +218,8 @@ def render_table(result: ProbeResult, console: Console) -> None:
     """A human summary of a result: one row per config, then the recommendation."""
     spec = result.spec
     title = f"{spec.model.label} · seq {spec.seq_len} · {result.device.name}"
+    if spec.finetuning_spec.uses_adapters:
+        title += f" · {spec.finetuning.value} r={spec.lora_r}"
     if spec.world_size > 1:
         title += f" · {spec.world_size} ranks"
     table = Table(title=title)
@@ -245,6 +266,14 @@ def render_table(result: ProbeResult, console: Console) -> None:
     console.print_json(json.dumps(rec.training_arguments))
     console.print("from_pretrained / model_init_kwargs:")
     console.print_json(json.dumps(rec.model_init_kwargs))
+    for name, value in (
+        ("LoraConfig", rec.peft_config),
+        ("BitsAndBytesConfig", rec.quantization_config),
+        ("prepare_model_for_kbit_training", rec.prepare_model_for_kbit_training),
+    ):
+        if value is not None:
+            console.print(f"{name}:")
+            console.print_json(json.dumps(value))
     if result.timing_note:
         console.print(f"[dim]{result.timing_note}[/]")
 
@@ -286,6 +315,21 @@ def probe(
         str | None,
         typer.Option("--attn-implementation", help="sdpa (default), eager, flash_attention_2"),
     ] = None,
+    finetuning: Annotated[
+        str | None,
+        typer.Option("--finetuning", help="full (default), lora, qlora (adapters on a 4-bit NF4 base)"),
+    ] = None,
+    lora_r: Annotated[int | None, typer.Option("--lora-r", help="LoRA rank (default 16)")] = None,
+    lora_alpha: Annotated[int | None, typer.Option("--lora-alpha", help="LoRA alpha (default 32)")] = None,
+    lora_dropout: Annotated[
+        float | None, typer.Option("--lora-dropout", help="dropout before each adapter (default 0.05)")
+    ] = None,
+    lora_target_modules: Annotated[
+        str | None,
+        typer.Option(
+            "--lora-target-modules", help="all-linear (default) or comma-separated names, e.g. q_proj,v_proj"
+        ),
+    ] = None,
     world_size: Annotated[int, typer.Option("--world-size", help="data-parallel ranks")] = 1,
     device: Annotated[str, typer.Option("--device", help="cuda:N, simulated or predict")] = "simulated",
     memory: Annotated[
@@ -319,6 +363,11 @@ def probe(
         strategy=strategy or [],
         optimizer=optimizer,
         attn_implementation=attn_implementation,
+        finetuning=finetuning,
+        lora_r=lora_r,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        lora_target_modules=lora_target_modules,
         target_batch_size=target_batch_size,
         world_size=world_size,
         device=device,
@@ -350,13 +399,13 @@ def probe(
     try:
         result = run_probe(spec, on_event=view, allow_remote_code=allow_remote_code)
     except ProbeInputError as exc:
-        progress.stop()
+        view.stop()
         fail_input(exc.message + _known(exc))
     except ProbeError as exc:
-        progress.stop()
+        view.stop()
         sys.stderr.write(f"maxbatch: probe failed: {exc.message}\n")
         raise typer.Exit(ExitCode.FAILED) from exc
-    progress.stop()
+    view.stop()
     if as_json:
         sys.stdout.write(result.model_dump_json(indent=2) + "\n")
     else:

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 from probes.errors import DeviceUnavailable
+from probes.finetuning_spec import memory_floor_bytes
 from probes.isolate import ProbeCancelled, TrialChild, info_from_reply, trial_from_reply
 from probes.plan import make_plan
 from probes.protocol import InfoReply, InfoRequest, TrialRequest
@@ -33,6 +34,7 @@ from probes.spec import (
     ConfigTask,
     DeviceInfo,
     EventKind,
+    Optimizer,
     Outcome,
     Phase,
     Precision,
@@ -63,6 +65,32 @@ def _skip_reason(spec: ProbeSpec, precision: Precision, strategy: Strategy, cont
         attn_implementation=spec.attn_implementation,
         device=device,
         support=context.recipe,
+        finetuning=spec.finetuning_spec,
+    )
+
+
+_OPTIMIZER_STATES = {Optimizer.ADAMW_TORCH: 2, Optimizer.ADAMW_TORCH_FUSED: 2}
+"""Full-size states per trainable weight; the other optimizers count none (a lower bound)."""
+
+
+def _memory_floor(spec: ProbeSpec, precision: Precision, strategy: Strategy, context: InfoReply) -> int:
+    """One rank's need before any activation: weights, a gradient and the optimizer's states per
+    trainable weight (FSDP: a 1/world_size share)."""
+    method = spec.finetuning_spec
+    if method.uses_adapters:
+        if context.finetuning is None:
+            return 0
+        trainable = context.finetuning.trainable_parameters
+        frozen = context.finetuning.frozen_parameters
+    else:
+        trainable, frozen = context.model.parameter_count, 0
+    return memory_floor_bytes(
+        method,
+        precision,
+        trainable_parameters=trainable,
+        frozen_parameters=frozen,
+        optimizer_states=_OPTIMIZER_STATES.get(spec.optimizer, 0),
+        shards=spec.world_size if strategy is Strategy.FSDP else 1,
     )
 
 
@@ -173,6 +201,7 @@ def _config_result(
     *,
     confirmed: bool,
     capacity_bytes: int | None,
+    floor_bytes: int | None = None,
 ) -> ConfigResult:
     common = {
         "precision": precision,
@@ -186,7 +215,7 @@ def _config_result(
         return ConfigResult(status=ConfigStatus.FAILED, reason=search.aborted_reason, **common)
     best = search.max_batch_size
     if best is None:
-        need = min_batch_need(trials, capacity_bytes)
+        need = min_batch_need(trials, capacity_bytes, floor_bytes)
         return ConfigResult(
             status=ConfigStatus.OK,
             reason=need.sentence,
@@ -326,6 +355,7 @@ def run_probe(
                 run.all_trials,
                 confirmed=confirm,
                 capacity_bytes=capacity,
+                floor_bytes=_memory_floor(spec, precision, strategy, context),
             )
         emit(EventKind.CONFIG_DONE, None, result, None)
         return result
@@ -357,7 +387,12 @@ def run_probe(
         device=device,
         configs=tuple(results),
         recommendation=recommend(
-            results, spec=spec, device=device, support=context.training_args, model=context.model
+            results,
+            spec=spec,
+            device=device,
+            support=context.training_args,
+            model=context.model,
+            finetuning=context.finetuning,
         ),
         versions=context.versions,
         elapsed_seconds=round(time.monotonic() - started, 3),

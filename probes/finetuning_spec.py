@@ -102,25 +102,7 @@ class FinetuningSpec(BaseModel):
     @field_validator("lora_target_modules", mode="before")
     @classmethod
     def _names(cls, value: object) -> object:
-        if isinstance(value, str):
-            stripped = value.strip()
-            if stripped.lower() == ALL_LINEAR:
-                return ALL_LINEAR
-            value = stripped.split(",")
-        if isinstance(value, list | tuple):
-            names = [v.strip() if isinstance(v, str) else v for v in value]
-            if not names:
-                raise ValueError("lora_target_modules must name at least one module, or be 'all-linear'")
-            if any(isinstance(name, str) and not name for name in names):
-                raise ValueError("lora_target_modules holds an empty module name")
-            if any(name == ALL_LINEAR for name in names):
-                raise ValueError("'all-linear' cannot be combined with module names; give it alone")
-            seen: list[object] = []
-            for name in names:
-                if name not in seen:
-                    seen.append(name)
-            return tuple(seen)
-        return value
+        return parse_target_modules(value)
 
     @property
     def uses_adapters(self) -> bool:
@@ -131,6 +113,31 @@ class FinetuningSpec(BaseModel):
     def quantized(self) -> bool:
         """Whether the base is 4-bit (``qlora``)."""
         return self.method is FinetuningMethod.QLORA
+
+
+def parse_target_modules(value: object) -> object:
+    """``lora_target_modules`` as given (a list, or the CLI's comma-separated string) made canonical:
+    ``"all-linear"`` in any case, or a tuple of distinct stripped names; ``ValueError`` says what is wrong.
+    Anything else is returned for pydantic to refuse."""
+    if isinstance(value, str):
+        stripped = value.strip()
+        if stripped.lower() == ALL_LINEAR:
+            return ALL_LINEAR
+        value = stripped.split(",")
+    if isinstance(value, list | tuple):
+        names = [v.strip() if isinstance(v, str) else v for v in value]
+        if not names:
+            raise ValueError("lora_target_modules must name at least one module, or be 'all-linear'")
+        if any(isinstance(name, str) and not name for name in names):
+            raise ValueError("lora_target_modules holds an empty module name")
+        if any(name == ALL_LINEAR for name in names):
+            raise ValueError("'all-linear' cannot be combined with module names; give it alone")
+        seen: list[object] = []
+        for name in names:
+            if name not in seen:
+                seen.append(name)
+        return tuple(seen)
+    return value
 
 
 class LoraTargets(BaseModel):
@@ -174,6 +181,47 @@ class ParameterCounts(BaseModel):
     def resident_bytes(self) -> int:
         """What the prepared model keeps on the device before any step: weights, quant state, buffers."""
         return self.trainable_bytes + self.frozen_bytes + self.buffer_bytes
+
+
+class FinetuningFacts(BaseModel):
+    """What the first trial child learns about a LoRA/QLoRA model (built on the meta device): the
+    ``LoraConfig`` arguments with the target modules resolved, and the parameter counts."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    peft_config: dict[str, Any]
+    trainable_parameters: int = Field(ge=0)
+    frozen_parameters: int = Field(ge=0)
+
+
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+_ADAPTER_BYTES = 4
+"""peft keeps adapters in fp32 whatever the base dtype (``autocast_adapter_dtype``)."""
+
+
+def memory_floor_bytes(
+    spec: FinetuningSpec,
+    precision: Precision,
+    *,
+    trainable_parameters: int,
+    frozen_parameters: int,
+    optimizer_states: int,
+    shards: int = 1,
+) -> int:
+    """A lower bound of one rank's memory before any activation: the weights resident, plus one
+    gradient and ``optimizer_states`` states (AdamW: two moments) per trainable weight, split over
+    ``shards`` ranks (FSDP).
+
+    ``full``: every weight trains, in the precision's weight dtype. ``lora``: the frozen base in
+    that dtype, the adapters in fp32. ``qlora``: the frozen base at half a byte per weight (the
+    packed NF4 storage alone; quantisation state and the unquantised embeddings and head are left
+    out, so the bound stays a bound).
+    """
+    weight_bytes = _DTYPE_BYTES[base_dtype_name(spec, precision)]
+    trainable_bytes = trainable_parameters * (_ADAPTER_BYTES if spec.uses_adapters else weight_bytes)
+    frozen_bytes = frozen_parameters // 2 if spec.quantized else frozen_parameters * weight_bytes
+    total = frozen_bytes + trainable_bytes * (2 + optimizer_states)
+    return total // max(1, shards)
 
 
 def compute_dtype_name(precision: Precision) -> str:
@@ -233,6 +281,24 @@ def kbit_preparation_kwargs() -> dict[str, Any]:
     whatever the plan says, reentrant (torch warns), through a method transformers 5 deprecates.
     """
     return {"use_gradient_checkpointing": False}
+
+
+QLORA_FSDP_REFUSAL = (
+    "finetuning 'qlora' is not probed with fsdp: sharding 4-bit weights needs "
+    "bnb_4bit_quant_storage equal to the other weights' dtype, which this probe does not build"
+)
+"""Why a QLoRA config under FSDP is skipped (the child's check and the engine's say the same)."""
+
+
+def missing_packages_reason(spec: FinetuningSpec) -> str | None:
+    """A sentence naming the distributions ``spec`` needs that are not installed, or ``None``."""
+    missing = missing_packages(spec)
+    if not missing:
+        return None
+    return (
+        f"finetuning {spec.method.value!r} needs {' and '.join(missing)}, which "
+        f"{'is' if len(missing) == 1 else 'are'} not installed (pip install 'maxbatch[{spec.method.value}]')"
+    )
 
 
 def missing_packages(spec: FinetuningSpec) -> list[str]:

@@ -269,17 +269,22 @@ def inspect_model(model: ModelSpec, seq_len: int, *, allow_remote_code: bool) ->
             f"seq_len {seq_len} exceeds the {config.model_type} config's {limit} positions "
             "(override max_position_embeddings / n_positions if the model allows longer sequences)"
         )
-    with torch.device("meta"):
-        meta_model = _from_config(config, dtype=torch.float32, allow_remote_code=allow_remote_code)
-    count = sum(parameter.numel() for parameter in meta_model.parameters())
+    model_on_meta = meta_model(config, allow_remote_code=allow_remote_code)
+    count = sum(parameter.numel() for parameter in model_on_meta.parameters())
     return ModelFacts(
         model_type=str(config.model_type),
         architecture_class=architecture_class(config),
         parameter_count=int(count),
         max_positions=limit,
         vocab_size=vocab_size(config),
-        decoder_layer_classes=decoder_layer_classes(meta_model),
+        decoder_layer_classes=decoder_layer_classes(model_on_meta),
     )
+
+
+def meta_model(config: PretrainedConfig, *, allow_remote_code: bool) -> torch.nn.Module:
+    """The config's causal LM (fp32) on the meta device: shapes and names, no memory, no values."""
+    with torch.device("meta"):
+        return _from_config(config, dtype=torch.float32, allow_remote_code=allow_remote_code)
 
 
 def decoder_layer_classes(model: torch.nn.Module) -> list[str]:

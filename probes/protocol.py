@@ -24,6 +24,7 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from probes.errors import INPUT_ERRORS, ProbeError, ProbeFailed
+from probes.finetuning_spec import FinetuningFacts
 from probes.recipe.support import RecipeSupport
 from probes.recommend import TrainingArgumentsSupport
 from probes.spec import DeviceInfo, ModelFacts, ModelSpec, ProbeEvent, TrialRecord, Versions
@@ -122,6 +123,8 @@ class InfoReply(Message):
     model: ModelFacts
     training_args: TrainingArgumentsSupport
     recipe: RecipeSupport = Field(default_factory=RecipeSupport)
+    #: LoRA/QLoRA requests whose method runs here: the adapters' config and the parameter counts
+    finetuning: FinetuningFacts | None = None
 
 
 class TrialReply(Message):

@@ -28,6 +28,12 @@ from __future__ import annotations
 
 import math
 
+from probes.finetuning_spec import (
+    FinetuningFacts,
+    base_dtype_name,
+    kbit_preparation_kwargs,
+    quantization_kwargs,
+)
 from probes.spec import (
     ConfigResult,
     ConfigStatus,
@@ -134,11 +140,30 @@ def _fsdp_arguments(
 
 
 def model_init_kwargs(spec: ProbeSpec, precision: Precision) -> dict[str, JsonValue]:
-    """The ``from_pretrained`` arguments measured: the attention kernel; the dtype for bf16-true."""
+    """The ``from_pretrained`` arguments measured: the attention kernel; the dtype for bf16-true, and
+    for QLoRA the compute dtype the base is loaded in before it is quantised."""
     kwargs: dict[str, JsonValue] = {"attn_implementation": spec.attn_implementation.value}
-    if precision is Precision.BF16_TRUE:
+    if spec.finetuning_spec.quantized:
+        kwargs["dtype"] = base_dtype_name(spec.finetuning_spec, precision)
+    elif precision is Precision.BF16_TRUE:
         kwargs["dtype"] = "bfloat16"
     return kwargs
+
+
+def finetuning_fields(
+    spec: ProbeSpec, precision: Precision, facts: FinetuningFacts | None
+) -> dict[str, JsonValue]:
+    """The recommendation's fine-tuning fields: the method, and for LoRA/QLoRA the ``LoraConfig``
+    arguments the child resolved (``facts``); for QLoRA the ``BitsAndBytesConfig`` and
+    ``prepare_model_for_kbit_training`` arguments."""
+    method = spec.finetuning_spec
+    fields: dict[str, JsonValue] = {"finetuning": method.method}
+    if method.uses_adapters and facts is not None:
+        fields["peft_config"] = dict(facts.peft_config)
+    if method.quantized:
+        fields["quantization_config"] = quantization_kwargs(precision)
+        fields["prepare_model_for_kbit_training"] = kbit_preparation_kwargs()
+    return fields
 
 
 def _strategy_rank(strategy: Strategy, world_size: int) -> int:
@@ -180,6 +205,7 @@ def recommend(
     device: DeviceInfo,
     support: TrainingArgumentsSupport,
     model: ModelFacts | None = None,
+    finetuning: FinetuningFacts | None = None,
 ) -> Recommendation | None:
     """The configuration to use, or None when no configuration has a plan.
 
@@ -220,6 +246,14 @@ def recommend(
         why += "; load the model with dtype=torch.bfloat16 (bf16-true keeps the weights in bf16)"
     if best.gradient_checkpointing:
         why += "; checkpointing is on because it is what reaches this plan"
+    if spec.finetuning_spec.quantized:
+        why += (
+            "; qlora: from_pretrained(quantization_config=BitsAndBytesConfig(**quantization_config)), then "
+            "prepare_model_for_kbit_training(model, **prepare_model_for_kbit_training), then "
+            "get_peft_model(model, LoraConfig(**peft_config))"
+        )
+    elif spec.finetuning_spec.uses_adapters:
+        why += "; lora: get_peft_model(model, LoraConfig(**peft_config)) before the Trainer"
     args = training_arguments(
         precision=best.precision,
         gradient_checkpointing=best.gradient_checkpointing,
@@ -237,4 +271,5 @@ def recommend(
         training_arguments=args,
         model_init_kwargs=model_init_kwargs(spec, best.precision),
         why=why,
+        **finetuning_fields(spec, best.precision, finetuning),
     )

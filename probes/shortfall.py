@@ -27,8 +27,15 @@ class Need:
     sentence: str
 
 
-def min_batch_need(trials: list[TrialRecord], capacity_bytes: int | None) -> Need:
-    """The need of batch size 1 from its trials, and the reason sentence of a config where it fails."""
+def min_batch_need(
+    trials: list[TrialRecord], capacity_bytes: int | None, floor_bytes: int | None = None
+) -> Need:
+    """The need of batch size 1 from its trials, and the reason sentence of a config where it fails.
+
+    ``floor_bytes``, a lower bound of what the model, its gradients and optimizer state need before
+    any activation (:func:`probes.finetuning_spec.memory_floor_bytes`), raises an out-of-memory
+    trial's bound when it is higher (a model that runs out while it is built, say).
+    """
     at_one = [t for t in trials if t.batch_size == 1]
     exact = [t.peak_bytes for t in at_one if t.outcome is Outcome.OVER_HEADROOM and t.peak_bytes is not None]
     bounds = [t.needed_bytes for t in at_one if t.outcome is Outcome.OOM and t.needed_bytes is not None]
@@ -40,8 +47,8 @@ def min_batch_need(trials: list[TrialRecord], capacity_bytes: int | None) -> Nee
             False,
             f"batch size 1 does not fit: it needs {format_bytes(need)} per device against {limit}",
         )
-    if bounds:
-        need = max(bounds)
+    if bounds or floor_bytes:
+        need = max([*bounds, floor_bytes or 0])
         return Need(
             need,
             True,

@@ -16,6 +16,16 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from probes.finetuning_spec import (
+    ALL_LINEAR,
+    DEFAULT_LORA_ALPHA,
+    DEFAULT_LORA_DROPOUT,
+    DEFAULT_LORA_R,
+    FinetuningMethod,
+    FinetuningSpec,
+    ModuleName,
+    parse_target_modules,
+)
 from probes.gpu_types import normalise_gpu_type
 
 JsonValue = Any
@@ -250,6 +260,26 @@ class ProbeSpec(Frozen):
     )
     optimizer: Optimizer = Field(default=Optimizer.ADAMW_TORCH, description="an HF optim name")
     attn_implementation: AttnImplementation = AttnImplementation.SDPA
+    finetuning: FinetuningMethod = Field(
+        default=FinetuningMethod.FULL,
+        description="full (every weight), lora (peft adapters on a frozen base) or qlora (adapters on a "
+        "4-bit NF4 base, bitsandbytes)",
+    )
+    lora_r: int = Field(default=DEFAULT_LORA_R, ge=1, le=65_536, description="LoRA rank (lora, qlora)")
+    lora_alpha: int = Field(
+        default=DEFAULT_LORA_ALPHA,
+        ge=1,
+        le=1_000_000,
+        description="LoRA scale numerator (scaling = alpha / r)",
+    )
+    lora_dropout: float = Field(
+        default=DEFAULT_LORA_DROPOUT, ge=0, lt=1, description="dropout before each adapter (it costs memory)"
+    )
+    lora_target_modules: Literal["all-linear"] | tuple[ModuleName, ...] = Field(
+        default=ALL_LINEAR,
+        description="'all-linear' (peft's: every linear layer but the output head) or module names, "
+        "e.g. [q_proj, v_proj]",
+    )
     target_effective_batch_size: PositiveInt
     world_size: PositiveInt = 1
     device: RequestDeviceName = "simulated"
@@ -315,6 +345,23 @@ class ProbeSpec(Frozen):
                 raise ValueError(f"unknown optimizer {value!r}; use one of: {known}")
             return OPTIMIZER_ALIASES[key]
         return value
+
+    @field_validator("finetuning", mode="before")
+    @classmethod
+    def _parse_finetuning(cls, value: object) -> object:
+        if isinstance(value, str):
+            key = value.strip().lower()
+            for method in FinetuningMethod:
+                if key == method.value:
+                    return method
+            known = ", ".join(m.value for m in FinetuningMethod)
+            raise ValueError(f"unknown finetuning {value!r}; use one of: {known}")
+        return value
+
+    @field_validator("lora_target_modules", mode="before")
+    @classmethod
+    def _parse_target_modules(cls, value: object) -> object:
+        return parse_target_modules(value)
 
     @field_validator("precisions", mode="before")
     @classmethod
@@ -386,6 +433,17 @@ class ProbeSpec(Frozen):
         if not self.device.startswith("cuda"):
             return None
         return int(self.device.split(":")[1])
+
+    @property
+    def finetuning_spec(self) -> FinetuningSpec:
+        """The fine-tuning fields as the recipe takes them."""
+        return FinetuningSpec(
+            method=self.finetuning,
+            lora_r=self.lora_r,
+            lora_alpha=self.lora_alpha,
+            lora_dropout=self.lora_dropout,
+            lora_target_modules=self.lora_target_modules,
+        )
 
     def configs(self) -> list[tuple[Precision, bool, Strategy]]:
         """Every (precision, checkpointing, strategy) to probe, in request order."""
@@ -490,6 +548,20 @@ class Recommendation(Frozen):
         description="keyword arguments for from_pretrained (attn_implementation, dtype): the model as "
         "measured; TRL's SFTConfig takes the same dict as model_init_kwargs",
     )
+    finetuning: FinetuningMethod = FinetuningMethod.FULL
+    peft_config: dict[str, JsonValue] | None = Field(
+        default=None,
+        description="lora, qlora: keyword arguments for peft.LoraConfig, the adapters as measured (the "
+        "target modules written out)",
+    )
+    quantization_config: dict[str, JsonValue] | None = Field(
+        default=None,
+        description="qlora: keyword arguments for transformers.BitsAndBytesConfig, passed to "
+        "from_pretrained(quantization_config=...)",
+    )
+    prepare_model_for_kbit_training: dict[str, JsonValue] | None = Field(
+        default=None, description="qlora: keyword arguments for peft.prepare_model_for_kbit_training"
+    )
     why: str
 
 
@@ -550,6 +622,7 @@ class ConfigTask(Frozen):
     world_size: PositiveInt = 1
     optimizer: Optimizer = Optimizer.ADAMW_TORCH
     attn_implementation: AttnImplementation = AttnImplementation.SDPA
+    finetuning: FinetuningSpec = Field(default_factory=FinetuningSpec)
     device: DeviceName
     memory_limit_bytes: int | None = None
     headroom_bytes: int = 0
@@ -576,6 +649,7 @@ class ConfigTask(Frozen):
             world_size=spec.world_size,
             optimizer=spec.optimizer,
             attn_implementation=spec.attn_implementation,
+            finetuning=spec.finetuning_spec,
             device=spec.device,
             memory_limit_bytes=spec.memory_limit_bytes,
             headroom_bytes=spec.headroom_bytes,

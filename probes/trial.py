@@ -50,7 +50,7 @@ from probes.devices import TrialDevice, open_device
 from probes.errors import ProbeInputError
 from probes.models import load_config, vocab_size
 from probes.oom import classify, one_line, poisons_context
-from probes.recipe.build import ModelBuilder, Recipe, build_for_task
+from probes.recipe.build import ModelBuilder, Recipe
 from probes.spec import ConfigTask, DeviceInfo, Outcome, Precision, TrialRecord
 
 MAX_EXTRA_STEPS = 16
@@ -77,13 +77,14 @@ class TrialSession:
 
     The constructor reads the config and opens the device (raising
     :class:`~probes.errors.ProbeInputError` subclasses for bad input or a missing device); the model
-    is built by the first :meth:`run` (or :meth:`prepare`) with ``build`` (default
-    :func:`build_for_task`), and a build that runs out of memory is that trial's outcome. The device
-    adopts every tensor the built model keeps (:func:`~probes.recipe.finetuning.resident_tensors`);
-    the :class:`~probes.recipe.build.Recipe` then wraps it for the task's strategy.
+    is built by the first :meth:`run` (or :meth:`prepare`) with ``build`` (default: the task's,
+    :func:`~probes.recipe.build.builder_for`), and a build that runs out of memory is that trial's
+    outcome. The device adopts every tensor the built model keeps
+    (:func:`~probes.recipe.finetuning.resident_tensors`); the :class:`~probes.recipe.build.Recipe`
+    then wraps it for the task's strategy.
     """
 
-    def __init__(self, task: ConfigTask, *, build: ModelBuilder = build_for_task) -> None:
+    def __init__(self, task: ConfigTask, *, build: ModelBuilder | None = None) -> None:
         self.task = task
         self._config = load_config(task.model, allow_remote_code=task.allow_remote_code)
         self._vocab_size = vocab_size(self._config)

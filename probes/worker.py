@@ -26,7 +26,7 @@ import transformers
 
 from probes.environment import collect_versions
 from probes.hf_support import training_arguments_support
-from probes.models import inspect_model
+from probes.models import inspect_model, load_config
 from probes.protocol import (
     ErrorInfo,
     ErrorReply,
@@ -39,20 +39,31 @@ from probes.protocol import (
     parse_trial_request,
 )
 from probes.recipe.detect import detect_support
+from probes.recipe.finetuning import describe
 from probes.spec import ConfigTask
 from probes.trial import TrialSession
 
 
 def _info(task: ConfigTask, session: TrialSession) -> InfoReply:
     facts = inspect_model(task.model, task.seq_len, allow_remote_code=task.allow_remote_code)
+    support = detect_support(
+        session.device_info().kind,
+        optimizer=task.optimizer,
+        attn_implementation=task.attn_implementation,
+        finetuning=task.finetuning,
+        torch_device=session.device.torch_device,
+    )
+    finetuning = None
+    if task.finetuning.uses_adapters and support.finetuning is None:
+        config = load_config(task.model, allow_remote_code=task.allow_remote_code)
+        finetuning = describe(config, task.finetuning, allow_remote_code=task.allow_remote_code)
     return InfoReply(
         device=session.device_info(),
         versions=collect_versions(),
         model=facts,
         training_args=training_arguments_support(),
-        recipe=detect_support(
-            session.device_info().kind, optimizer=task.optimizer, attn_implementation=task.attn_implementation
-        ),
+        recipe=support,
+        finetuning=finetuning,
     )
 
 

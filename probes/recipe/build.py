@@ -37,7 +37,7 @@ from probes.models import build_model
 from probes.recipe.attention import CudaAttentionKernels, parse_capability
 from probes.recipe.collectives import FakeReduceScatterValues
 from probes.recipe.ddp import ddp_micro_step, trainer_find_unused_parameters, wrap_ddp
-from probes.recipe.finetuning import resident_tensors
+from probes.recipe.finetuning import builder, resident_tensors
 from probes.recipe.fsdp import fsdp_micro_step, wrap_fsdp
 from probes.recipe.optimizers import make_optimizer, optimizer_constants
 from probes.recipe.world import World
@@ -60,6 +60,14 @@ def build_for_task(config: PretrainedConfig, task: ConfigTask, device: torch.dev
     )
 
 
+def builder_for(task: ConfigTask) -> ModelBuilder:
+    """The task's :data:`ModelBuilder`: :func:`build_for_task` for full fine-tuning, else the
+    fine-tuning method's (LoRA adapters, a 4-bit base) from :func:`probes.recipe.finetuning.builder`."""
+    if task.finetuning.uses_adapters:
+        return builder(task.finetuning)
+    return build_for_task
+
+
 _AUTOCAST: dict[Precision, torch.dtype] = {
     Precision.FP16_MIXED: torch.float16,
     Precision.BF16_MIXED: torch.bfloat16,
@@ -75,10 +83,10 @@ class Recipe:
         config: PretrainedConfig,
         device: TrialDevice,
         *,
-        build: ModelBuilder = build_for_task,
+        build: ModelBuilder | None = None,
     ) -> None:
         self.task = task
-        self._build_model = build
+        self._build_model = build or builder_for(task)
         self._config = config
         self._device = device
         self._kind = device.info().kind

@@ -7,13 +7,22 @@ from __future__ import annotations
 
 import importlib.util
 import warnings
+from typing import Literal
 
+import torch
+
+from probes.finetuning_spec import FinetuningSpec
 from probes.recipe.support import RecipeSupport
 from probes.spec import AttnImplementation, Optimizer
 
 
 def detect_support(
-    device_kind: str, *, optimizer: Optimizer, attn_implementation: AttnImplementation
+    device_kind: Literal["cuda", "simulated", "predict"],
+    *,
+    optimizer: Optimizer,
+    attn_implementation: AttnImplementation,
+    finetuning: FinetuningSpec | None = None,
+    torch_device: torch.device | None = None,
 ) -> RecipeSupport:
     """Check, by importing and trying, what the request needs (called in a trial child).
 
@@ -25,6 +34,11 @@ def detect_support(
         support = support.model_copy(update={"flash_attention_2": _flash_attention_2(device_kind)})
     if optimizer is Optimizer.ADAMW_BNB_8BIT:
         support = support.model_copy(update={"bitsandbytes_8bit": _bitsandbytes_8bit(device_kind)})
+    if finetuning is not None and finetuning.uses_adapters:
+        from probes.recipe.finetuning import unavailable_reason
+
+        reason = unavailable_reason(finetuning, device_kind, torch_device=torch_device)
+        support = support.model_copy(update={"finetuning": reason})
     return support
 
 
@@ -44,8 +58,6 @@ def _bitsandbytes_8bit(device_kind: str) -> str | None:
     """Try one 8-bit AdamW step on a tensor large enough for 8-bit state, on the device's kind."""
     if importlib.util.find_spec("bitsandbytes") is None:
         return "bitsandbytes is not installed (pip install 'maxbatch[qlora]')"
-    import torch
-
     device = "cuda" if device_kind == "cuda" else "cpu"
     try:
         with warnings.catch_warnings():

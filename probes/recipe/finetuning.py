@@ -75,6 +75,8 @@ from probes.errors import ProbeInputError
 from probes.finetuning_spec import (
     ALL_LINEAR,
     NF4_BLOCKSIZE,
+    QLORA_FSDP_REFUSAL,
+    FinetuningFacts,
     FinetuningMethod,
     FinetuningSpec,
     LoraTargets,
@@ -84,7 +86,7 @@ from probes.finetuning_spec import (
     kbit_preparation_kwargs,
 )
 from probes.finetuning_spec import peft_config_kwargs as _peft_kwargs_for_targets
-from probes.models import build_model
+from probes.models import build_model, meta_model
 from probes.oom import one_line
 from probes.spec import ConfigTask, Precision
 
@@ -124,10 +126,7 @@ def unavailable_reason(
     if not spec.quantized:
         return None
     if strategy == "fsdp":
-        return (
-            "finetuning 'qlora' is not probed with fsdp: sharding 4-bit weights needs "
-            "bnb_4bit_quant_storage equal to the other weights' dtype, which this probe does not build"
-        )
+        return QLORA_FSDP_REFUSAL
     if device_kind == "cuda":
         index = torch.cuda.current_device() if torch.cuda.is_available() else 0
         where = str(torch_device or torch.device("cuda", index))
@@ -186,6 +185,7 @@ def build_finetuning_model(
     gradient_checkpointing: bool,
     device: torch.device | str,
     allow_remote_code: bool = False,
+    attn_implementation: str | None = None,
 ) -> nn.Module:
     """The model ``spec`` trains, on ``device``, in train mode; call it inside the device's build context.
 
@@ -201,6 +201,7 @@ def build_finetuning_model(
         device=host,
         allow_remote_code=allow_remote_code,
         dtype=_dtype(base_dtype_name(spec, precision)),
+        attn_implementation=attn_implementation,
     )
     if not spec.uses_adapters:
         return model
@@ -226,6 +227,7 @@ def builder(spec: FinetuningSpec) -> Callable[[PretrainedConfig, ConfigTask, tor
             gradient_checkpointing=task.gradient_checkpointing,
             device=device,
             allow_remote_code=task.allow_remote_code,
+            attn_implementation=task.attn_implementation.value,
         )
 
     return build
@@ -527,6 +529,30 @@ def parameter_counts(model: nn.Module) -> ParameterCounts:
 def peft_config_kwargs(spec: FinetuningSpec, model: nn.Module) -> dict[str, Any]:
     """``peft.LoraConfig`` keyword arguments for ``model`` (before or after ``get_peft_model``)."""
     return _peft_kwargs_for_targets(spec, lora_targets(model, spec))
+
+
+def describe(
+    config: PretrainedConfig, spec: FinetuningSpec, *, allow_remote_code: bool = False
+) -> FinetuningFacts:
+    """The ``LoraConfig`` arguments and the parameter counts of ``spec``'s model, from the model and
+    its adapters on the meta device (no memory, no values: seconds for an 8B model).
+
+    QLoRA's adapters sit on the same modules (the quantizer replaces every linear layer but the
+    output head, as ``"all-linear"`` selects them), but its 4-bit layers are ``nn.Linear``: GPT-2's
+    ``Conv1D`` layers no longer need ``fan_in_fan_out``.
+    """
+    model = meta_model(config, allow_remote_code=allow_remote_code)
+    targets = lora_targets(model, spec)
+    if spec.quantized:
+        targets = targets.model_copy(update={"fan_in_fan_out": False})
+    adapted = apply_lora(model, spec)
+    trainable = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in adapted.parameters() if not p.requires_grad)
+    return FinetuningFacts(
+        peft_config=_peft_kwargs_for_targets(spec, targets),
+        trainable_parameters=trainable,
+        frozen_parameters=frozen,
+    )
 
 
 def lora_targets(model: nn.Module, spec: FinetuningSpec) -> LoraTargets:

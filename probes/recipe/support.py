@@ -12,6 +12,10 @@ The rules, and where they come from:
 - ``adamw_bnb_8bit`` needs bitsandbytes, and an 8-bit step that runs on the device: the child tries
   one (bitsandbytes 0.50 runs its 8-bit blockwise optimizer on the CPU, so ``simulated`` and
   ``predict`` can measure it).
+- ``lora`` needs peft, ``qlora`` peft and bitsandbytes (the engine looks them up without importing
+  them) and a 4-bit NF4 layer that runs on the device (the child tries one:
+  :func:`probes.recipe.finetuning.unavailable_reason`). QLoRA is not probed under FSDP (4-bit
+  weights would need ``bnb_4bit_quant_storage`` equal to the other weights' dtype to be sharded).
 - FSDP2's parameters are ``DTensor`` shards. transformers' ``Adafactor`` builds plain-tensor state
   for them ("got mixed torch.Tensor and DTensor") and bitsandbytes' kernels have no ``DTensor``
   sharding strategy: both fail at the first step (tried with torch 2.13 on the fake process group;
@@ -20,6 +24,7 @@ The rules, and where they come from:
 
 from __future__ import annotations
 
+from probes.finetuning_spec import QLORA_FSDP_REFUSAL, FinetuningSpec, missing_packages_reason
 from probes.spec import AttnImplementation, DeviceInfo, Frozen, Optimizer, Strategy
 
 _FSDP_INCOMPATIBLE = {
@@ -36,6 +41,8 @@ class RecipeSupport(Frozen):
 
     flash_attention_2: str | None = "not checked"
     bitsandbytes_8bit: str | None = "not checked"
+    finetuning: str | None = "not checked"
+    """The request's LoRA/QLoRA method (``None``: it runs here; full fine-tuning is never checked)."""
 
 
 def skip_reason(
@@ -45,8 +52,17 @@ def skip_reason(
     attn_implementation: AttnImplementation,
     device: DeviceInfo,
     support: RecipeSupport,
+    finetuning: FinetuningSpec | None = None,
 ) -> str | None:
     """Why this config cannot be measured here, or ``None``."""
+    if finetuning is not None and finetuning.uses_adapters:
+        missing = missing_packages_reason(finetuning)
+        if missing is not None:
+            return missing
+        if finetuning.quantized and strategy is Strategy.FSDP:
+            return QLORA_FSDP_REFUSAL
+        if support.finetuning is not None:
+            return support.finetuning
     if attn_implementation is AttnImplementation.FLASH_ATTENTION_2:
         if device.kind != "cuda":
             return (

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import typer
 from typer.testing import CliRunner
 
 from probes.cli import probe
 
+ROOT = Path(__file__).resolve().parents[2]
 BASE = ["--seq-len", "128", "--target-batch-size", "256", "--device", "simulated", "--memory", "320MiB"]
 
 
@@ -73,3 +79,40 @@ def test_an_input_error_from_the_engine_draws_no_progress_bars(app: typer.Typer)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("maxbatch: error: unknown causal-LM architecture 'no-such-model'")
+
+
+def test_the_cli_process_writes_one_line_for_an_unknown_architecture() -> None:
+    """The command as a user runs it (a real process, its forkserver and children writing to the same
+    stderr): nothing on stdout, one line on stderr — no progress display, no blank line left by one
+    that never started, no notice from a package the probe imported."""
+    command = ["probe", "--architecture", "nosuch", "--seq-len", "64", "--target-batch-size", "8"]
+    done = subprocess.run(
+        [sys.executable, "-m", "app.cli", *command, "--memory", "64MiB"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stdout == ""
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith("maxbatch: error: unknown causal-LM architecture 'nosuch'")
+
+
+def test_the_bitsandbytes_hub_kernel_notice_is_dropped_and_other_messages_are_not() -> None:
+    code = textwrap.dedent(
+        """
+        import logging, sys
+        import probes.worker  # loads TrainingArguments, so peft, so bitsandbytes
+        logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+        logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s.", "no kernels")
+        logger.warning("another bitsandbytes warning")
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert "kernels-community" not in done.stderr
+    assert "another bitsandbytes warning" in done.stderr
