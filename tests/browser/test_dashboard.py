@@ -31,7 +31,8 @@ SCREENSHOT_ENV = "MAXBATCH_SCREENSHOT_TO"
 
 
 def key_of(config: dict[str, Any]) -> str:
-    return f"{config['precision']}/{'on' if config['gradient_checkpointing'] else 'off'}"
+    checkpointing = "on" if config["gradient_checkpointing"] else "off"
+    return f"{config['precision']}/{checkpointing}/{config.get('strategy', 'single')}"
 
 
 def fill_form(browser: Browser, *, seq_len: str = "64", memory: str = "64MiB") -> None:
@@ -180,6 +181,7 @@ def test_the_config_table_shows_what_the_api_says(
             f"{plan['world_size']} = {plan['effective_batch_size']}"
         )
         assert cells["trials"]["value"] == str(len(config["trials"]))
+        assert cells["strategy"]["text"] == config["strategy"] == "single"
     recommendation = result["recommendation"]
     assert recommendation is not None
     recommended = [key for key, row in rows.items() if row["recommended"]]
@@ -383,4 +385,79 @@ def test_a_token_is_asked_for_when_the_service_wants_one(browser: Browser, token
         assert api.get(f"/v1/probes/{job_id}").json()["status"] == "cancelled"
     assert not browser.find_all("#forget-token[hidden]")
     browser.run("sessionStorage.clear(); localStorage.clear();")
+    assert page_errors(browser) == []
+
+
+LORA_PROBE = {
+    "model": {"architecture": "gpt2", "config": MODEL_CONFIG},
+    "seq_len": 64,
+    "precisions": ["32-true"],
+    "gradient_checkpointing": [False],
+    "strategies": ["ddp", "fsdp"],
+    "world_size": 2,
+    "finetuning": "lora",
+    "lora_r": 4,
+    "target_effective_batch_size": 32,
+    "device": "simulated",
+    "memory_limit_bytes": 64 * MIB,
+}
+
+
+@pytest.fixture(scope="module")
+def lora_job(service: Service) -> dict[str, Any]:
+    """A LoRA probe for 2 ranks, DDP and FSDP (same precision and checkpointing), through the API."""
+    with service.api() as api:
+        created = api.post("/v1/probes", json=LORA_PROBE)
+        assert created.status_code in (200, 202), created.text
+        job: dict[str, Any] = created.json()
+        for _ in range(PROBE_SECONDS // 20 + 1):  # bounded long polls
+            if job["status"] in ("succeeded", "failed", "cancelled"):
+                break
+            job = api.get(f"/v1/probes/{job['id']}", params={"wait": 20}, timeout=60).json()
+    assert job["status"] == "succeeded", job.get("error")
+    return job
+
+
+def test_strategies_and_lora_have_their_own_rows_and_series(
+    browser: Browser, service: Service, lora_job: dict[str, Any]
+) -> None:
+    """Two configs that differ only in strategy are two rows and two series (not one key), and the
+    series names, the table and the answer say the job trains LoRA adapters."""
+    browser.set_window(1280, 900)
+    open_job(browser, service, lora_job["id"])
+    browser.wait_for("the chart", lambda: browser.find_all("#peak-chart svg g.series"))
+    result = lora_job["result"]
+    seen: dict[str, Any] = browser.run(
+        """
+        const rows = {};
+        for (const tr of document.querySelectorAll('#config-table tbody tr')) {
+          rows[tr.dataset.config] = tr.querySelector('td[data-field=strategy]').textContent.trim();
+        }
+        const series = [...document.querySelectorAll('#peak-chart svg g.series')]
+          .map((g) => [g.dataset.series, g.dataset.strategy, g.dataset.name]);
+        const legend = [...document.querySelectorAll('#peak-chart .chart-legend button')]
+          .map((b) => [b.dataset.series, b.textContent.trim()]);
+        const heads = [...document.querySelectorAll('#config-table thead th')]
+          .map((th) => th.textContent.trim());
+        const facts = Object.fromEntries([...document.querySelectorAll('.facts dt')]
+          .map((dt) => [dt.textContent.trim(), dt.nextElementSibling.textContent.trim()]));
+        return {rows, series, legend, heads, facts};
+        """
+    )
+    assert seen["heads"][:3] == ["Config", "Strategy", "Status"]
+    assert seen["rows"] == {key_of(c): c["strategy"] for c in result["configs"]}
+    assert set(seen["rows"]) == {"32-true/off/ddp", "32-true/off/fsdp"}
+    with_trials = [c for c in result["configs"] if c["trials"]]
+    assert sorted(seen["series"]) == sorted(
+        [key_of(c), c["strategy"], f"{key_of(c)} · lora"] for c in with_trials
+    )
+    for key, text in seen["legend"]:
+        assert text.startswith(f"{key} · lora"), text
+    assert seen["facts"]["Strategies"] == "ddp, fsdp"
+    assert seen["facts"]["Fine-tuning"].startswith("lora (r 4, alpha 32")
+    recommendation = result["recommendation"]
+    assert recommendation["finetuning"] == "lora"
+    assert json.loads(browser.text(browser.find("#peft-config"))) == recommendation["peft_config"]
+    label = browser.text(browser.find("#recommendation .rec-config"))
+    assert label == f"32-true, checkpointing off, {recommendation['strategy']}, lora"
     assert page_errors(browser) == []

@@ -25,6 +25,10 @@ Kinds of run:
     ``Accelerator.no_sync`` does for FSDP2), loss / accumulation, backward, ``clip_grad_norm_(1.0)``,
     AdamW step, ``zero_grad``.
 
+A run with ``peft_config`` (LoRA) builds its adapters as a user's script does,
+``get_peft_model(model, LoraConfig(**peft_config))``, before Trainer or the FSDP2 preparation; the
+optimizer then steps the trainable parameters only (what Trainer builds).
+
 The runs of a launch share the process group; the ones expected to run out of memory come last
 (every rank runs out at the same allocation: the ranks of these jobs hold the same memory).
 """
@@ -88,6 +92,10 @@ def build_model(run: dict[str, Any]) -> torch.nn.Module:
     config.use_cache = False
     torch.manual_seed(0)
     model: torch.nn.Module = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
+    if run.get("peft_config"):
+        import peft
+
+        model = peft.get_peft_model(model, peft.LoraConfig(**run["peft_config"]))
     return model
 
 
@@ -215,7 +223,8 @@ def run_fsdp_by_hand(run: dict[str, Any]) -> dict[str, Any]:
             fsdp2_apply_ac(accelerator, model)
         prepared = fsdp2_prepare_model(accelerator, model)
         mode.register(list(prepared.buffers()))
-        optimizer = torch.optim.AdamW(prepared.parameters(), lr=0.0)
+        trainable = [p for p in prepared.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=0.0)
         for step in range(steps):
             batches = [batch(step * accumulation + i) for i in range(accumulation)]  # the window, prefetched
             for index, batch_ in enumerate(batches):
@@ -223,7 +232,7 @@ def run_fsdp_by_hand(run: dict[str, Any]) -> dict[str, Any]:
                 prepared.set_requires_gradient_sync(last)
                 loss = prepared(**batch_).loss / accumulation
                 loss.backward()
-            torch.nn.utils.clip_grad_norm_(prepared.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 

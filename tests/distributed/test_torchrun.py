@@ -20,7 +20,11 @@ beside DDP and shown to run out too.
 Matrix (each axis value appears, none twice in the same launch): 2 ranks — GPT-2 with DDP, Llama
 with FSDP2; 4 ranks — Llama with DDP, GPT-2 with FSDP2. So every model meets every strategy, and
 every strategy runs at 2 and 4 ranks, in two launches (each launch costs ~4 s of imports per rank on
-these 2 cores, and 4 ranks share them).
+these 2 cores, and 4 ranks share them). LoRA, at 2 ranks: Llama with DDP, GPT-2 with FSDP2 — the
+job builds its adapters as a user's script does, ``get_peft_model(model, LoraConfig(**peft_config))``
+with the recommendation's ``peft_config``, before Trainer (DDP then buckets only the adapters'
+gradients) or Accelerate's FSDP2 preparation (same units; the optimizer over the trainable
+parameters).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from typing import Any
 import pytest
 
 from probes import run_probe
+from probes.finetuning_spec import FinetuningMethod, FinetuningSpec
 from probes.spec import (
     ConfigResult,
     ConfigTask,
@@ -87,10 +92,12 @@ class Cell:
     target: int
     #: also probe one process training alone, to show what the old answer would have been
     with_single: bool = False
+    finetuning: FinetuningMethod = FinetuningMethod.FULL
 
     @property
     def name(self) -> str:
-        return f"{self.architecture}-{self.strategy.value}-{self.ranks}"
+        lora = "" if self.finetuning is FinetuningMethod.FULL else f"-{self.finetuning.value}"
+        return f"{self.architecture}-{self.strategy.value}-{self.ranks}{lora}"
 
     def spec(self, strategies: tuple[Strategy, ...]) -> ProbeSpec:
         return ProbeSpec(
@@ -105,6 +112,7 @@ class Cell:
             memory_limit_bytes=self.cap,
             max_batch_size_limit=16,
             confirm_optimizer_steps=2,
+            finetuning=self.finetuning,
         )
 
 
@@ -116,6 +124,9 @@ CELLS = (
     # one process alone fits 8 (148 MiB); a DDP rank needs 168 MiB at 8
     Cell("llama", LLAMA, Strategy.DDP, ranks=4, cap=160 * MiB, target=32),
     Cell("gpt2", GPT2, Strategy.FSDP, ranks=4, cap=260 * MiB, target=32),
+    # LoRA (rank 16, all linear layers): a rank fits 4 (Llama DDP: 59.6 MiB, GPT-2 FSDP2: 163.9 MiB), not 8
+    Cell("llama", LLAMA, Strategy.DDP, ranks=2, cap=80 * MiB, target=16, finetuning=FinetuningMethod.LORA),
+    Cell("gpt2", GPT2, Strategy.FSDP, ranks=2, cap=220 * MiB, target=16, finetuning=FinetuningMethod.LORA),
 )
 
 
@@ -133,6 +144,7 @@ def _trial_task(cell: Cell) -> ConfigTask:
         world_size=cell.ranks,
         device="simulated",
         memory_limit_bytes=cell.cap,
+        finetuning=FinetuningSpec(method=cell.finetuning),
     )
 
 
@@ -147,6 +159,10 @@ def _job_run(cell: Cell, result: ProbeResult, name: str, micro: int, accumulatio
         "gradient_accumulation_steps": accumulation,
         "optimizer_steps": 3,
     }
+    if cell.finetuning is not FinetuningMethod.FULL:
+        assert result.recommendation is not None
+        assert result.recommendation.peft_config is not None
+        common["peft_config"] = result.recommendation.peft_config
     if cell.strategy is Strategy.DDP:
         assert result.recommendation is not None
         return {**common, "kind": "trainer", "training_arguments": result.recommendation.training_arguments}
@@ -157,6 +173,19 @@ def _job_run(cell: Cell, result: ProbeResult, name: str, micro: int, accumulatio
         "checkpointing": False,
         "layer_classes": ["GPT2Block"] if cell.architecture == "gpt2" else ["LlamaDecoderLayer"],
     }
+
+
+def test_lora_answers_are_for_adapters(measured: Measured) -> None:
+    """The LoRA cells' probes trained adapters only: more fits per rank than full fine-tuning would,
+    and the recommendation names the adapters the job builds."""
+    for cell in CELLS:
+        if cell.finetuning is FinetuningMethod.FULL:
+            continue
+        recommendation = measured.probes[cell.name].recommendation
+        assert recommendation is not None
+        assert recommendation.finetuning is FinetuningMethod.LORA
+        assert recommendation.peft_config is not None
+        assert recommendation.peft_config["r"] == 16
 
 
 def _launch(ranks: int, runs: list[dict[str, Any]], where: Path) -> list[list[dict[str, Any]]]:

@@ -3,7 +3,8 @@
 Strategies (DDP with :class:`~probes.recipe.ddp.ShapeReducer` standing in for the C++ Reducer on
 fake tensors; FSDP2 on the fake process group), at 2 and 4 ranks, on GPT-2, Llama and Qwen2 shapes;
 the optimizers (Trainer's classes and options); the attention kernels (``sdpa`` through the CUDA
-kernel emulation, ``eager``). Every trial takes two accumulation steps (so DDP's ``no_sync`` and
+kernel emulation, ``eager``); LoRA under DDP and FSDP2 and QLoRA under DDP on the three shapes.
+Every trial takes two accumulation steps (so DDP's ``no_sync`` and
 FSDP2's deferred gradient sync run) over two optimizer steps, at two batch sizes. The cases run in
 two worker processes, one per core.
 """
@@ -17,6 +18,7 @@ from typing import NamedTuple
 import pytest
 import torch
 
+from probes.finetuning_spec import FinetuningMethod, FinetuningSpec
 from probes.isolate import child_context
 from probes.spec import AttnImplementation, ConfigTask, ModelSpec, Optimizer, Precision, Strategy
 from probes.trial import TrialSession
@@ -43,6 +45,7 @@ class Case(NamedTuple):
     checkpointing: bool
     optimizer: Optimizer
     attention: AttnImplementation
+    finetuning: FinetuningMethod = FinetuningMethod.FULL
 
 
 def _case(
@@ -54,8 +57,12 @@ def _case(
     ranks: int = 2,
     optimizer: Optimizer = Optimizer.ADAMW_TORCH,
     attention: AttnImplementation = AttnImplementation.SDPA,
+    finetuning: FinetuningMethod = FinetuningMethod.FULL,
 ) -> Case:
-    return Case(arch, strategy, ranks, precision, checkpointing, optimizer, attention)
+    return Case(arch, strategy, ranks, precision, checkpointing, optimizer, attention, finetuning)
+
+
+LORA = FinetuningMethod.LORA
 
 
 CASES: list[Case] = [
@@ -74,12 +81,24 @@ CASES: list[Case] = [
     _case("llama", Strategy.SINGLE, optimizer=Optimizer.ADAMW_BNB_8BIT),
     _case("qwen2", Strategy.DDP, attention=AttnImplementation.EAGER),
     _case("gpt2", Strategy.FSDP, Precision.BF16_MIXED, attention=AttnImplementation.EAGER),
+    *(
+        _case(arch, strategy, precision, checkpointing, finetuning=LORA)
+        for arch in TINY
+        for strategy, precision, checkpointing in (
+            (Strategy.DDP, Precision.FP32, False),
+            (Strategy.FSDP, Precision.BF16_MIXED, True),
+        )
+    ),
+    _case("gpt2", Strategy.SINGLE, finetuning=LORA),
+    _case("llama", Strategy.FSDP, Precision.FP32, ranks=4, finetuning=LORA),
+    _case("qwen2", Strategy.DDP, Precision.BF16_TRUE, True, ranks=4, finetuning=LORA),
+    _case("llama", Strategy.DDP, Precision.BF16_MIXED, finetuning=FinetuningMethod.QLORA),
 ]
 BATCH_SIZES = (1, 3)
 
 
 def _task(case: Case, device: str) -> ConfigTask:
-    arch, strategy, ranks, precision, checkpointing, optimizer, attention = case
+    arch, strategy, ranks, precision, checkpointing, optimizer, attention, finetuning = case
     return ConfigTask(
         model=ModelSpec(architecture=arch, config=TINY[arch]),
         seq_len=SEQ_LEN,
@@ -89,6 +108,7 @@ def _task(case: Case, device: str) -> ConfigTask:
         world_size=ranks,
         optimizer=optimizer,
         attn_implementation=attention,
+        finetuning=FinetuningSpec(method=finetuning),
         device=device,
         memory_limit_bytes=LIMIT,
     )
@@ -115,7 +135,7 @@ def _id(case: Case) -> str:
     ckpt = "ckpt" if case.checkpointing else "nockpt"
     return (
         f"{case.arch}-{case.strategy.value}{case.ranks}-{case.precision.value}-{ckpt}-"
-        f"{case.optimizer.value}-{case.attention.value}"
+        f"{case.optimizer.value}-{case.attention.value}-{case.finetuning.value}"
     )
 
 
@@ -145,3 +165,25 @@ def test_ddp_holds_a_second_copy_of_the_gradients(
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", **TINY["gpt2"]))  # type: ignore[no-untyped-call]
     gradient_bytes = sum(p.numel() * 4 for p in model.parameters())
     assert gradient_bytes <= ddp_peak - single_peak <= gradient_bytes * 1.5
+
+
+def test_ddp_buckets_hold_only_the_adapters_gradients_under_lora(
+    matrix: dict[Case, dict[str, list[tuple[str, int | None]]]],
+) -> None:
+    """DDP buckets only parameters that require grad: with LoRA the DDP peak is above the
+    single-process one by about the adapters' fp32 gradients, far less than the model's."""
+    ddp_peak = matrix[_case("gpt2", Strategy.DDP, finetuning=LORA)]["simulated"][1][1]
+    single_peak = matrix[_case("gpt2", Strategy.SINGLE, finetuning=LORA)]["simulated"][1][1]
+    assert ddp_peak is not None
+    assert single_peak is not None
+    from probes.models import load_config
+    from probes.recipe.finetuning import describe
+    from probes.spec import ModelSpec as Model
+
+    facts = describe(
+        load_config(Model(architecture="gpt2", config=TINY["gpt2"]), allow_remote_code=False),
+        FinetuningSpec(method=LORA),
+    )
+    adapter_gradient_bytes = facts.trainable_parameters * 4
+    assert adapter_gradient_bytes <= ddp_peak - single_peak <= adapter_gradient_bytes * 1.5
+    assert ddp_peak - single_peak < facts.frozen_parameters * 4 / 2  # the base's gradients: not bucketed

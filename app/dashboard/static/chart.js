@@ -1,12 +1,13 @@
 // The peak-memory chart: peak memory against batch size, one series per config, drawn as plain SVG.
 //
 // Stable hooks for tests and styles:
-//   <g class="series" data-series="32-true/off" data-precision="32-true" data-checkpointing="off">
+//   <g class="series" data-series="32-true/off/single" data-precision="32-true" data-checkpointing="off"
+//      data-strategy="single" data-name="32-true/off/single"> (the name adds " · lora" for adapters);
 //   markers inside it carry data-outcome (fit, oom, over_headroom, …) and data-batch;
 //   <line data-role="limit">, <line data-role="headroom"> are the device limit and limit − headroom.
 
 import { h, s } from "./dom.js";
-import { batchTicks, configKey, configLabel, formatBytes, niceTicks } from "./format.js";
+import { batchTicks, configLabel, formatBytes, keyOf, niceTicks, seriesName } from "./format.js";
 
 const NO_PEAK = new Set(["oom", "error", "timeout", "crash"]);
 
@@ -43,9 +44,9 @@ function outcomeText(outcome) {
   }[outcome] || outcome;
 }
 
-function marker(trial, x, y, key) {
+function marker(trial, x, y, name) {
   const peak = peakOf(trial);
-  const where = `${key}: batch ${trial.batch_size}, ${outcomeText(trial.outcome)}`;
+  const where = `${name}: batch ${trial.batch_size}, ${outcomeText(trial.outcome)}`;
   const title = s("title", {}, peak !== null && !NO_PEAK.has(trial.outcome) ? `${where}, peak ${formatBytes(peak)}` : where);
   const common = { "data-outcome": trial.outcome, "data-batch": trial.batch_size, class: `marker ${trial.outcome}` };
   if (trial.outcome === "oom") {
@@ -58,8 +59,9 @@ function marker(trial, x, y, key) {
 }
 
 /**
- * Draw the chart for `data` = {configs, limitBytes, headroomBytes, recommendedKey} into `figure`.
- * configs are ConfigResult-shaped ({precision, gradient_checkpointing, trials, max_batch_size}).
+ * Draw the chart for `data` = {configs, limitBytes, headroomBytes, recommendedKey, finetuning} into `figure`.
+ * configs are ConfigResult-shaped ({precision, gradient_checkpointing, strategy, trials, max_batch_size});
+ * finetuning is the job's method (full, lora, qlora), named in every series that trains adapters.
  * Returns {update(data), destroy()}; the chart redraws itself when its container changes width.
  */
 export function peakChart(figure, initial) {
@@ -69,7 +71,8 @@ export function peakChart(figure, initial) {
   const legend = h("div", { class: "chart-legend", role: "group", "aria-label": "Series shown" });
   const caption = h("figcaption", {},
     "Peak memory of each trial against its batch size. ",
-    "× marks a trial that ran out of memory; a hollow circle, one that left less than the headroom free.");
+    "× marks a trial that ran out of memory; a hollow circle, one that left less than the headroom free. ",
+    "Lines are dashed with checkpointing on, dotted for ddp, dash-dotted for fsdp.");
   figure.replaceChildren(plot, legend, caption);
   let lastWidth = 0;
 
@@ -136,13 +139,16 @@ export function peakChart(figure, initial) {
 
     const seriesLayer = s("g", { class: "series-layer" });
     for (const config of configs) {
-      const key = configKey(config.precision, config.gradient_checkpointing);
+      const key = keyOf(config);
+      const name = seriesName(config, data.finetuning);
       const recommended = key === data.recommendedKey;
       const group = s("g", {
         class: `series${recommended ? " recommended" : ""}`,
         "data-series": key,
+        "data-name": name,
         "data-precision": config.precision,
         "data-checkpointing": config.gradient_checkpointing ? "on" : "off",
+        "data-strategy": config.strategy || "single",
         "data-recommended": recommended ? "true" : null,
       });
       if (hidden.has(key)) group.setAttribute("visibility", "hidden");
@@ -158,7 +164,7 @@ export function peakChart(figure, initial) {
       for (const trial of config.trials) {
         const peak = peakOf(trial);
         const y = peak === null || NO_PEAK.has(trial.outcome) ? Y(limit || yMax) : Y(peak);
-        group.append(marker(trial, X(trial.batch_size), y, key));
+        group.append(marker(trial, X(trial.batch_size), y, name));
       }
       seriesLayer.append(group);
     }
@@ -179,7 +185,8 @@ export function peakChart(figure, initial) {
 
   function drawLegend(configs) {
     legend.replaceChildren(...guideKeys(), ...configs.map((config) => {
-      const key = configKey(config.precision, config.gradient_checkpointing);
+      const key = keyOf(config);
+      const name = seriesName(config, data.finetuning);
       const swatch = s("svg", { width: 28, height: 12, "aria-hidden": "true", class: "swatch" },
         s("line", { x1: 1, x2: 27, y1: 6, y2: 6 }), s("circle", { cx: 14, cy: 6, r: 3.5 }));
       const best = config.max_batch_size ? ` · max ${config.max_batch_size}` : "";
@@ -189,15 +196,16 @@ export function peakChart(figure, initial) {
         "data-series": key,
         "data-precision": config.precision,
         "data-checkpointing": config.gradient_checkpointing ? "on" : "off",
+        "data-strategy": config.strategy || "single",
         "aria-pressed": hidden.has(key) ? "false" : "true",
-        title: `Show or hide ${configLabel(config.precision, config.gradient_checkpointing)}`,
+        title: `Show or hide ${configLabel(config.precision, config.gradient_checkpointing, config.strategy, data.finetuning)}`,
         onclick: () => {
           if (hidden.has(key)) hidden.delete(key);
           else hidden.add(key);
           draw();
           legend.querySelector(`button[data-series="${key}"]`)?.focus();
         },
-      }, swatch, `${key}${best}`);
+      }, swatch, `${name}${best}`);
     }));
   }
 

@@ -75,14 +75,33 @@ export function formatTime(iso) {
   return Number.isNaN(then) ? "–" : new Date(then).toLocaleString();
 }
 
-/** The stable key of a config, as the chart and table expose it: "bf16-mixed/on". */
-export function configKey(precision, checkpointing) {
-  return `${precision}/${checkpointing ? "on" : "off"}`;
+/** The stable key of a config, as the chart and table expose it: "bf16-mixed/on/fsdp". */
+export function configKey(precision, checkpointing, strategy = "single") {
+  return `${precision}/${checkpointing ? "on" : "off"}/${strategy || "single"}`;
 }
 
-/** A human label: "bf16-mixed, checkpointing on". */
-export function configLabel(precision, checkpointing) {
-  return `${precision}, checkpointing ${checkpointing ? "on" : "off"}`;
+/** The key of a ConfigResult-, Recommendation- or event-shaped object. */
+export function keyOf(config) {
+  return configKey(config.precision, config.gradient_checkpointing, config.strategy);
+}
+
+/** A human label: "bf16-mixed, checkpointing on, fsdp" (", lora" when the job trains adapters). */
+export function configLabel(precision, checkpointing, strategy = "single", finetuning = "full") {
+  const method = finetuning && finetuning !== "full" ? `, ${finetuning}` : "";
+  return `${precision}, checkpointing ${checkpointing ? "on" : "off"}, ${strategy || "single"}${method}`;
+}
+
+/** A chart series' name: its key, and the fine-tuning method when it is not full: "32-true/off/ddp · lora". */
+export function seriesName(config, finetuning = "full") {
+  return keyOf(config) + (finetuning && finetuning !== "full" ? ` · ${finetuning}` : "");
+}
+
+/** "lora (r 16, alpha 32, dropout 0.05, all-linear)" for a spec that trains adapters, else "full". */
+export function finetuningLabel(spec) {
+  const method = (spec && spec.finetuning) || "full";
+  if (method === "full") return "full";
+  const targets = Array.isArray(spec.lora_target_modules) ? spec.lora_target_modules.join(", ") : spec.lora_target_modules;
+  return `${method} (r ${spec.lora_r}, alpha ${spec.lora_alpha}, dropout ${spec.lora_dropout}, ${targets})`;
 }
 
 /** "16 × 2 × 1 = 32" for a plan object, or "–". */

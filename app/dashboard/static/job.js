@@ -4,7 +4,8 @@ import { api, apiUrl, followEvents, getToken, TERMINAL } from "./api.js";
 import { peakChart } from "./chart.js";
 import { announce, copyBlock, h } from "./dom.js";
 import {
-  configKey, configLabel, formatBytes, formatDuration, formatNumber, formatPlan, formatTime, modelLabel, shellQuote,
+  configKey, configLabel, finetuningLabel, formatBytes, formatDuration, formatNumber, formatPlan, formatTime, keyOf,
+  modelLabel, shellQuote,
 } from "./format.js";
 import { jobSpec, progressOf, SPEC_DRAFT_KEY, statusBadge } from "./jobinfo.js";
 
@@ -73,13 +74,18 @@ function notesOf(config) {
   return notes;
 }
 
+function strategyCell(config) {
+  const strategy = config.strategy || "single";
+  return cell("strategy", strategy, strategy, { "data-label": "Strategy" });
+}
+
 function configRow(config, result, recommendedKey, withNotes) {
-  const key = configKey(config.precision, config.gradient_checkpointing);
+  const key = keyOf(config);
   const recommended = key === recommendedKey;
   const limit = limitOf(result);
   const attrs = { "data-config": key, "data-status": config.status, class: recommended ? "recommended" : null };
   if (config.status !== "ok" && !(config.trials || []).length) {
-    return h("tr", attrs, configHead(config, recommended),
+    return h("tr", attrs, configHead(config, recommended), strategyCell(config),
       cell("status", config.status, statusBadge(config.status), { "data-label": "Status" }),
       cell("reason", config.reason, config.reason || "–", { colspan: withNotes ? 7 : 6, class: "notes reason", "data-label": "Reason" }));
   }
@@ -89,7 +95,7 @@ function configRow(config, result, recommendedKey, withNotes) {
   const confirmed = config.confirmed
     ? h("span", { class: "confirmed", title: "confirmed in a fresh process", "aria-label": "confirmed in a fresh process" }, " ✓")
     : "";
-  return h("tr", attrs, configHead(config, recommended),
+  return h("tr", attrs, configHead(config, recommended), strategyCell(config),
     cell("status", config.status, statusBadge(config.status), { "data-label": "Status" }),
     cell("max_batch_size", config.max_batch_size, [h("span", { class: "value" }, config.max_batch_size ?? "none fits"), confirmed],
       { class: "num strong", "data-label": "Max batch" }),
@@ -110,10 +116,10 @@ function configRow(config, result, recommendedKey, withNotes) {
 
 function configTable(result) {
   const rec = result.recommendation;
-  const recommendedKey = rec ? configKey(rec.precision, rec.gradient_checkpointing) : null;
+  const recommendedKey = rec ? keyOf(rec) : null;
   const gpuTimes = result.device && result.device.timings_are_gpu_times;
   const withNotes = result.configs.some((config) => notesOf(config).length || (config.status !== "ok" && (config.trials || []).length));
-  const heads = ["Config", "Status", "Max batch", "First failing",
+  const heads = ["Config", "Strategy", "Status", "Max batch", "First failing",
     h("abbr", { title: "per-device batch × gradient accumulation × GPUs = effective batch" }, "Plan"), "Peak memory",
     gpuTimes ? "Throughput" : "Throughput †", "Trials", withNotes ? "Notes" : null].filter(Boolean);
   return h("div", { class: "table-wrap" },
@@ -136,7 +142,13 @@ function recommendationCard(job, result) {
       curl);
   }
   const args = JSON.stringify(rec.training_arguments, null, 2);
-  return h("section", { class: "card recommendation", id: "recommendation", "data-config": configKey(rec.precision, rec.gradient_checkpointing) },
+  const adapters = [
+    rec.peft_config ? copyBlock(JSON.stringify(rec.peft_config, null, 2), { label: "LoraConfig (JSON)", id: "peft-config" }) : null,
+    rec.quantization_config
+      ? copyBlock(JSON.stringify(rec.quantization_config, null, 2), { label: "BitsAndBytesConfig (JSON)", id: "quantization-config" })
+      : null,
+  ].filter(Boolean);
+  return h("section", { class: "card recommendation", id: "recommendation", "data-config": keyOf(rec) },
     h("div", { class: "rec-head" },
       h("h2", {}, "Recommended"),
       h("p", { class: "rec-main" },
@@ -144,11 +156,12 @@ function recommendationCard(job, result) {
         h("span", {}, " per device × ", h("strong", {}, String(rec.plan.gradient_accumulation_steps)),
           " accumulation × ", h("strong", {}, String(rec.plan.world_size)), ` GPU${rec.plan.world_size === 1 ? "" : "s"} = `,
           h("strong", {}, String(rec.plan.effective_batch_size)), " effective"),
-        h("span", { class: "rec-config" }, configLabel(rec.precision, rec.gradient_checkpointing))),
+        h("span", { class: "rec-config" }, configLabel(rec.precision, rec.gradient_checkpointing, rec.strategy, rec.finetuning))),
       h("p", { class: "why" }, sentence(rec.why)),
       rec.plan.note ? h("p", { class: "muted" }, rec.plan.note) : ""),
     h("div", { class: "copy-grid" },
       copyBlock(args, { label: "TrainingArguments (JSON)", id: "training-arguments" }),
+      ...adapters,
       curl));
 }
 
@@ -160,6 +173,8 @@ function facts(job, result) {
     ["Sequence length", spec.seq_len],
     ["Target effective batch", `${spec.target_effective_batch_size} on ${spec.world_size} GPU${spec.world_size === 1 ? "" : "s"}`],
     ["Device", result ? (device.name.includes(device.kind) ? device.name : `${device.name} (${device.kind})`) : job.device || spec.device],
+    ["Strategies", (spec.strategies || ["single"]).join(", ")],
+    ["Fine-tuning", finetuningLabel(spec)],
     ...(spec.gpu_type ? [["GPU type", spec.gpu_type]] : []),
     ...(job.node ? [["Node", job.node]] : []),
     ["Memory limit", result ? formatBytes(limitOf(result)) : formatBytes(spec.memory_limit_bytes)],
@@ -183,9 +198,12 @@ function liveConfigs(spec, trialsByKey) {
   const configs = [];
   for (const precision of spec.precisions || []) {
     for (const checkpointing of spec.gradient_checkpointing || []) {
-      const trials = trialsByKey.get(configKey(precision, checkpointing)) || [];
-      const fits = trials.filter((t) => t.outcome === "fit").map((t) => t.batch_size);
-      configs.push({ precision, gradient_checkpointing: checkpointing, trials, max_batch_size: fits.length ? Math.max(...fits) : null });
+      for (const strategy of spec.strategies || ["single"]) {
+        const trials = trialsByKey.get(configKey(precision, checkpointing, strategy)) || [];
+        const fits = trials.filter((t) => t.outcome === "fit").map((t) => t.batch_size);
+        configs.push({ precision, gradient_checkpointing: checkpointing, strategy, trials,
+          max_batch_size: fits.length ? Math.max(...fits) : null });
+      }
     }
   }
   return configs;
@@ -285,8 +303,9 @@ export function jobView(root, id) {
     const figure = h("figure", { class: "chart-figure", id: "peak-chart" });
     const chartData = result
       ? { configs: result.configs, limitBytes: limitOf(result), headroomBytes: result.spec.headroom_bytes,
-        recommendedKey: result.recommendation ? configKey(result.recommendation.precision, result.recommendation.gradient_checkpointing) : null }
-      : { configs: liveConfigs(spec, liveTrials), limitBytes: spec.memory_limit_bytes, headroomBytes: spec.headroom_bytes, recommendedKey: null };
+        recommendedKey: result.recommendation ? keyOf(result.recommendation) : null, finetuning: result.spec.finetuning }
+      : { configs: liveConfigs(spec, liveTrials), limitBytes: spec.memory_limit_bytes, headroomBytes: spec.headroom_bytes, recommendedKey: null,
+        finetuning: spec.finetuning };
     const hasTrials = chartData.configs.some((c) => (c.trials || []).length);
     parts.push(h("section", { class: "card" }, h("h2", {}, "Peak memory by batch size"),
       hasTrials ? figure : h("p", { class: "muted", id: "chart-empty" }, active ? "Trials appear here as they finish." : "No trials ran.")));
@@ -344,7 +363,7 @@ export function jobView(root, id) {
       return;
     }
     if (data && typeof data === "object" && data.trial && data.precision) {
-      const key = configKey(data.precision, data.gradient_checkpointing);
+      const key = keyOf(data);
       const list = liveTrials.get(key) || [];
       list.push(data.trial);
       liveTrials.set(key, list);

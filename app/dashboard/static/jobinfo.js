@@ -22,7 +22,7 @@ export function progressOf(job) {
   if (progress.trials_done) parts.push(`${progress.trials_done} trial${progress.trials_done === 1 ? "" : "s"}`);
   const current = progress.current;
   if (current && job.status === "running") {
-    parts.push(`now ${configKey(current.precision, current.gradient_checkpointing)}${current.phase ? ` (${current.phase})` : ""}`);
+    parts.push(`now ${configKey(current.precision, current.gradient_checkpointing, current.strategy)}${current.phase ? ` (${current.phase})` : ""}`);
   }
   return { fraction: total ? done / total : null, text: parts.join(" · ") };
 }

@@ -33,7 +33,9 @@ function resultCell(job, detail) {
   const rec = detail && detail.result && detail.result.recommendation;
   if (rec) {
     return h("span", {}, h("strong", {}, String(rec.plan.per_device_train_batch_size)),
-      ` · ${rec.precision}${rec.gradient_checkpointing ? " · ckpt" : ""}`,
+      ` · ${rec.precision}${rec.gradient_checkpointing ? " · ckpt" : ""}`
+        + `${rec.strategy && rec.strategy !== "single" ? ` · ${rec.strategy}` : ""}`
+        + `${rec.finetuning && rec.finetuning !== "full" ? ` · ${rec.finetuning}` : ""}`,
       h("span", { class: "muted small" }, ` (${formatPlan(rec.plan)})`));
   }
   if (job.status === "failed" && job.error) {
