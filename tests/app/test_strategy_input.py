@@ -28,3 +28,20 @@ def test_the_new_fields_are_accepted_and_kept(tmp_path: Path) -> None:
     assert spec["strategies"] == ["ddp", "fsdp"]
     assert spec["optimizer"] == "adamw_torch"
     assert spec["attn_implementation"] == "eager"
+
+
+def test_the_finetuning_fields_are_kept_and_a_bad_one_is_a_422(tmp_path: Path) -> None:
+    body = {**probe_body(), "finetuning": "LoRA", "lora_r": 8, "lora_target_modules": "c_attn, c_proj"}
+    with TestClient(create_app(make_settings(tmp_path))) as client:
+        response = client.post("/v1/probes", json=body)
+        assert response.status_code in (200, 202), response.text
+        spec = client.get(response.headers["Location"]).json()["spec"]
+        unknown = client.post("/v1/probes", json={**probe_body(), "finetuning": "dora"})
+        assert_problem(unknown, 422)
+        assert "unknown finetuning 'dora'; use one of: full, lora, qlora" in unknown.text
+        zero = client.post("/v1/probes", json={**probe_body(), "lora_r": 0})
+        assert_problem(zero, 422)
+    assert spec["finetuning"] == "lora"
+    assert spec["lora_r"] == 8
+    assert spec["lora_alpha"] == 32
+    assert spec["lora_target_modules"] == ["c_attn", "c_proj"]

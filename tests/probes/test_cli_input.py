@@ -45,6 +45,10 @@ def app() -> typer.Typer:
         (["--architecture", "gpt2", "--strategy", "tp"], "unknown strategy 'tp'"),
         (["--architecture", "gpt2", "--optimizer", "lion"], "unknown optimizer 'lion'"),
         (["--architecture", "gpt2", "--attn-implementation", "flex"], "attn_implementation"),
+        (["--architecture", "gpt2", "--finetuning", "dora"], "unknown finetuning 'dora'"),
+        (["--architecture", "gpt2", "--finetuning", "lora", "--lora-r", "0"], "lora_r"),
+        (["--architecture", "gpt2", "--lora-dropout", "1"], "lora_dropout"),
+        (["--architecture", "gpt2", "--lora-target-modules", "all-linear,c_attn"], "cannot be combined"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(app: typer.Typer, args: list[str], fragment: str) -> None:
