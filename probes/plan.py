@@ -15,6 +15,10 @@ from __future__ import annotations
 from probes.search import ladder, ladder_floor
 from probes.spec import Plan
 
+MAX_ORDINARY_ACCUMULATION = 1024
+"""More accumulation steps than this get a note: each optimizer step then runs that many
+micro-batches one after another, which is rarely what a job wants (more devices would be)."""
+
 EFFICIENT_SHARE = 4
 """A micro batch counts as using the memory well when it is at least the largest usable one
 (the largest ladder size within both the measured maximum and one device's share of the
@@ -34,10 +38,22 @@ def make_plan(*, max_batch_size: int, target: int, world_size: int) -> Plan:
     if remainder == 0:
         divisor = max(m for m in ladder(min(max_batch_size, share)) if share % m == 0)
         if divisor in sizes:
-            return _plan(divisor, share // divisor, world_size, target)
+            return _with_accumulation_note(_plan(divisor, share // divisor, world_size, target))
     per_device, accumulation = _nearest(sizes, target, world_size)
     plan = _plan(per_device, accumulation, world_size, target)
     return plan.model_copy(update={"note": _note(plan, target, max_batch_size, sizes)})
+
+
+def _with_accumulation_note(plan: Plan) -> Plan:
+    steps = plan.gradient_accumulation_steps
+    if steps <= MAX_ORDINARY_ACCUMULATION:
+        return plan
+    note = (
+        f"Each optimizer step runs {steps} micro-batches one after another "
+        f"(more than {MAX_ORDINARY_ACCUMULATION} accumulation steps): a larger world_size, or a "
+        "smaller target, would make steps shorter."
+    )
+    return plan.model_copy(update={"note": note})
 
 
 def efficient_micro_batches(*, max_batch_size: int, per_device_target: int) -> list[int]:

@@ -10,6 +10,7 @@ This module imports no torch: the service and the search use it too.
 
 from __future__ import annotations
 
+import math
 import re
 from enum import StrEnum
 from typing import Annotated, Any, Literal
@@ -208,19 +209,122 @@ RequestDeviceName = Annotated[str, AfterValidator(normalize_request_device)]
 """``ProbeSpec.device``: what a child runs on (:data:`DeviceName`), or ``gpu`` for fleet placement."""
 
 
+# --- request bounds --------------------------------------------------------------------------
+# Every number a request carries has an upper bound: what the engine, the plan arithmetic and the
+# clients that read the answer (JavaScript numbers are exact only below 2**53) can take. The
+# bounds are generous for real training jobs; docs/hardening.md gives the reasoning per field.
+
+MAX_SEQ_LEN = 2**20
+"""1,048,576 tokens: the longest context windows of published models (1M)."""
+MAX_BATCH = 2**20
+"""Samples per optimizer step (target) or per device (batch-size cap): 1,048,576, far above any
+published pre-training batch (a few thousand sequences)."""
+MAX_WORLD_SIZE = 2**17
+"""131,072 devices: above the largest training clusters reported (about 100,000 GPUs)."""
+MAX_MEMORY_BYTES = 2**44
+"""16 TiB: no accelerator has 1 TiB of memory; byte counts stay exact in every JSON client."""
+MAX_DATASET_SIZE = 2**40
+"""Samples: with MAX_EPOCHS, ``max_steps`` stays below 2**53."""
+MAX_EPOCHS = 1_000.0
+MAX_SEED = 2**32 - 1
+"""``torch.manual_seed`` takes up to 2**64 - 1, but seeds above 2**53 are not exact in
+JavaScript clients and 2**32 seeds are plenty; numpy's legacy seeding stops at 2**32 - 1 too."""
+MAX_CONFIG_DEPTH = 8
+"""Nesting of ``model.config`` overrides (transformers configs nest two or three levels)."""
+MAX_CONFIG_INTEGER = 2**63 - 1
+"""Integers in ``model.config``: what a C ``int64`` (torch sizes) holds."""
+MAX_NAME_LENGTH = 4096
+"""``model.name_or_path``: PATH_MAX on Linux."""
+
+
+def _check_json_value(value: object, where: str, depth: int = 0) -> None:
+    """Refuse what JSON cannot carry back (NaN, ±Infinity) and numbers no config can use."""
+    if depth > MAX_CONFIG_DEPTH:
+        raise ValueError(f"{where} nests deeper than {MAX_CONFIG_DEPTH} levels")
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{where} is {value}; config values must be finite numbers")
+    elif isinstance(value, int):
+        if abs(value) > MAX_CONFIG_INTEGER:
+            raise ValueError(f"{where} is outside the 64-bit integer range")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_json_value(item, f"{where}.{key}", depth + 1)
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            _check_json_value(item, f"{where}[{index}]", depth + 1)
+
+
+def _not_null(field: dict[str, Any]) -> dict[str, Any]:
+    """An optional string field's schema without its null branch and default."""
+    out = {k: v for k, v in field.items() if k not in ("anyOf", "default")}
+    out.update(next(branch for branch in field["anyOf"] if branch.get("type") != "null"))
+    return out
+
+
+def _one_source_schema(schema: dict[str, Any]) -> None:
+    """The JSON Schema of :class:`ModelSpec`: exactly one of ``architecture`` and ``name_or_path``.
+
+    Written as a ``oneOf`` of the two shapes the validator accepts (the other field absent or
+    null), so that a client generator, or a fuzzer, builds only requests the service takes.
+    """
+    properties = schema.pop("properties")
+    schema.pop("required", None)
+    schema.pop("additionalProperties", None)
+    null: dict[str, Any] = {"type": "null"}
+    shared = {"config": properties["config"], "trust_remote_code": properties["trust_remote_code"]}
+    by_architecture, by_name = (_not_null(properties[name]) for name in ("architecture", "name_or_path"))
+    schema["oneOf"] = [
+        {
+            "title": "By architecture",
+            "type": "object",
+            "properties": {"architecture": by_architecture, **shared, "name_or_path": null},
+            "required": ["architecture"],
+            "additionalProperties": False,
+        },
+        {
+            "title": "By name or path",
+            "type": "object",
+            "properties": {"name_or_path": by_name, **shared, "architecture": null},
+            "required": ["name_or_path"],
+            "additionalProperties": False,
+        },
+    ]
+
+
 class ModelSpec(Frozen):
     """Which model to build: an architecture with config overrides, or a name or local path."""
 
+    model_config = ConfigDict(allow_inf_nan=False, json_schema_extra=_one_source_schema)
+
     architecture: str | None = Field(
-        default=None, description="a transformers model type, e.g. gpt2, llama, mistral, qwen2"
+        default=None,
+        min_length=1,
+        max_length=100,
+        description="a transformers model type, e.g. gpt2, llama, mistral, qwen2",
+        examples=["gpt2", "llama"],
     )
     config: dict[str, JsonValue] = Field(
-        default_factory=dict, description="overrides for the architecture's default config"
+        default_factory=dict,
+        description="overrides for the architecture's default config (finite numbers, nested at most "
+        f"{MAX_CONFIG_DEPTH} levels)",
+        examples=[{"n_layer": 2, "n_embd": 64, "n_head": 2}],
     )
     name_or_path: str | None = Field(
-        default=None, description="a local directory holding config.json, or a hub id"
+        default=None,
+        min_length=1,
+        max_length=MAX_NAME_LENGTH,
+        description="a local directory holding config.json, or a hub id",
     )
     trust_remote_code: bool = False
+
+    @field_validator("config")
+    @classmethod
+    def _finite_config(cls, value: dict[str, JsonValue]) -> dict[str, JsonValue]:
+        _check_json_value(value, "model.config")
+        return value
 
     @model_validator(mode="after")
     def _exactly_one_source(self) -> ModelSpec:
@@ -246,12 +350,18 @@ def _dedupe(values: list[Any]) -> tuple[Any, ...]:
     return tuple(seen)
 
 
+SeqLen = Annotated[int, Field(gt=0, le=MAX_SEQ_LEN, description="tokens per sequence")]
+MemoryBytes = Annotated[int, Field(gt=0, le=MAX_MEMORY_BYTES)]
+
+
 class ProbeSpec(Frozen):
     """One request: a model, a shape, the configs to try, the device and the target."""
 
+    model_config = ConfigDict(allow_inf_nan=False)
+
     model: ModelSpec
     task: Literal["causal-lm"] = "causal-lm"
-    seq_len: PositiveInt
+    seq_len: SeqLen
     precisions: tuple[Precision, ...] = tuple(Precision)
     gradient_checkpointing: tuple[bool, ...] = (False, True)
     strategies: tuple[Strategy, ...] = Field(
@@ -280,23 +390,30 @@ class ProbeSpec(Frozen):
         description="'all-linear' (peft's: every linear layer but the output head) or module names, "
         "e.g. [q_proj, v_proj]",
     )
-    target_effective_batch_size: PositiveInt
-    world_size: PositiveInt = 1
+    target_effective_batch_size: int = Field(gt=0, le=MAX_BATCH)
+    world_size: int = Field(default=1, gt=0, le=MAX_WORLD_SIZE)
     device: RequestDeviceName = "simulated"
-    memory_limit_bytes: PositiveInt | None = Field(
+    memory_limit_bytes: MemoryBytes | None = Field(
         default=None,
         description="memory for tensors; required for simulated and predict, optional on cuda",
     )
-    gpu: str | None = Field(default=None, description="a GPU name from the predict table, e.g. H100-80GB")
+    gpu: str | None = Field(
+        default=None,
+        max_length=64,
+        description="a GPU name from the predict table, e.g. H100-80GB",
+    )
     gpu_type: str | None = Field(
         default=None,
+        max_length=64,
         description="run on a node with this kind of GPU: a predict-table name (H100-80GB) or a bare "
         "model (H100); required with device 'gpu', placement only with simulated and predict",
     )
-    headroom_bytes: int = Field(default=0, ge=0, description="free memory a passing trial must leave")
-    max_batch_size_limit: PositiveInt | None = None
-    dataset_size: PositiveInt | None = None
-    num_train_epochs: float | None = Field(default=None, gt=0)
+    headroom_bytes: int = Field(
+        default=0, ge=0, le=MAX_MEMORY_BYTES, description="free memory a passing trial must leave"
+    )
+    max_batch_size_limit: int | None = Field(default=None, gt=0, le=MAX_BATCH)
+    dataset_size: int | None = Field(default=None, gt=0, le=MAX_DATASET_SIZE)
+    num_train_epochs: float | None = Field(default=None, gt=0, le=MAX_EPOCHS)
     warmup_ratio: float | None = Field(default=None, ge=0, lt=1)
     trial_accumulation_steps: int = Field(
         default=2, ge=2, le=16, description="micro-steps per optimizer step in every trial (>= 2)"
@@ -308,7 +425,7 @@ class ProbeSpec(Frozen):
         default=4, ge=2, le=64, description="optimizer steps of the fresh-process confirmation"
     )
     trial_timeout_seconds: float = Field(default=600.0, gt=0, le=86_400)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=MAX_SEED, description="torch.manual_seed in every trial")
 
     @model_validator(mode="before")
     @classmethod
@@ -615,7 +732,7 @@ class ConfigTask(Frozen):
     """What a trial child needs to build one config: the parent sends it once per child."""
 
     model: ModelSpec
-    seq_len: PositiveInt
+    seq_len: SeqLen
     precision: Precision
     gradient_checkpointing: bool
     strategy: Strategy = Strategy.SINGLE

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from probes.plan import efficient_micro_batches, make_plan
+from probes.plan import MAX_ORDINARY_ACCUMULATION, efficient_micro_batches, make_plan
 from probes.search import is_ladder_size
 from probes.spec import Plan
 
@@ -135,7 +135,8 @@ def test_plan_properties(max_batch_size: int, target: int, world_size: int) -> N
     assert plan.world_size == world_size
     assert plan.effective_batch_size == micro * plan.gradient_accumulation_steps * world_size
     assert plan.exact == (plan.effective_batch_size == target)
-    assert (plan.note is None) == plan.exact
+    ordinary = plan.gradient_accumulation_steps <= MAX_ORDINARY_ACCUMULATION
+    assert (plan.note is None) == (plan.exact and ordinary)
 
     good = efficient_micro_batches(max_batch_size=max_batch_size, per_device_target=target // world_size)
     assert micro in good
@@ -154,3 +155,15 @@ def test_plan_properties(max_batch_size: int, target: int, world_size: int) -> N
                 assert plan.gradient_accumulation_steps == 1
     else:
         assert not plan.exact
+
+
+def test_a_plan_with_absurd_accumulation_says_so() -> None:
+    plan = make_plan(max_batch_size=1, target=2**20, world_size=1)
+    assert shape(plan) == (1, 2**20, 1, 2**20, True)
+    assert plan.note is not None
+    assert "1048576 micro-batches" in plan.note, plan.note
+    assert "world_size" in plan.note
+
+
+def test_ordinary_accumulation_carries_no_note() -> None:
+    assert make_plan(max_batch_size=4, target=4096, world_size=1).note is None

@@ -134,3 +134,65 @@ def test_old_results_still_read() -> None:
     """Results stored before the strategy axis (no strategy fields) validate, as single."""
     old = {"precision": "32-true", "gradient_checkpointing": False, "status": "ok", "max_batch_size": 4}
     assert ConfigResult.model_validate(old).strategy is Strategy.SINGLE
+
+
+HUGE = 2**200
+
+
+@pytest.mark.parametrize(
+    ("fields", "fragment"),
+    [
+        ({"seed": HUGE}, "seed"),
+        ({"seed": -1}, "seed"),
+        ({"world_size": HUGE}, "world_size"),
+        ({"target_effective_batch_size": HUGE}, "target_effective_batch_size"),
+        ({"seq_len": HUGE}, "seq_len"),
+        ({"memory_limit_bytes": HUGE}, "memory_limit_bytes"),
+        ({"headroom_bytes": HUGE}, "headroom_bytes"),
+        ({"max_batch_size_limit": HUGE}, "max_batch_size_limit"),
+        ({"dataset_size": HUGE}, "dataset_size"),
+        ({"num_train_epochs": 1e300}, "num_train_epochs"),
+        ({"num_train_epochs": float("inf")}, "finite"),
+        ({"num_train_epochs": float("nan")}, "finite"),
+        ({"warmup_ratio": float("nan")}, "finite"),
+        ({"trial_timeout_seconds": float("inf")}, "finite"),
+    ],
+)
+def test_every_number_has_a_bound_the_engine_can_take(fields: dict[str, object], fragment: str) -> None:
+    with pytest.raises(ValidationError, match=fragment):
+        _spec(**fields)
+
+
+def test_infinity_in_json_is_refused_not_stored_as_null() -> None:
+    """Python's json reads ``Infinity``; pydantic wrote it back as ``null`` (silently dropped)."""
+    body = _spec().model_dump_json().replace('"num_train_epochs":null', '"num_train_epochs":Infinity')
+    assert "Infinity" in body
+    with pytest.raises(ValidationError, match="finite"):
+        ProbeSpec.model_validate_json(body)
+
+
+@pytest.mark.parametrize(
+    ("config", "fragment"),
+    [
+        ({"n_layer": float("inf")}, "finite"),
+        ({"n_layer": float("nan")}, "finite"),
+        ({"rope_scaling": {"factor": float("-inf")}}, r"model\.config\.rope_scaling\.factor"),
+        ({"n_layer": 2**70}, "64-bit"),
+        ({"deep": [[[[[[[[[[1]]]]]]]]]]}, "nests deeper"),
+    ],
+)
+def test_model_config_values_are_finite_and_bounded(config: dict[str, object], fragment: str) -> None:
+    with pytest.raises(ValidationError, match=fragment):
+        ModelSpec(architecture="gpt2", config=config)
+
+
+def test_the_model_schema_is_exactly_one_of_its_two_shapes() -> None:
+    schema = ModelSpec.model_json_schema()
+    shapes = {branch["title"]: branch for branch in schema["oneOf"]}
+    by_architecture, by_name = shapes["By architecture"], shapes["By name or path"]
+    assert by_architecture["required"] == ["architecture"]
+    assert by_architecture["properties"]["name_or_path"] == {"type": "null"}
+    assert by_name["required"] == ["name_or_path"]
+    assert by_name["properties"]["architecture"] == {"type": "null"}
+    assert by_architecture["properties"]["architecture"]["type"] == "string"
+    assert "properties" not in schema
