@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from probes.spec import ModelFacts, Outcome, Phase, Precision, ProbeResult, ProbeSpec, Strategy
+from probes.verdict import Answer
 
 
 class JobStatus(StrEnum):
@@ -18,9 +19,11 @@ class JobStatus(StrEnum):
     QUEUED = "queued"
     #: a probe child is running it
     RUNNING = "running"
-    #: finished; ``result`` holds the probe result
+    #: finished with an answer: ``answer`` is ``fit`` (``result.recommendation`` holds the plan) or
+    #: ``no_fit`` (the probe worked and no batch size fits)
     SUCCEEDED = "succeeded"
-    #: finished without a result; ``error`` says why (input, probe failure, crash, timeout, interrupted)
+    #: finished without an answer; ``error`` says why (input, every config failed or skipped, crash,
+    #: timeout, interrupted); ``result`` is kept when the probe ran to one (its configs' trials)
     FAILED = "failed"
     #: cancelled by a client before it finished
     CANCELLED = "cancelled"
@@ -45,7 +48,8 @@ class JobError(Schema):
     title: str
     detail: str
     code: str = Field(
-        description="input error codes from the engine (unknown-architecture, ...), probe-failed, "
+        description="input error codes from the engine (unknown-architecture, ...), configs-failed "
+        "(no config produced an answer), configs-skipped (none can run on the device), probe-failed, "
         "crash, timeout, interrupted, cancelled"
     )
     known: list[str] = Field(default_factory=list, description="accepted values, for name errors")
@@ -64,6 +68,13 @@ class Progress(Schema):
     configs_done: int = 0
     trials_done: int = 0
     current: CurrentConfig | None = None
+
+
+ANSWER_DESCRIPTION = (
+    "set once the job succeeded: `fit` (result.recommendation holds the plan) or `no_fit` (the probe "
+    "worked: every config that can run here ran, and in none does even batch size 1 fit). A job "
+    "without an answer is `failed`, never `succeeded`"
+)
 
 
 class Job(Schema):
@@ -86,6 +97,7 @@ class Job(Schema):
         default=None, description="the Ray node id it runs or ran on (ray dispatcher); null on the local one"
     )
     progress: Progress
+    answer: Answer | None = Field(default=None, description=ANSWER_DESCRIPTION)
     error: JobError | None = None
     spec: ProbeSpec
     model_facts: ModelFacts | None = Field(default=None, description="what the model inspector found")
@@ -106,6 +118,7 @@ class JobSummary(Schema):
     queued_reason: str | None = None
     node: str | None = None
     progress: Progress
+    answer: Answer | None = Field(default=None, description=ANSWER_DESCRIPTION)
     error: JobError | None = None
 
 

@@ -124,6 +124,20 @@ class ConfigRun:
     all_trials: list[TrialRecord] = field(default_factory=list)
 
     def _trial(self, batch_size: int, optimizer_steps: int, phase: Phase, *, fresh: bool) -> TrialRecord:
+        """One trial; a child that died without reporting (``crash``) is replaced and the trial
+        run once more, since its death says nothing about the batch size. Both are recorded."""
+        trial = self._run_trial(batch_size, optimizer_steps, fresh=fresh)
+        if trial.outcome is Outcome.CRASH:
+            self._record(trial, phase)
+            trial = self._run_trial(batch_size, optimizer_steps, fresh=True)
+        self._record(trial, phase)
+        return trial
+
+    def _record(self, trial: TrialRecord, phase: Phase) -> None:
+        self.all_trials.append(trial)
+        self.emit(EventKind.TRIAL, trial, None, phase)
+
+    def _run_trial(self, batch_size: int, optimizer_steps: int, *, fresh: bool) -> TrialRecord:
         if fresh and self.child is not None:
             self.child.close()
             self.child = None
@@ -141,8 +155,6 @@ class ConfigRun:
         if discard:
             self.child.close()
             self.child = None
-        self.all_trials.append(trial)
-        self.emit(EventKind.TRIAL, trial, None, phase)
         return trial
 
     def run(self) -> tuple[LadderSearch, TrialRecord | None]:

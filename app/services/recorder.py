@@ -20,7 +20,8 @@ from app.schemas import CurrentConfig, JobError, JobStatus
 from app.services.events import EventBus
 from app.services.metrics import Metrics
 from app.store import JobRecord, Store, StoredEvent, TrialRow
-from probes.spec import EventKind, ProbeEvent
+from probes.spec import EventKind, ProbeEvent, ProbeResult
+from probes.verdict import Answer, judge
 
 log = logging.getLogger("maxbatch.jobs")
 
@@ -32,6 +33,8 @@ DONE = "done"
 """The last event of every job's stream."""
 
 ERROR_TITLES: dict[str, str] = {
+    "configs-failed": "No config produced an answer",
+    "configs-skipped": "No config can run on this device",
     "crash": "Probe child crashed",
     "timeout": "Probe timed out",
     "interrupted": "Interrupted twice (a service restart or a lost worker)",
@@ -106,12 +109,29 @@ class JobRecorder:
         self.bus.publish(job_id, StoredEvent(seq, kind, data))
 
     def finish(
-        self, job_id: str, status: JobStatus, *, error_json: str | None = None, result_json: str | None = None
+        self,
+        job_id: str,
+        status: JobStatus,
+        *,
+        error_json: str | None = None,
+        result_json: str | None = None,
+        answer: Answer | None = None,
     ) -> None:
         """End an active job (``done`` ends its stream); a job that already ended is left alone."""
-        finished = self.store.finish(job_id, status, error_json=error_json, result_json=result_json)
+        finished = self.store.finish(
+            job_id, status, error_json=error_json, result_json=result_json, answer=answer
+        )
         if finished is not None:
             self.emit(job_id, DONE, {"status": status.value})
+
+    def finish_with_result(self, job_id: str, result_json: str) -> None:
+        """The probe ran to a result: succeeded with its answer, or failed when it has none."""
+        verdict = judge(ProbeResult.model_validate_json(result_json))
+        if verdict.answer is None:
+            error = job_error(verdict.code or "configs-failed", verdict.reason or "no config has an answer")
+            self.finish(job_id, JobStatus.FAILED, error_json=error, result_json=result_json)
+        else:
+            self.finish(job_id, JobStatus.SUCCEEDED, result_json=result_json, answer=verdict.answer)
 
     # --- JobSink -------------------------------------------------------------------------------
 
@@ -158,8 +178,8 @@ class JobRecorder:
         if outcome.status is RunStatus.LOST and record is not None:
             self._lost(record, outcome.message or "the worker running the probe died")
             return
-        if outcome.status is RunStatus.SUCCEEDED:
-            self.finish(job_id, JobStatus.SUCCEEDED, result_json=outcome.result_json)
+        if outcome.status is RunStatus.SUCCEEDED and outcome.result_json is not None:
+            self.finish_with_result(job_id, outcome.result_json)
         elif outcome.status is RunStatus.CANCELLED:
             self.finish(job_id, JobStatus.CANCELLED, error_json=CANCELLED_ERROR)
         else:

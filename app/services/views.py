@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from app.schemas import CurrentConfig, Job, JobError, JobStatus, JobSummary, Progress, TrialEntry
 from app.store import JobRecord, StoredTrial
 from probes.spec import ModelFacts, ProbeResult, ProbeSpec
+from probes.verdict import Answer
 
 
 def _when(timestamp: float) -> datetime:
@@ -43,6 +44,7 @@ def summary_view(record: JobRecord) -> JobSummary:
         queued_reason=record.queued_reason if record.status is JobStatus.QUEUED else None,
         node=record.node,
         progress=progress_view(record),
+        answer=Answer(record.answer) if record.answer else None,
         error=JobError.model_validate_json(record.error_json) if record.error_json else None,
     )
 

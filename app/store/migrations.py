@@ -86,6 +86,14 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE jobs ADD COLUMN queued_reason TEXT;
     ALTER TABLE jobs ADD COLUMN node TEXT;
     """,
+    # 4: a succeeded job's answer (fit / no_fit, probes.verdict), so lists show it without parsing
+    # results; earlier succeeded jobs answered fit when they had a recommendation
+    """
+    ALTER TABLE jobs ADD COLUMN answer TEXT;
+    UPDATE jobs SET answer = CASE
+        WHEN json_extract(result_json, '$.recommendation') IS NOT NULL THEN 'fit' ELSE 'no_fit' END
+        WHERE status = 'succeeded' AND result_json IS NOT NULL;
+    """,
 )
 
 
@@ -95,8 +103,9 @@ def schema_version(conn: sqlite3.Connection) -> int:
     return int(row[0]) if row and row[0] is not None else 0
 
 
-def migrate(conn: sqlite3.Connection) -> int:
-    """Apply every migration above the recorded version, each in its own transaction.
+def migrate(conn: sqlite3.Connection, *, upto: int | None = None) -> int:
+    """Apply every migration above the recorded version (up to ``upto``, tests), each in its own
+    transaction.
 
     Returns the version the database is at. A database newer than this code is refused.
     """
@@ -105,7 +114,8 @@ def migrate(conn: sqlite3.Connection) -> int:
         raise RuntimeError(
             f"the store is at schema version {current}, newer than this maxbatch ({len(MIGRATIONS)})"
         )
-    for version, script in enumerate(MIGRATIONS[current:], start=current + 1):
+    target = len(MIGRATIONS) if upto is None else upto
+    for version, script in enumerate(MIGRATIONS[current:target], start=current + 1):
         conn.execute("BEGIN IMMEDIATE")
         try:
             for statement in script.split(";"):
@@ -116,4 +126,4 @@ def migrate(conn: sqlite3.Connection) -> int:
             conn.execute("ROLLBACK")
             raise
         conn.execute("COMMIT")
-    return len(MIGRATIONS)
+    return max(current, target)

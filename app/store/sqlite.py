@@ -49,6 +49,8 @@ class JobRecord:
     workdir: str | None
     queued_reason: str | None
     node: str | None
+    #: ``fit`` or ``no_fit`` once the job succeeded (:class:`probes.verdict.Answer`)
+    answer: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -422,16 +424,25 @@ class Store:
         *,
         error_json: str | None = None,
         result_json: str | None = None,
+        answer: str | None = None,
         only_if: frozenset[JobStatus] = ACTIVE_STATUSES,
     ) -> JobRecord | None:
         """Move an active job to a terminal status. ``None`` when it was not in ``only_if``."""
         marks = ", ".join("?" * len(only_if))
         with self._tx() as conn:
             cur = conn.execute(
-                f"UPDATE jobs SET status = ?, finished_at = ?, error_json = ?, result_json = ?,"
+                f"UPDATE jobs SET status = ?, finished_at = ?, error_json = ?, result_json = ?, answer = ?,"
                 f" current_json = NULL, child_pid = NULL, queued_reason = NULL"
                 f" WHERE id = ? AND status IN ({marks})",
-                (status.value, time.time(), error_json, result_json, job_id, *(s.value for s in only_if)),
+                (
+                    status.value,
+                    time.time(),
+                    error_json,
+                    result_json,
+                    answer,
+                    job_id,
+                    *(s.value for s in only_if),
+                ),
             )
             if cur.rowcount == 0:
                 return None

@@ -4,8 +4,8 @@
 ``ok`` events and a result; ``sleep`` hangs; ``sigkill`` kills itself; ``exit1`` / ``exit2`` /
 ``exit3`` exit so; ``noresult`` exits 0 without a result; ``garbage`` prints non-JSON first;
 ``spawn`` starts a sleeping grandchild (pid to ``fake_pidfile``) and hangs; ``stall`` hangs after
-its first trial. ``fake_delay``
-sleeps before each event; ``fake_max`` is the largest fitting batch size. Every run appends
+its first trial; ``configs_fail`` / ``configs_skip`` end every config failed / skipped. ``fake_delay``
+sleeps before each event; ``fake_max`` is the largest fitting batch size (0: none fits). Every run appends
 ``run <job id> <behaviour>`` to ``$MAXBATCH_FAKE_RUN_LOG`` (when set); ``fake_pidfile`` gets its pid.
 
 ``inspect-server``: answers per line; architecture ``nope`` is unknown, ``seq_len`` over
@@ -43,6 +43,7 @@ from probes.spec import (
     ModelFacts,
     Outcome,
     Plan,
+    Precision,
     ProbeEvent,
     ProbeResult,
     ProbeSpec,
@@ -113,8 +114,8 @@ def run(spec_path: Path, result_path: Path) -> None:
                 child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
                 Path(cfg["fake_grandchild_pidfile"]).write_text(str(child.pid))
             time.sleep(float(cfg.get("fake_seconds", 3600)))
-        trials = []
-        for size in (1, 2, 4, 8):
+        trials: list[TrialRecord] = []
+        for size in (1, 2, 4, 8) if behaviour not in ("configs_fail", "configs_skip") else ():
             fits = size <= largest
             trial = TrialRecord(
                 batch_size=size,
@@ -132,6 +133,23 @@ def run(spec_path: Path, result_path: Path) -> None:
                 time.sleep(float(cfg.get("fake_seconds", 3600)))
             if not fits:
                 break
+        if behaviour in ("configs_fail", "configs_skip"):
+            config = _unanswered(behaviour, precision, checkpointing)
+            results.append(config)
+            _emit(ProbeEvent(kind=EventKind.CONFIG_DONE, config=config, **common), delay)
+            continue
+        if largest < 1:
+            config = ConfigResult(
+                precision=precision,
+                gradient_checkpointing=checkpointing,
+                status=ConfigStatus.OK,
+                reason="batch size 1 does not fit: no batch size trains here",
+                first_failing_batch_size=1,
+                trials=tuple(trials),
+            )
+            results.append(config)
+            _emit(ProbeEvent(kind=EventKind.CONFIG_DONE, config=config, **common), delay)
+            continue
         best = max(t.batch_size for t in trials if t.outcome is Outcome.FIT)
         accumulation = max(1, spec.target_effective_batch_size // (best * spec.world_size))
         config = ConfigResult(
@@ -168,6 +186,29 @@ def run(spec_path: Path, result_path: Path) -> None:
         elapsed_seconds=0.01,
     )
     result_path.write_text(result.model_dump_json())
+
+
+def _unanswered(behaviour: str, precision: Precision, checkpointing: bool) -> ConfigResult:
+    """A config that failed (its trials crashed) or was skipped (the device lacks bf16)."""
+    if behaviour == "configs_fail":
+        crashed = TrialRecord(
+            batch_size=1,
+            outcome=Outcome.CRASH,
+            message="the child process exited with code 255 without reporting",
+        )
+        return ConfigResult(
+            precision=precision,
+            gradient_checkpointing=checkpointing,
+            status=ConfigStatus.FAILED,
+            reason="the trial at batch size 1 ended in crash (the child process exited with code 255)",
+            trials=(crashed, crashed),
+        )
+    return ConfigResult(
+        precision=precision,
+        gradient_checkpointing=checkpointing,
+        status=ConfigStatus.SKIPPED,
+        reason="fake has no native bf16; use 16-mixed or 32-true",
+    )
 
 
 def _inspect(request: InspectRequest) -> InspectReply:

@@ -233,3 +233,21 @@ def test_migration_3_adds_queued_reason_and_node(tmp_path: Path) -> None:
     assert requeued is not None
     assert (requeued.queued_reason, requeued.node) == ("re-queued: the worker died", None)
     store.close()
+
+
+def test_migration_4_gives_earlier_succeeded_jobs_their_answer(tmp_path: Path) -> None:
+    path = tmp_path / "v3.sqlite3"
+    conn = sqlite3.connect(path, isolation_level=None)
+    assert migrate(conn, upto=3) == 3
+    insert = (
+        "INSERT INTO jobs (id, status, device, queue, model, spec_json, cache_key, created_at, configs_total,"
+        " result_json) VALUES (?, ?, 'simulated', 'cpu', 'gpt2', '{}', ?, 0, 1, ?)"
+    )
+    conn.execute(insert, ("fit", "succeeded", "k1", '{"recommendation": {"precision": "32-true"}}'))
+    conn.execute(insert, ("nofit", "succeeded", "k2", '{"recommendation": null}'))
+    conn.execute(insert, ("failed", "failed", "k3", None))
+    conn.close()
+    store = Store(path)
+    answers = {job: record.answer for job in ("fit", "nofit", "failed") if (record := store.get(job))}
+    assert answers == {"fit": "fit", "nofit": "no_fit", "failed": None}
+    store.close()

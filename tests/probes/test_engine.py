@@ -12,12 +12,14 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
-from probes.engine import run_probe
-from probes.isolate import ProbeCancelled, trial_child, trial_from_reply
-from probes.protocol import TrialRequest
+from probes import engine
+from probes.engine import ConfigRun, run_probe
+from probes.isolate import ChildDied, ProbeCancelled, trial_child, trial_from_reply
+from probes.protocol import TrialReply, TrialRequest
 from probes.search import ladder_next
 from probes.spec import (
     ConfigStatus,
@@ -29,6 +31,7 @@ from probes.spec import (
     ProbeEvent,
     ProbeResult,
     ProbeSpec,
+    TrialRecord,
 )
 
 TINY = {
@@ -210,7 +213,8 @@ def _trial_children() -> list[int]:
 
 
 @pytest.mark.skipif(not Path("/proc").exists(), reason="finds trial children through /proc")
-def test_a_killed_child_fails_its_config_and_the_probe_goes_on() -> None:
+def test_a_killed_child_is_retried_once_in_a_fresh_child() -> None:
+    """A child that dies without reporting says nothing about the batch size: run it again once."""
     killed: list[int] = []
 
     def kill_after_first_trial(event: ProbeEvent) -> None:
@@ -222,13 +226,67 @@ def test_a_killed_child_fails_its_config_and_the_probe_goes_on() -> None:
     spec = tiny_spec("gpt2", precisions=["32-true"], gradient_checkpointing=[False, True])
     result = run_probe(spec, on_event=kill_after_first_trial, max_concurrent_configs=1)
     assert killed
-    crashed, survivor = result.configs
-    assert crashed.status is ConfigStatus.FAILED
-    assert crashed.trials[-1].outcome is Outcome.CRASH
-    assert crashed.reason is not None
-    assert "SIGKILL" in crashed.reason
-    assert survivor.status is ConfigStatus.OK
-    assert survivor.confirmed
+    retried, other = result.configs
+    crashes = [t for t in retried.trials if t.outcome is Outcome.CRASH]
+    assert len(crashes) == 1
+    assert crashes[0].message is not None
+    assert "SIGKILL" in crashes[0].message
+    after = retried.trials[retried.trials.index(crashes[0]) + 1]
+    assert after.batch_size == crashes[0].batch_size
+    assert after.outcome is Outcome.FIT
+    assert retried.status is ConfigStatus.OK
+    assert retried.max_batch_size is not None
+    assert retried.confirmed
+    assert other.status is ConfigStatus.OK
+    assert other.confirmed
+
+
+class ScriptedChild:
+    """Stands in for a trial child: answers trials from a script (``None``: the child died)."""
+
+    script: ClassVar[list[Outcome | None]] = []
+    started: ClassVar[int] = 0
+
+    def __init__(self, task: ConfigTask, *, cancel: threading.Event | None = None) -> None:
+        type(self).started += 1
+
+    def request(self, message: TrialRequest, *, timeout_seconds: float) -> TrialReply | ChildDied:
+        outcome = type(self).script.pop(0)
+        if outcome is None:
+            return ChildDied(Outcome.CRASH, "the child process exited with code 255 without reporting")
+        trial = TrialRecord(batch_size=message.batch_size, outcome=outcome, peak_allocated_bytes=1)
+        return TrialReply(trial=trial)
+
+    def close(self) -> None:
+        return None
+
+
+def _config_run(monkeypatch: pytest.MonkeyPatch, script: list[Outcome | None]) -> ConfigRun:
+    monkeypatch.setattr(engine, "TrialChild", ScriptedChild)
+    ScriptedChild.script = list(script)
+    ScriptedChild.started = 0
+    spec = tiny_spec("gpt2", precisions=["32-true"], gradient_checkpointing=[False])
+    task = ConfigTask.for_config(spec, Precision.FP32, False)
+    return ConfigRun(
+        spec=spec, task=task, capacity_bytes=None, emit=lambda *_: None, cancel=None, confirm=False
+    )
+
+
+def test_a_crash_then_a_fit_is_a_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    run = _config_run(monkeypatch, [None, Outcome.OOM])
+    search, _ = run.run()
+    assert [t.outcome for t in run.all_trials] == [Outcome.CRASH, Outcome.OOM]
+    assert ScriptedChild.started == 2  # the retry ran in a fresh child
+    assert search.aborted_reason is None
+    assert search.max_batch_size is None  # batch size 1 did not fit: an answer, not a failure
+
+
+def test_two_crashes_in_a_row_fail_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    run = _config_run(monkeypatch, [Outcome.FIT, None, None])
+    search, _ = run.run()
+    assert [t.outcome for t in run.all_trials] == [Outcome.FIT, Outcome.CRASH, Outcome.CRASH]
+    assert search.aborted_reason is not None
+    assert "crash" in search.aborted_reason
 
 
 def test_cancel_stops_every_running_config() -> None:
