@@ -9,12 +9,13 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 from typer.exceptions import TyperException
 
 import probes.cli
 from app.dispatch import require_dispatcher
 from app.launcher import plan
-from app.settings import Settings, get_settings, is_loopback
+from app.settings import Settings, get_settings, is_loopback, settings_error
 from probes.protocol import ExitCode
 
 cli = typer.Typer(
@@ -37,12 +38,10 @@ def check_exposure(settings: Settings) -> str:
                 "it could start probes. Set MAXBATCH_API_TOKEN, or listen on 127.0.0.1"
             )
         return (
-            f"no MAXBATCH_API_TOKEN: listening on {settings.host} only (this machine); "
-            "POST endpoints need no token"
+            f"no MAXBATCH_API_TOKEN: listening on {settings.host} only (this machine); requests need no token"
         )
-    return (
-        f"listening on {settings.host}; POST endpoints require 'Authorization: Bearer <MAXBATCH_API_TOKEN>'"
-    )
+    guarded = "every /v1 request and /metrics" if settings.reads_need_token else "every /v1 write"
+    return f"listening on {settings.host}; {guarded} requires 'Authorization: Bearer <MAXBATCH_API_TOKEN>'"
 
 
 @cli.command()
@@ -69,7 +68,8 @@ def serve(
         access = check_exposure(settings)
         require_dispatcher(settings)
     except (ValueError, RuntimeError) as exc:
-        typer.echo(f"maxbatch: error: {exc}", err=True)
+        message = settings_error(exc) if isinstance(exc, ValidationError) else str(exc)
+        typer.echo(f"maxbatch: error: {message}", err=True)
         raise typer.Exit(ExitCode.INPUT) from exc
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -13,9 +13,10 @@ from fastapi import FastAPI
 from app import errors
 from app.api import probes, system
 from app.apidocs import router as apidocs
+from app.api.openapi import service_openapi
 from app.dashboard.router import router as dashboard_router
 from app.inventory import Inventory
-from app.middleware import BodyLimitMiddleware
+from app.middleware import BodyLimitMiddleware, TokenGate
 from app.services.runtime import Runtime
 from app.settings import Settings, get_settings
 from probes.environment import package_version
@@ -25,6 +26,9 @@ Measures the largest per-device batch size, and the gradient-accumulation plan, 
 causal LM on a GPU, by running real training steps in isolated child processes.
 
 Errors are RFC 9457 `application/problem+json` documents with a machine-readable `code`.
+
+A job that succeeded has an `answer`: `fit` (the result's `recommendation` is the plan) or
+`no_fit` (the probe worked and no batch size fits). A job without an answer is `failed`.
 """
 
 
@@ -54,9 +58,14 @@ def create_app(settings: Settings | None = None, *, inventory: Inventory | None 
     app.state.settings = settings
     app.state.runtime = None
     errors.install(app)
+    # Starlette runs the middleware added last first: the token gate before the body limit, so a
+    # request without the token is refused before any of its body is read.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    if settings.token is not None:
+        app.add_middleware(TokenGate, token=settings.token, reads_need_token=settings.reads_need_token)
     app.include_router(probes.router)
     app.include_router(system.router)
     app.include_router(dashboard_router)
     app.include_router(apidocs.make_router(title=app.title, openapi_url=app.openapi_url or "/openapi.json"))
+    app.openapi = partial(service_openapi, app, settings)  # type: ignore[method-assign]
     return app

@@ -1,13 +1,74 @@
-"""Request-body size limit as a pure ASGI middleware (its 413 is a problem document, like every error)."""
+"""Pure ASGI middlewares that answer before any route reads the request: the bearer token and the
+body size limit (their 401 and 413 are problem documents, like every error).
+
+The token gate is outermost: without the token, a request is refused before its body is read or
+parsed, so a broken body never reveals more than a 401 (docs/hardening.md).
+"""
 
 from __future__ import annotations
+
+import hmac
 
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import PayloadTooLarge, problem_response
+from app.errors import PayloadTooLarge, Unauthorized, problem_response
+
+READ_METHODS = frozenset({"GET", "HEAD"})
+
+
+def guarded(method: str, path: str, *, reads_need_token: bool) -> bool:
+    """Does a request need the token? Every /v1 request and /metrics; not OPTIONS (it shows only the
+    methods a path takes); reads only when ``reads_need_token``. Health checks, the dashboard's
+    files and the OpenAPI document never do."""
+    if method == "OPTIONS" or not (path in {"/metrics", "/v1"} or path.startswith("/v1/")):
+        return False
+    return reads_need_token or method not in READ_METHODS
+
+
+def bearer_problem(authorization: str | None, token: str) -> Unauthorized | None:
+    """Why ``authorization`` (the header's value) does not carry ``token``; ``None`` when it does."""
+    if not authorization:
+        return Unauthorized(
+            "this endpoint needs 'Authorization: Bearer <token>' (the service's MAXBATCH_API_TOKEN)",
+            headers={"WWW-Authenticate": 'Bearer realm="maxbatch"'},
+        )
+    scheme, _, given = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        return Unauthorized(
+            "the bearer token is not valid for this service",
+            headers={"WWW-Authenticate": 'Bearer realm="maxbatch", error="invalid_token"'},
+        )
+    return None
+
+
+class TokenGate:
+    """With a token configured, refuse guarded requests (:func:`guarded`) that do not carry it."""
+
+    def __init__(self, app: ASGIApp, token: str, *, reads_need_token: bool) -> None:
+        self.app = app
+        self.token = token
+        self.reads_need_token = reads_need_token
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and guarded(
+            scope["method"], scope["path"], reads_need_token=self.reads_need_token
+        ):
+            problem = bearer_problem(Headers(scope=scope).get("authorization"), self.token)
+            if problem is not None:
+                response = problem_response(
+                    Request(scope),
+                    status=problem.status,
+                    code=problem.code,
+                    title=problem.title,
+                    detail=problem.detail,
+                    headers=problem.headers,
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def too_large_detail(limit: int) -> str:

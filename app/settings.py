@@ -11,10 +11,39 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 GIB = 1024**3
+
+
+MIN_TOKEN_LENGTH = 16
+"""Shortest MAXBATCH_API_TOKEN accepted: 16 random characters are ~96 bits from a URL-safe alphabet."""
+
+TOKEN_HINT = "e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+
+
+def token_problem(token: str) -> str | None:
+    """Why ``token`` cannot be the service's bearer token, or ``None`` when it can."""
+    if not token.strip():
+        return "is only whitespace; unset it to run without a token, or set a real one"
+    if any(c.isspace() for c in token):
+        return "contains whitespace, which an Authorization header cannot carry intact; remove it"
+    if not all("!" <= c <= "~" for c in token):
+        return f"must be visible ASCII characters only (what an HTTP header carries); {TOKEN_HINT}"
+    if len(token) < MIN_TOKEN_LENGTH:
+        return f"is {len(token)} characters; use at least {MIN_TOKEN_LENGTH} ({TOKEN_HINT})"
+    return None
+
+
+def settings_error(exc: ValidationError) -> str:
+    """One line per invalid setting, named as its environment variable: for start-up errors."""
+    lines = []
+    for error in exc.errors():
+        name = "_".join(str(part) for part in error.get("loc", ())).upper()
+        message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+        lines.append(f"MAXBATCH_{name} {message}" if name else message)
+    return "; ".join(lines)
 
 
 def _default_probe_command() -> list[str]:
@@ -44,10 +73,19 @@ class Settings(BaseSettings):
         "(`jobs/<id>/spec.json`, `result.json`, `stderr.log`) and `inspector.log`. One service per "
         "directory (lock file).",
     )
+    # --- access (docs/hardening.md) -----------------------------------------------------------
     api_token: SecretStr | None = Field(
         default=None,
-        description="Bearer token that `POST` endpoints require (`Authorization: Bearer <token>`). "
-        "Unset: the service only listens on loopback and says so at start-up.",
+        description="Bearer token (`Authorization: Bearer <token>`) that every `/v1` request and "
+        "`/metrics` need, checked before the body is read; at least "
+        f"{MIN_TOKEN_LENGTH} visible ASCII characters, no whitespace (refused at start-up otherwise). "
+        "Unset or empty: no token, and the service only listens on loopback and says so at start-up.",
+    )
+    reads_need_token: bool = Field(
+        default=True,
+        description="With a token set, `GET` requests (jobs, events, trials, devices, metrics) need it "
+        "too; `false` lets anyone who reaches the port read them. `/healthz`, `/readyz`, the "
+        "dashboard's files, `/docs` and `/openapi.json` never need it.",
     )
     model_root: Path | None = Field(
         default=None,
@@ -131,6 +169,16 @@ class Settings(BaseSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         default="info", description="How much the service logs (any case)."
     )
+
+    @field_validator("api_token")
+    @classmethod
+    def _usable_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or value.get_secret_value() == "":
+            return None
+        problem = token_problem(value.get_secret_value())
+        if problem is not None:
+            raise ValueError(problem)
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod

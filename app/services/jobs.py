@@ -13,9 +13,12 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
+
+import anyio
 
 from app.dispatch.base import CancelResult, Dispatcher
 from app.dispatch.inspector import ModelInspector
@@ -26,12 +29,22 @@ from app.services.admission import admit, pids_in_groups
 from app.services.cache import SoftwareVersions, cache_key, request_hash
 from app.services.events import EventBus
 from app.services.recorder import CANCELLED_ERROR, DONE, JobRecorder, dispatch_job
-from app.services.views import job_view, summary_view, trial_view
+from app.services.views import (
+    Versioned,
+    etag_matches,
+    job_view,
+    page_etag,
+    record_etag,
+    summary_view,
+    trial_view,
+)
 from app.settings import Settings
 from app.store import JobRecord, NewJob, Reuse, Store, StoredEvent
 from probes.spec import ModelFacts, ProbeSpec
 
 log = logging.getLogger("maxbatch.jobs")
+
+T = TypeVar("T")
 
 WAKE_UP_SECONDS = 5.0
 """Waiters re-read the store at least this often, whether or not an event woke them."""
@@ -40,6 +53,11 @@ WAKE_UP_SECONDS = 5.0
 def new_job_id() -> str:
     """Sortable by creation time (ms, hex) with a random tail: ``0193f5c2a1b47e2d9c0f1a``."""
     return f"{time.time_ns() // 1_000_000:012x}{secrets.token_hex(5)}"
+
+
+async def _off_loop(function: Callable[..., T], *args: Any) -> T:
+    """``function(*args)`` in a worker thread: blocking store calls never run on the event loop."""
+    return await anyio.to_thread.run_sync(partial(function, *args))
 
 
 async def _next_news(queue: asyncio.Queue[StoredEvent], seconds: float) -> None:
@@ -158,6 +176,8 @@ class JobService:
         return pids_in_groups(pids, self.dispatcher.own_process_groups())
 
     # --- reads ---------------------------------------------------------------------------------
+    # The store is blocking (SQLite behind a lock): async callers reach it through ``_off_loop``, so
+    # that no store call runs on the event loop (docs/hardening.md has the latency figures).
 
     def get(self, job_id: str) -> Job:
         return job_view(self._record(job_id))
@@ -168,33 +188,61 @@ class JobService:
             raise JobNotFound(f"no probe job has the id {job_id!r}")
         return record
 
-    def page(self, *, limit: int, after: str | None, statuses: list[JobStatus] | None) -> JobPage:
+    def read(self, job_id: str, if_none_match: str | None = None) -> Versioned[Job]:
+        """The job and its ETag; ``value`` is ``None`` when ``if_none_match`` names the ETag it has."""
+        record = self._record(job_id)
+        tag = record_etag(record)
+        if etag_matches(if_none_match, tag):
+            return Versioned(tag, None)
+        return Versioned(tag, job_view(record))
+
+    def page(
+        self,
+        *,
+        limit: int,
+        after: str | None,
+        statuses: list[JobStatus] | None,
+        if_none_match: str | None = None,
+    ) -> Versioned[JobPage]:
+        """One page of jobs and its ETag (``value`` ``None`` when ``if_none_match`` names it)."""
         records = self.store.page(limit=limit + 1, after=after, statuses=statuses)
+        tag = page_etag(records)
+        if etag_matches(if_none_match, tag):
+            return Versioned(tag, None)
         items = [summary_view(r) for r in records[:limit]]
         next_after = items[-1].id if len(records) > limit and items else None
-        return JobPage(items=items, next_after=next_after)
+        return Versioned(tag, JobPage(items=items, next_after=next_after))
 
-    async def wait(self, job_id: str, seconds: float) -> Job:
-        """The job once it ends, or as it is after ``seconds`` (long poll)."""
-        self._record(job_id)
-        await self._await_terminal(job_id, min(seconds, self.settings.max_wait_seconds))
-        return self.get(job_id)
+    async def wait(self, job_id: str, seconds: float, if_none_match: str | None = None) -> Versioned[Job]:
+        """Long poll: the job once it ends, or (with ``if_none_match``) once it differs from that
+        ETag, or as it is after ``seconds``."""
+        if seconds > 0:
+            await _off_loop(self._record, job_id)  # an unknown job is a 404 at once
+            await self._await(job_id, min(seconds, self.settings.max_wait_seconds), if_none_match)
+        return await _off_loop(self.read, job_id, if_none_match)
 
     def trials(self, job_id: str, after_seq: int = 0) -> TrialList:
         """The job's stored trials after ``after_seq`` (while it runs too)."""
         self._record(job_id)
         return TrialList(items=[trial_view(t) for t in self.store.trials(job_id, after_seq)])
 
-    async def _await_terminal(self, job_id: str, seconds: float) -> None:
+    async def _await(self, job_id: str, seconds: float, if_none_match: str | None = None) -> None:
+        """Until the job ends (or, with ``if_none_match``, no longer has that ETag), or ``seconds``."""
         if seconds <= 0:
             return
         deadline = asyncio.get_running_loop().time() + seconds
         with self.bus.subscribe(job_id) as queue:
-            while not self._ended(job_id):
+            while not await _off_loop(self._settled, job_id, if_none_match):
                 remaining = deadline - asyncio.get_running_loop().time()
                 if remaining <= 0:
                     return
                 await _next_news(queue, min(remaining, WAKE_UP_SECONDS))
+
+    def _settled(self, job_id: str, if_none_match: str | None) -> bool:
+        record = self.store.get(job_id)
+        if record is None or record.status in TERMINAL_STATUSES:
+            return True
+        return if_none_match is not None and not etag_matches(if_none_match, record_etag(record))
 
     async def stream(self, job_id: str, after_seq: int = 0) -> AsyncIterator[tuple[StoredEvent, Any]]:
         """The job's events after ``after_seq``: history first, then live, ending with ``done``.
@@ -202,40 +250,42 @@ class JobService:
         Yields ``(event, payload)``; the ``done`` payload is the whole job with its result. Live
         events only wake the loop: every event is read from the store, in order and without gaps.
         """
-        self._record(job_id)
+        await _off_loop(self._record, job_id)
         last = after_seq
         with self.bus.subscribe(job_id) as queue:
             while True:
                 done: StoredEvent | None = None
-                for event in self.store.events(job_id, last):
+                for event in await _off_loop(self.store.events, job_id, last):
                     last = event.seq
                     if event.kind == DONE:
                         done = event
                         break
                     yield event, event.data
-                if done is None and self._ended(job_id):
+                if done is None and await _off_loop(self._settled, job_id, None):
                     # finished without a stored "done" (a crash between the two writes): say it anyway
                     done = StoredEvent(last + 1, DONE, {})
                 if done is not None:
-                    yield done, self.get(job_id).model_dump(mode="json")
+                    job = await _off_loop(self.get, job_id)
+                    yield done, job.model_dump(mode="json")
                     return
                 await _next_news(queue, WAKE_UP_SECONDS)
-
-    def _ended(self, job_id: str) -> bool:
-        record = self.store.get(job_id)
-        return record is None or record.status in TERMINAL_STATUSES
 
     # --- cancel --------------------------------------------------------------------------------
 
     async def cancel(self, job_id: str) -> Job:
+        answer = await _off_loop(self._request_cancel, job_id)
+        if answer is CancelResult.SIGNALLED:
+            await self._await(job_id, 30.0)
+        return await _off_loop(self.get, job_id)
+
+    def _request_cancel(self, job_id: str) -> CancelResult | None:
+        """Cancel what can be cancelled now; ``SIGNALLED`` when a running child must still end."""
         record = self._record(job_id)
         if record.status is JobStatus.CANCELLED:
-            return job_view(record)
+            return None
         if record.status in TERMINAL_STATUSES:
             raise JobFinished(f"job {job_id} already {record.status.value}; there is nothing to cancel")
         answer = self.dispatcher.cancel(job_id)
-        if answer is CancelResult.SIGNALLED:
-            await self._await_terminal(job_id, 30.0)
-        else:
+        if answer is not CancelResult.SIGNALLED:
             self.recorder.finish(job_id, JobStatus.CANCELLED, error_json=CANCELLED_ERROR)
-        return self.get(job_id)
+        return answer

@@ -1,10 +1,20 @@
-"""The response shapes the API shows, made from stored records (no store or dispatcher here)."""
+"""The response shapes the API shows, made from stored records (no store or dispatcher here), and
+their entity tags.
+
+An ETag is a digest of the stored row(s) a response is made from, so a client polling an
+unchanged job gets ``304 Not Modified`` without the service building or sending the body. The
+tags are weak (``W/"…"``): a running job's ``run_seconds`` counts up with the clock while its
+stored state, and so its tag, stays the same.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import time
-from dataclasses import asdict
+from collections.abc import Sequence
+from dataclasses import asdict, astuple, dataclass
 from datetime import UTC, datetime
+from typing import Generic, TypeVar
 
 from app.schemas import CurrentConfig, Job, JobError, JobStatus, JobSummary, Progress, TrialEntry
 from app.store import JobRecord, StoredTrial
@@ -68,3 +78,46 @@ def job_view(record: JobRecord) -> Job:
 
 def trial_view(stored: StoredTrial) -> TrialEntry:
     return TrialEntry(seq=stored.seq, attempt=stored.attempt, **asdict(stored.trial))
+
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Versioned(Generic[T]):
+    """A response body and its ETag; ``value`` is ``None`` when the client has it already (304)."""
+
+    etag: str
+    value: T | None
+
+
+def _digest(records: Sequence[JobRecord]) -> str:
+    digest = hashlib.blake2b(digest_size=12)
+    for record in records:
+        for field in astuple(record):
+            digest.update(repr(field).encode())
+            digest.update(b"\x1f")
+        digest.update(b"\x1e")
+    return f'W/"{digest.hexdigest()}"'
+
+
+def record_etag(record: JobRecord) -> str:
+    """The ETag of a job: it changes whenever anything stored about the job does."""
+    return _digest([record])
+
+
+def page_etag(records: Sequence[JobRecord]) -> str:
+    """The ETag of a list page, from the rows it is made of (and the one that says a next page exists)."""
+    return _digest(records)
+
+
+def etag_matches(if_none_match: str | None, etag: str) -> bool:
+    """``If-None-Match`` against ``etag`` by weak comparison (RFC 9110 13.1.2); ``*`` matches any."""
+    if not if_none_match:
+        return False
+    wanted = etag.removeprefix("W/")
+    for candidate in if_none_match.split(","):
+        tag = candidate.strip()
+        if tag == "*" or tag.removeprefix("W/") == wanted:
+            return True
+    return False

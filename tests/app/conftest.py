@@ -87,11 +87,13 @@ def client(settings_factory: Callable[..., Settings]) -> Iterator[TestClient]:
         yield test_client
 
 
-def wait_done(client: TestClient, job_id: str, timeout: float = 30) -> dict[str, Any]:
+def wait_done(
+    client: TestClient, job_id: str, timeout: float = 30, headers: dict[str, str] | None = None
+) -> dict[str, Any]:
     """The job once it is terminal (long-polls; fails the test after ``timeout``)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        job: dict[str, Any] = client.get(f"/v1/probes/{job_id}", params={"wait": 5}).json()
+        job: dict[str, Any] = client.get(f"/v1/probes/{job_id}", params={"wait": 5}, headers=headers).json()
         if job["status"] in ("succeeded", "failed", "cancelled"):
             return job
     raise AssertionError(f"job {job_id} did not finish within {timeout} s: {job}")

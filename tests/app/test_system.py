@@ -145,7 +145,7 @@ def test_openapi_documents_the_api(client: TestClient) -> None:
         assert path in paths, path
     post = paths["/v1/probes"]["post"]
     assert "ProbeSpec" in str(post["requestBody"])
-    assert {"202", "200", "401", "413", "422", "429"} <= set(post["responses"])
+    assert {"202", "200", "400", "413", "415", "422", "429"} <= set(post["responses"])
 
 
 def test_a_second_service_on_the_same_data_dir_is_refused(settings_factory: Callable[..., Settings]) -> None:

@@ -1,0 +1,70 @@
+"""ETags on job reads: a poller that has the current state gets a bodiless 304."""
+
+from __future__ import annotations
+
+import threading
+
+from fastapi.testclient import TestClient
+
+from tests.app.conftest import probe_body, wait_done, wait_status
+
+
+def test_an_unchanged_job_is_304_without_a_body(client: TestClient) -> None:
+    job_id = client.post("/v1/probes", json=probe_body()).json()["id"]
+    wait_done(client, job_id)
+    first = client.get(f"/v1/probes/{job_id}")
+    etag = first.headers["etag"]
+    assert etag.startswith('W/"')
+    again = client.get(f"/v1/probes/{job_id}", headers={"If-None-Match": etag})
+    assert again.status_code == 304
+    assert again.content == b""
+    assert again.headers["etag"] == etag
+    for header, status in ((f'"other", {etag}', 304), ("*", 304), ('"other"', 200)):
+        assert client.get(f"/v1/probes/{job_id}", headers={"If-None-Match": header}).status_code == status
+
+
+def test_a_change_gives_a_new_etag(client: TestClient) -> None:
+    job_id = client.post("/v1/probes", json=probe_body(fake="sleep")).json()["id"]
+    running = wait_status(client, job_id, "running")
+    etag = client.get(f"/v1/probes/{job_id}").headers["etag"]
+    assert running["status"] == "running"
+    client.post(f"/v1/probes/{job_id}/cancel")
+    changed = client.get(f"/v1/probes/{job_id}", headers={"If-None-Match": etag})
+    assert changed.status_code == 200
+    assert changed.json()["status"] == "cancelled"
+    assert changed.headers["etag"] != etag
+
+
+def test_a_running_job_304_still_says_when_to_poll_again(client: TestClient) -> None:
+    job_id = client.post("/v1/probes", json=probe_body(fake="sleep")).json()["id"]
+    wait_status(client, job_id, "running")
+    etag = client.get(f"/v1/probes/{job_id}").headers["etag"]
+    response = client.get(f"/v1/probes/{job_id}", headers={"If-None-Match": etag})
+    assert response.status_code == 304
+    assert response.headers["retry-after"] == "2"
+    client.post(f"/v1/probes/{job_id}/cancel")
+
+
+def test_a_long_poll_with_an_etag_returns_on_the_next_change(client: TestClient) -> None:
+    """``wait`` with If-None-Match returns once the job differs from that copy, not only at its end."""
+    blocker = client.post("/v1/probes", json=probe_body(fake="sleep")).json()["id"]
+    wait_status(client, blocker, "running")
+    queued = client.post("/v1/probes", json=probe_body(fake="sleep", seq_len=32)).json()
+    assert queued["status"] == "queued"
+    etag = client.get(f"/v1/probes/{queued['id']}").headers["etag"]
+    cancel = threading.Thread(target=lambda: client.post(f"/v1/probes/{blocker}/cancel"))
+    cancel.start()
+    response = client.get(f"/v1/probes/{queued['id']}", params={"wait": 60}, headers={"If-None-Match": etag})
+    cancel.join()
+    assert response.status_code == 200
+    assert response.json()["status"] in ("running", "succeeded")  # it started: the poll saw the change
+    client.post(f"/v1/probes/{queued['id']}/cancel")
+
+
+def test_the_list_has_an_etag_too(client: TestClient) -> None:
+    job_id = client.post("/v1/probes", json=probe_body()).json()["id"]
+    wait_done(client, job_id)
+    etag = client.get("/v1/probes").headers["etag"]
+    assert client.get("/v1/probes", headers={"If-None-Match": etag}).status_code == 304
+    client.post("/v1/probes", json=probe_body(seq_len=32))
+    assert client.get("/v1/probes", headers={"If-None-Match": etag}).status_code == 200
