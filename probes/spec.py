@@ -15,7 +15,7 @@ import re
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
 
 from probes.finetuning_spec import (
     ALL_LINEAR,
@@ -229,32 +229,22 @@ MAX_EPOCHS = 1_000.0
 MAX_SEED = 2**32 - 1
 """``torch.manual_seed`` takes up to 2**64 - 1, but seeds above 2**53 are not exact in
 JavaScript clients and 2**32 seeds are plenty; numpy's legacy seeding stops at 2**32 - 1 too."""
-MAX_CONFIG_DEPTH = 8
-"""Nesting of ``model.config`` overrides (transformers configs nest two or three levels)."""
-MAX_CONFIG_INTEGER = 2**63 - 1
-"""Integers in ``model.config``: what a C ``int64`` (torch sizes) holds."""
 MAX_NAME_LENGTH = 4096
 """``model.name_or_path``: PATH_MAX on Linux."""
 
 
-def _check_json_value(value: object, where: str, depth: int = 0) -> None:
-    """Refuse what JSON cannot carry back (NaN, ±Infinity) and numbers no config can use."""
-    if depth > MAX_CONFIG_DEPTH:
-        raise ValueError(f"{where} nests deeper than {MAX_CONFIG_DEPTH} levels")
-    if isinstance(value, bool) or value is None or isinstance(value, str):
-        return
-    if isinstance(value, float):
-        if not math.isfinite(value):
+def _check_finite(config: dict[str, Any]) -> None:
+    """Refuse NaN and ±Infinity anywhere in ``config``: JSON cannot carry them back (pydantic writes
+    them as null), and no config can use them. Walked without recursion: nesting is unbounded."""
+    stack: list[tuple[str, object]] = [("model.config", config)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"{where} is {value}; config values must be finite numbers")
-    elif isinstance(value, int):
-        if abs(value) > MAX_CONFIG_INTEGER:
-            raise ValueError(f"{where} is outside the 64-bit integer range")
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            _check_json_value(item, f"{where}.{key}", depth + 1)
-    elif isinstance(value, list | tuple):
-        for index, item in enumerate(value):
-            _check_json_value(item, f"{where}[{index}]", depth + 1)
+        if isinstance(value, dict):
+            stack.extend((f"{where}.{key}", item) for key, item in value.items())
+        elif isinstance(value, list | tuple):
+            stack.extend((f"{where}[{index}]", item) for index, item in enumerate(value))
 
 
 def _not_null(field: dict[str, Any]) -> dict[str, Any]:
@@ -308,8 +298,7 @@ class ModelSpec(Frozen):
     )
     config: dict[str, JsonValue] = Field(
         default_factory=dict,
-        description="overrides for the architecture's default config (finite numbers, nested at most "
-        f"{MAX_CONFIG_DEPTH} levels)",
+        description="overrides for the architecture's default config (numbers must be finite)",
         examples=[{"n_layer": 2, "n_embd": 64, "n_head": 2}],
     )
     name_or_path: str | None = Field(
@@ -318,12 +307,12 @@ class ModelSpec(Frozen):
         max_length=MAX_NAME_LENGTH,
         description="a local directory holding config.json, or a hub id",
     )
-    trust_remote_code: bool = False
+    trust_remote_code: Bool = False
 
     @field_validator("config")
     @classmethod
     def _finite_config(cls, value: dict[str, JsonValue]) -> dict[str, JsonValue]:
-        _check_json_value(value, "model.config")
+        _check_finite(value)
         return value
 
     @model_validator(mode="after")
@@ -342,28 +331,75 @@ PositiveInt = Annotated[int, Field(gt=0)]
 
 
 def _dedupe(values: list[Any]) -> tuple[Any, ...]:
-    """Drop repeats, keep order; unhashable items are left for the type check to reject."""
+    """Drop repeats, keep order; unhashable items are left for the type check to reject. Items of
+    different types are never repeats (``1 == True``, but 1 is no boolean)."""
     seen: list[Any] = []
     for value in values:
-        if value not in seen:
+        if not any(type(s) is type(value) and s == value for s in seen):
             seen.append(value)
     return tuple(seen)
 
 
-SeqLen = Annotated[int, Field(gt=0, le=MAX_SEQ_LEN, description="tokens per sequence")]
-MemoryBytes = Annotated[int, Field(gt=0, le=MAX_MEMORY_BYTES)]
+Int = Annotated[int, Strict()]
+"""An integer as JSON Schema means it: not "64", not true (the validator below takes 64.0)."""
+Float = Annotated[float, Strict()]
+"""A number: not "1.5", not true."""
+Bool = Annotated[bool, Strict()]
+"""true or false: not 1, not "yes"."""
+SeqLen = Annotated[Int, Field(gt=0, le=MAX_SEQ_LEN, description="tokens per sequence")]
+MemoryBytes = Annotated[Int, Field(gt=0, le=MAX_MEMORY_BYTES)]
+
+
+DEVICE_SCHEMA_PATTERN = r"^(cuda(:[0-9]+)?|simulated|predict)$"
+"""The device names in the JSON Schema: the canonical spellings (the validator also takes other
+cases and surrounding spaces, and normalises them)."""
+
+
+def _given(field: str) -> dict[str, Any]:
+    """JSON Schema: ``field`` is present and not null."""
+    return {"required": [field], "properties": {field: {"not": {"type": "null"}}}}
+
+
+def _device(name: str) -> dict[str, Any]:
+    """JSON Schema: the device is ``name`` (an absent device is ``simulated``, the default)."""
+    rule: dict[str, Any] = {"properties": {"device": {"const": name}}}
+    return rule if name == "simulated" else {**rule, "required": ["device"]}
+
+
+def _request_schema(schema: dict[str, Any]) -> None:
+    """What the validators take, as JSON Schema: the spellings ``precisions`` and
+    ``gradient_checkpointing`` accept (one value or a non-empty list; precision aliases), and the
+    rules between fields that :meth:`ProbeSpec._memory_for_simulated` checks as ``if``/``then`` (all
+    but ``headroom_bytes < memory_limit_bytes``, which JSON Schema cannot state)."""
+    properties = schema["properties"]
+    properties["device"]["pattern"] = DEVICE_SCHEMA_PATTERN
+    spellings = {"type": "string", "enum": sorted(PRECISION_ALIASES)}
+    properties["precisions"] = {
+        **{k: v for k, v in properties["precisions"].items() if k not in ("items", "type")},
+        "anyOf": [{"type": "array", "items": spellings, "minItems": 1}, spellings],
+    }
+    boolean = {"type": "boolean"}
+    properties["gradient_checkpointing"] = {
+        **{k: v for k, v in properties["gradient_checkpointing"].items() if k not in ("items", "type")},
+        "anyOf": [{"type": "array", "items": boolean, "minItems": 1}, boolean],
+    }
+    schema["allOf"] = [
+        {"if": _device("simulated"), "then": _given("memory_limit_bytes")},
+        {"if": _device("predict"), "then": {"anyOf": [_given("memory_limit_bytes"), _given("gpu")]}},
+        {"if": _given("gpu"), "then": _device("predict")},
+    ]
 
 
 class ProbeSpec(Frozen):
     """One request: a model, a shape, the configs to try, the device and the target."""
 
-    model_config = ConfigDict(allow_inf_nan=False)
+    model_config = ConfigDict(allow_inf_nan=False, json_schema_extra=_request_schema)
 
     model: ModelSpec
     task: Literal["causal-lm"] = "causal-lm"
     seq_len: SeqLen
     precisions: tuple[Precision, ...] = tuple(Precision)
-    gradient_checkpointing: tuple[bool, ...] = (False, True)
+    gradient_checkpointing: tuple[Bool, ...] = (False, True)
     strategies: tuple[Strategy, ...] = Field(
         default=(Strategy.SINGLE,),
         description="single, ddp, fsdp; default [single] for world_size 1, [ddp, fsdp] above",
@@ -390,8 +426,8 @@ class ProbeSpec(Frozen):
         description="'all-linear' (peft's: every linear layer but the output head) or module names, "
         "e.g. [q_proj, v_proj]",
     )
-    target_effective_batch_size: int = Field(gt=0, le=MAX_BATCH)
-    world_size: int = Field(default=1, gt=0, le=MAX_WORLD_SIZE)
+    target_effective_batch_size: Int = Field(gt=0, le=MAX_BATCH)
+    world_size: Int = Field(default=1, gt=0, le=MAX_WORLD_SIZE)
     device: RequestDeviceName = "simulated"
     memory_limit_bytes: MemoryBytes | None = Field(
         default=None,
@@ -408,24 +444,46 @@ class ProbeSpec(Frozen):
         description="run on a node with this kind of GPU: a predict-table name (H100-80GB) or a bare "
         "model (H100); required with device 'gpu', placement only with simulated and predict",
     )
-    headroom_bytes: int = Field(
+    headroom_bytes: Int = Field(
         default=0, ge=0, le=MAX_MEMORY_BYTES, description="free memory a passing trial must leave"
     )
-    max_batch_size_limit: int | None = Field(default=None, gt=0, le=MAX_BATCH)
-    dataset_size: int | None = Field(default=None, gt=0, le=MAX_DATASET_SIZE)
-    num_train_epochs: float | None = Field(default=None, gt=0, le=MAX_EPOCHS)
-    warmup_ratio: float | None = Field(default=None, ge=0, lt=1)
-    trial_accumulation_steps: int = Field(
+    max_batch_size_limit: Int | None = Field(default=None, gt=0, le=MAX_BATCH)
+    dataset_size: Int | None = Field(default=None, gt=0, le=MAX_DATASET_SIZE)
+    num_train_epochs: Float | None = Field(default=None, gt=0, le=MAX_EPOCHS)
+    warmup_ratio: Float | None = Field(default=None, ge=0, lt=1)
+    trial_accumulation_steps: Int = Field(
         default=2, ge=2, le=16, description="micro-steps per optimizer step in every trial (>= 2)"
     )
-    trial_optimizer_steps: int = Field(
+    trial_optimizer_steps: Int = Field(
         default=2, ge=2, le=16, description="optimizer steps per trial (>= 2: AdamW state exists after one)"
     )
-    confirm_optimizer_steps: int = Field(
+    confirm_optimizer_steps: Int = Field(
         default=4, ge=2, le=64, description="optimizer steps of the fresh-process confirmation"
     )
-    trial_timeout_seconds: float = Field(default=600.0, gt=0, le=86_400)
-    seed: int = Field(default=0, ge=0, le=MAX_SEED, description="torch.manual_seed in every trial")
+    trial_timeout_seconds: Float = Field(default=600.0, gt=0, le=86_400)
+    seed: Int = Field(default=0, ge=0, le=MAX_SEED, description="torch.manual_seed in every trial")
+
+    @field_validator(
+        "seq_len",
+        "target_effective_batch_size",
+        "world_size",
+        "memory_limit_bytes",
+        "headroom_bytes",
+        "max_batch_size_limit",
+        "dataset_size",
+        "trial_accumulation_steps",
+        "trial_optimizer_steps",
+        "confirm_optimizer_steps",
+        "seed",
+        mode="before",
+    )
+    @classmethod
+    def _json_integer(cls, value: object) -> object:
+        """Integers are strict (no "64" for 64, no true for 1, as the JSON Schema says), but 64.0 is
+        an integer in JSON Schema and some JSON writers send it so."""
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        return value
 
     @model_validator(mode="before")
     @classmethod

@@ -1,16 +1,22 @@
 """The service's OpenAPI document: FastAPI's, made to say exactly what the service does.
 
+- An optional query or header parameter is absent or a value, never ``null`` (FastAPI writes
+  ``Optional`` as ``anyOf: [..., {type: null}]``, which would tell clients to send "null").
 - Problem documents are ``application/problem+json`` only (FastAPI files a response model under
   the route's media type too: ``application/json``, ``text/event-stream``), and FastAPI's own 422
   shape is replaced by the problem the service sends.
 - With a token configured, the operations :func:`app.middleware.guarded` protects declare bearer
   security and their 401.
+- The request's ``device`` names the devices this service has, ``gpu`` the cards of the predict
+  table (by their canonical names), and on ``simulated`` the ``memory_limit_bytes`` is capped at
+  MAXBATCH_SIMULATED_MEMORY_BYTES, as admission checks.
 
 Built once per app (the settings decide the security part) and cached on it.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from fastapi import FastAPI
@@ -19,6 +25,7 @@ from fastapi.openapi.utils import get_openapi
 from app.api.responses import PROBLEM_STATUSES
 from app.middleware import guarded
 from app.settings import Settings
+from probes.gpus import GPUS
 
 PROBLEM = "application/problem+json"
 BEARER = "bearerAuth"
@@ -52,6 +59,20 @@ def _problems_as_problem_json(schema: dict[str, Any]) -> None:
         components.pop(unused, None)
 
 
+def _no_null_parameters(schema: dict[str, Any]) -> None:
+    for _, _, operation in _operations(schema):
+        for parameter in operation.get("parameters", []):
+            branches = parameter.get("schema", {}).get("anyOf")
+            if not branches or parameter.get("required"):
+                continue
+            values = [b for b in branches if b.get("type") != "null"]
+            if len(values) == 1 and len(values) < len(branches):
+                rest = {k: v for k, v in parameter["schema"].items() if k != "anyOf"}
+                if rest.get("default", 0) is None:
+                    del rest["default"]
+                parameter["schema"] = {**rest, **values[0]}
+
+
 def _bearer_security(schema: dict[str, Any], *, reads_need_token: bool) -> None:
     schema.setdefault("components", {}).setdefault("securitySchemes", {})[BEARER] = {
         "type": "http",
@@ -64,6 +85,22 @@ def _bearer_security(schema: dict[str, Any], *, reads_need_token: bool) -> None:
             operation["responses"]["401"] = _problem(PROBLEM_STATUSES[401])
 
 
+def _this_service(schema: dict[str, Any], settings: Settings, gpus: list[str]) -> None:
+    request = schema["components"]["schemas"]["ProbeSpec"]
+    names = ["simulated", "predict", *gpus, *(["cuda"] if "cuda:0" in gpus else [])]
+    request["properties"]["device"]["pattern"] = "^(" + "|".join(re.escape(n) for n in names) + ")$"
+    request["properties"]["gpu"] = {
+        **{k: v for k, v in request["properties"]["gpu"].items() if k != "anyOf"},
+        "anyOf": [{"enum": [card.name for card in GPUS]}, {"type": "null"}],
+    }
+    request["allOf"].append(
+        {
+            "if": {"properties": {"device": {"const": "simulated"}}},
+            "then": {"properties": {"memory_limit_bytes": {"maximum": settings.simulated_memory_bytes}}},
+        }
+    )
+
+
 def service_openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:
     """The document for ``app``: built on the first call, then cached on ``app.openapi_schema``."""
     if app.openapi_schema is None:
@@ -71,6 +108,9 @@ def service_openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:
             title=app.title, version=app.version, description=app.description, routes=app.routes
         )
         _problems_as_problem_json(schema)
+        _no_null_parameters(schema)
+        runtime = getattr(app.state, "runtime", None)
+        _this_service(schema, settings, [g.device for g in runtime.inventory.gpus()] if runtime else [])
         if settings.token is not None:
             _bearer_security(schema, reads_need_token=settings.reads_need_token)
         app.openapi_schema = schema

@@ -23,7 +23,7 @@ from probes.spec import ProbeSpec
 
 router = APIRouter(prefix="/v1/probes", tags=["probes"])
 
-LAST_EVENT_ID_PATTERN = r"^\s*[0-9]{0,18}\s*$"
+LAST_EVENT_ID_PATTERN = r"^[0-9]{0,18}$"
 """A ``Last-Event-ID`` is an event's sequence number: at most 18 digits, which fit SQLite's
 64-bit integers (and Python's int() never meets its 4,300-digit limit)."""
 
