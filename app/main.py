@@ -12,8 +12,8 @@ from fastapi import FastAPI
 
 from app import errors
 from app.api import probes, system
-from app.apidocs import router as apidocs
 from app.api.openapi import service_openapi
+from app.apidocs import router as apidocs
 from app.dashboard.router import router as dashboard_router
 from app.inventory import Inventory
 from app.middleware import BodyLimitMiddleware, TokenGate

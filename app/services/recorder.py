@@ -18,7 +18,6 @@ from typing import Any
 from app.dispatch.base import Dispatcher, DispatchJob, RunOutcome, RunStatus
 from app.schemas import CurrentConfig, JobError, JobStatus
 from app.services.events import EventBus
-from app.services.metrics import Metrics
 from app.store import JobRecord, Store, StoredEvent, TrialRow
 from probes.spec import EventKind, ProbeEvent, ProbeResult
 from probes.verdict import Answer, judge
@@ -79,11 +78,10 @@ def _trial_row(event: ProbeEvent) -> TrialRow | None:
 class JobRecorder:
     """Writes job state changes to the store and publishes them; the dispatcher's sink."""
 
-    def __init__(self, store: Store, dispatcher: Dispatcher, *, bus: EventBus, metrics: Metrics) -> None:
+    def __init__(self, store: Store, dispatcher: Dispatcher, *, bus: EventBus) -> None:
         self.store = store
         self.dispatcher = dispatcher
         self.bus = bus
-        self.metrics = metrics
 
     def recover(self) -> None:
         """After a restart: re-queue (once) or fail jobs that were running, then queue every queued job."""
@@ -148,8 +146,6 @@ class JobRecorder:
 
     def job_event(self, job_id: str, event: ProbeEvent) -> None:
         trial = _trial_row(event)
-        if trial is not None:
-            self.metrics.trial(trial.outcome.value)
         config_done = event.kind is EventKind.CONFIG_DONE and event.config is not None
         current = CurrentConfig(
             precision=event.precision,
@@ -170,7 +166,7 @@ class JobRecorder:
         record = self.store.get(job_id)
         started = record.started_at if record else None
         if outcome.status is not RunStatus.EXPIRED:  # an expired job never ran a child
-            self.metrics.run(outcome.status.value, time.time() - started if started else None)
+            self.store.record_run(job_id, outcome.status.value, time.time() - started if started else None)
         if outcome.status is RunStatus.SHUTDOWN:
             if self.store.requeue(job_id, refund_attempt=True) is not None:
                 self.emit(job_id, "queued", {"reason": "re-queued: the service shut down while it ran"})

@@ -86,7 +86,7 @@ class Runtime:
         bus, metrics = EventBus(), Metrics(trial_outcomes=[outcome.value for outcome in Outcome])
         bus.bind(loop)
         versions = SoftwareVersions.detect(inventory.driver_version())
-        recorder = JobRecorder(store, dispatcher, bus=bus, metrics=metrics)
+        recorder = JobRecorder(store, dispatcher, bus=bus)
         jobs = JobService(
             settings,
             store,

@@ -10,7 +10,7 @@ from app.dispatch.inspector import ModelInspector
 from app.inventory import GpuInfo, Inventory
 from app.schemas import DeviceEntry, DeviceList, Gpu, GpuProcess, Health, JobStatus
 from app.services.admission import other_processes_memory, pids_in_groups
-from app.services.metrics import Metrics, ServiceState
+from app.services.metrics import DURATION_BUCKETS_SECONDS, Metrics, ServiceState
 from app.settings import Settings
 from app.store import Store
 
@@ -144,12 +144,15 @@ class SystemService:
         return Health(status="ok" if ready else "unavailable", checks=checks)
 
     def metrics_state(self) -> ServiceState:
-        """What the metrics' gauges show now (read at each scrape)."""
+        """What the metrics show now (read at each scrape): gauges and counters, from the store."""
         counts = self.store.count_by_status()
         return ServiceState(
             jobs_by_status={status.value: counts.get(status, 0) for status in JobStatus},
             queued_by_queue=self.store.queued_by_queue(),
             running_by_queue=self.dispatcher.running(),
+            trials_by_outcome=self.store.trials_by_outcome(),
+            runs_by_status=self.store.runs_by_status(),
+            durations=self.store.run_durations(DURATION_BUCKETS_SECONDS),
             queues=("cpu", *self._gpu_queues()),
         )
 

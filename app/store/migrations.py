@@ -87,12 +87,21 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE jobs ADD COLUMN node TEXT;
     """,
     # 4: a succeeded job's answer (fit / no_fit, probes.verdict), so lists show it without parsing
-    # results; earlier succeeded jobs answered fit when they had a recommendation
+    # results (earlier succeeded jobs answered fit when they had a recommendation); one row per
+    # probe child run, so that the run counters and durations of /metrics survive a restart
     """
     ALTER TABLE jobs ADD COLUMN answer TEXT;
     UPDATE jobs SET answer = CASE
         WHEN json_extract(result_json, '$.recommendation') IS NOT NULL THEN 'fit' ELSE 'no_fit' END
         WHERE status = 'succeeded' AND result_json IS NOT NULL;
+    CREATE TABLE probe_runs (
+        id INTEGER PRIMARY KEY,
+        job_id TEXT NOT NULL REFERENCES jobs (id),
+        status TEXT NOT NULL,
+        seconds REAL,
+        finished_at REAL NOT NULL
+    );
+    CREATE INDEX trials_by_outcome ON trials (outcome);
     """,
 )
 

@@ -114,6 +114,15 @@ class StoredTrial:
     trial: TrialRow
 
 
+@dataclass(frozen=True, slots=True)
+class RunDurations:
+    """Probe run wall times as a Prometheus histogram: cumulative counts per bucket bound."""
+
+    count: int
+    total_seconds: float
+    cumulative: tuple[int, ...]
+
+
 _JOB_COLUMNS = ", ".join(JobRecord.__dataclass_fields__)
 
 
@@ -252,6 +261,34 @@ class Store:
             for r in rows
         ]
 
+    # --- counters (/metrics): derived from rows that are never deleted, so they survive restarts ---
+
+    def trials_by_outcome(self) -> dict[str, int]:
+        """Every trial ever stored, by outcome."""
+        with self._lock:
+            rows = self._conn.execute("SELECT outcome, COUNT(*) FROM trials GROUP BY outcome").fetchall()
+        return {str(outcome): int(count) for outcome, count in rows}
+
+    def runs_by_status(self) -> dict[str, int]:
+        """Every probe child run recorded with :meth:`record_run`, by how it ended."""
+        with self._lock:
+            rows = self._conn.execute("SELECT status, COUNT(*) FROM probe_runs GROUP BY status").fetchall()
+        return {str(status): int(count) for status, count in rows}
+
+    def run_durations(self, bounds: tuple[float, ...]) -> RunDurations:
+        """The runs' wall times as a cumulative histogram over ``bounds`` (runs that never started
+        have none)."""
+        buckets = ", ".join("SUM(seconds <= ?)" for _ in bounds)
+        with self._lock:
+            row = self._conn.execute(
+                f"SELECT COUNT(seconds), COALESCE(SUM(seconds), 0){', ' if bounds else ''}{buckets}"
+                " FROM probe_runs WHERE seconds IS NOT NULL",
+                bounds,
+            ).fetchone()
+        return RunDurations(
+            count=int(row[0]), total_seconds=float(row[1]), cumulative=tuple(int(v or 0) for v in row[2:])
+        )
+
     def find_reusable(
         self, cache_key: str, *, idempotency_key: str | None, request_hash: str, reuse_cached: bool
     ) -> tuple[JobRecord | None, Reuse] | None:
@@ -361,6 +398,14 @@ class Store:
                 "UPDATE jobs SET queued_reason = ? WHERE id = ? AND status = 'queued'", (reason, job_id)
             )
             return cur.rowcount > 0
+
+    def record_run(self, job_id: str, status: str, seconds: float | None) -> None:
+        """A probe child run of ``job_id`` ended as ``status`` after ``seconds`` (``None``: never started)."""
+        with self._tx() as conn:
+            conn.execute(
+                "INSERT INTO probe_runs (job_id, status, seconds, finished_at) VALUES (?, ?, ?, ?)",
+                (job_id, status, seconds, time.time()),
+            )
 
     def mark_running(
         self, job_id: str, *, child_pid: int, workdir: str, node: str | None = None

@@ -16,9 +16,10 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.main import create_app
-from app.services.metrics import Metrics, ServiceState
+from app.services.metrics import DURATION_BUCKETS_SECONDS, Metrics, ServiceState
 from app.services.runtime import DataDirInUse
 from app.settings import Settings
+from app.store import NewJob, Store
 from tests.app.conftest import probe_body, wait_done, wait_status
 
 THREAD_END_DEADLINE_SECONDS = 10.0
@@ -84,17 +85,40 @@ def test_metrics_count_jobs_trials_and_durations(client: TestClient) -> None:
     assert not [name for name in samples if "_created" in name]
 
 
-def test_histogram_buckets_are_cumulative() -> None:
+def test_counters_survive_a_restart(settings_factory: Callable[..., Settings]) -> None:
+    with TestClient(create_app(settings_factory())) as client:
+        wait_done(client, client.post("/v1/probes", json=probe_body()).json()["id"])
+        before = _samples(client.get("/metrics").text)
+    with TestClient(create_app(settings_factory())) as client:
+        after = _samples(client.get("/metrics").text)
+    for name in (
+        'maxbatch_probe_runs_total{status="succeeded"}',
+        'maxbatch_trials_total{outcome="fit"}',
+        'maxbatch_trials_total{outcome="oom"}',
+        "maxbatch_probe_duration_seconds_count",
+    ):
+        assert after[name] == before[name] > 0, name
+
+
+def test_histogram_buckets_are_cumulative(tmp_path: Path) -> None:
+    store = Store(tmp_path / "store.sqlite3")
+    new = NewJob("job", "simulated", "cpu", "gpt2", "{}", "key", allow_remote_code=False, configs_total=1)
+    store.submit(new, idempotency_key=None, request_hash="h", reuse_cached=False, max_queued=10)
+    for seconds in (0.5, 3, 3, 4000, 9000, None):
+        store.record_run("job", "succeeded", seconds)
+    state = ServiceState(
+        runs_by_status=store.runs_by_status(), durations=store.run_durations(DURATION_BUCKETS_SECONDS)
+    )
+    store.close()
     metrics = Metrics()
-    for seconds in (0.5, 3, 3, 4000, 9000):
-        metrics.run("succeeded", seconds)
+    metrics.watch(lambda: state)
     samples = _samples(metrics.exposition())
     assert samples['maxbatch_probe_duration_seconds_bucket{le="1.0"}'] == 1
     assert samples['maxbatch_probe_duration_seconds_bucket{le="5.0"}'] == 3
     assert samples['maxbatch_probe_duration_seconds_bucket{le="7200.0"}'] == 4
     assert samples['maxbatch_probe_duration_seconds_bucket{le="+Inf"}'] == 5
     assert samples["maxbatch_probe_duration_seconds_sum"] == pytest.approx(13006.5)
-    assert samples['maxbatch_probe_runs_total{status="succeeded"}'] == 5
+    assert samples['maxbatch_probe_runs_total{status="succeeded"}'] == 6  # one never started
 
 
 def test_the_gauges_are_read_at_each_scrape() -> None:
@@ -117,15 +141,14 @@ def test_the_gauges_are_read_at_each_scrape() -> None:
     assert _samples(metrics.exposition())['maxbatch_jobs{status="queued"}'] == 0
 
 
-def test_two_services_in_one_process_count_apart() -> None:
+def test_two_services_in_one_process_report_apart() -> None:
     first, second = Metrics(trial_outcomes=["fit"]), Metrics(trial_outcomes=["fit"])
-    first.trial("fit")
-    first.trial("fit")
+    first.watch(lambda: ServiceState(trials_by_outcome={"fit": 2}))
+    second.watch(ServiceState)
     assert _samples(first.exposition())['maxbatch_trials_total{outcome="fit"}'] == 2
     assert _samples(second.exposition())['maxbatch_trials_total{outcome="fit"}'] == 0
     assert not [name for name in _samples(generate_latest(REGISTRY).decode()) if name.startswith("maxbatch_")]
-    first.watch(ServiceState)
-    with pytest.raises(ValueError, match="Duplicated"):  # one store's gauges per registry
+    with pytest.raises(ValueError, match="Duplicated"):  # one store's metrics per registry
         first.watch(ServiceState)
 
 
