@@ -1,0 +1,158 @@
+"""Load as clients make it: pollers reading one job, and a burst of identical POSTs.
+
+Each poller is its own ``httpx.AsyncClient`` (its own connection), all on one event loop in the
+calling process, so that the load generator stays light next to the server it measures. A poller
+sends the next request as soon as the last answer arrived (closed loop, no think time: the
+heaviest polling 200 clients can make), optionally with ``If-None-Match`` set to the last ETag it
+saw, as a client that keeps the state it has does. Latency is measured from just before a request
+is sent to its whole answer, with ``time.perf_counter``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+
+@dataclass
+class LoadResult:
+    """What one load did: answers by status, errors, latencies (seconds), wall time."""
+
+    statuses: Counter[int] = field(default_factory=Counter)
+    errors: Counter[str] = field(default_factory=Counter)
+    latencies: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    #: anything a load wants to keep (job ids seen, ...)
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def requests(self) -> int:
+        return len(self.latencies)
+
+    def percentile(self, q: float) -> float:
+        """The ``q``-th percentile latency in seconds (nearest rank); NaN without answers."""
+        if not self.latencies:
+            return math.nan
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
+
+    def summary(self) -> str:
+        rate = self.requests / self.seconds if self.seconds else 0.0
+        statuses = ", ".join(f"{status} x{count}" for status, count in sorted(self.statuses.items()))
+        errors = ", ".join(f"{kind} x{count}" for kind, count in self.errors.items()) or "none"
+        return (
+            f"{self.requests} answers in {self.seconds:.1f} s ({rate:.0f}/s); "
+            f"p50 {self.percentile(50) * 1000:.0f} ms, p90 {self.percentile(90) * 1000:.0f} ms, "
+            f"p99 {self.percentile(99) * 1000:.0f} ms, max {max(self.latencies, default=0) * 1000:.0f} ms; "
+            f"statuses: {statuses}; errors: {errors}"
+        )
+
+
+async def _poller(
+    client: httpx.AsyncClient,
+    path: str,
+    deadline: float,
+    result: LoadResult,
+    *,
+    conditional: bool,
+) -> None:
+    etag: str | None = None
+    while time.monotonic() < deadline:
+        request_headers = {"If-None-Match": etag} if conditional and etag else {}
+        started = time.perf_counter()
+        try:
+            response = await client.get(path, headers=request_headers)
+        except httpx.HTTPError as exc:
+            result.errors[type(exc).__name__] += 1
+            continue
+        result.latencies.append(time.perf_counter() - started)
+        result.statuses[response.status_code] += 1
+        etag = response.headers.get("etag", etag)
+
+
+def poll(
+    base_url: str,
+    path: str,
+    *,
+    clients: int,
+    seconds: float,
+    conditional: bool = True,
+    headers: dict[str, str] | None = None,
+    timeout: float = 30.0,
+) -> LoadResult:
+    """``clients`` pollers GET ``path`` back to back for ``seconds``.
+
+    The clients are made before the clock starts (an ``httpx`` client builds an SSL context, tens
+    of milliseconds of CPU that would otherwise land in the first requests' latencies).
+    """
+    result = LoadResult()
+
+    async def main() -> None:
+        pollers = [
+            httpx.AsyncClient(base_url=base_url, headers=headers or {}, timeout=timeout)
+            for _ in range(clients)
+        ]
+        try:
+            started = time.monotonic()
+            deadline = started + seconds
+            await asyncio.gather(
+                *(_poller(c, path, deadline, result, conditional=conditional) for c in pollers)
+            )
+            result.seconds = time.monotonic() - started
+        finally:
+            await asyncio.gather(*(c.aclose() for c in pollers))
+
+    asyncio.run(main())
+    return result
+
+
+def burst_of_posts(
+    base_url: str,
+    body: dict[str, Any],
+    *,
+    count: int,
+    headers: dict[str, str] | None = None,
+    timeout: float = 120.0,
+) -> LoadResult:
+    """``count`` identical ``POST /v1/probes``, all sent at once over ``count`` connections.
+
+    ``notes["job_ids"]`` counts the job ids the answers named.
+    """
+    result = LoadResult()
+    job_ids: Counter[str] = Counter()
+    result.notes["job_ids"] = job_ids
+    limits = httpx.Limits(max_connections=count, max_keepalive_connections=count)
+
+    async def one(client: httpx.AsyncClient, start: asyncio.Event) -> None:
+        await start.wait()
+        started = time.perf_counter()
+        try:
+            response = await client.post("/v1/probes", json=body)
+        except httpx.HTTPError as exc:
+            result.errors[type(exc).__name__] += 1
+            return
+        result.latencies.append(time.perf_counter() - started)
+        result.statuses[response.status_code] += 1
+        if response.status_code in (200, 202):
+            job_ids[response.json()["id"]] += 1
+
+    async def main() -> None:
+        async with httpx.AsyncClient(
+            base_url=base_url, headers=headers or {}, timeout=timeout, limits=limits
+        ) as client:
+            start = asyncio.Event()
+            tasks = [asyncio.create_task(one(client, start)) for _ in range(count)]
+            await asyncio.sleep(0)  # every task is waiting on the event: release them together
+            start.set()
+            await asyncio.gather(*tasks)
+
+    started = time.monotonic()
+    asyncio.run(main())
+    result.seconds = time.monotonic() - started
+    return result
