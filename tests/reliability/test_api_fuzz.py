@@ -15,7 +15,9 @@ from tests.reliability.fuzz import FuzzReport, fuzz_config, run_fuzz
 
 pytestmark = pytest.mark.slow
 
-BUDGET = {"max_examples": 10, "request_timeout_seconds": 2.0}
+MAX_EXAMPLES = 10
+STREAM_SECONDS = 2.0
+"""How long one request (an event stream of a queued job, say) may take before it is cut short."""
 
 
 def _assert_clean_and_stateful(report: FuzzReport) -> None:
@@ -33,11 +35,17 @@ def _assert_clean_and_stateful(report: FuzzReport) -> None:
 
 
 def test_every_check_passes_without_a_token(service: LiveServer) -> None:
-    report = run_fuzz(service.url, fuzz_config(seed=20261201, **BUDGET))
+    report = run_fuzz(
+        service.url,
+        fuzz_config(seed=20261201, max_examples=MAX_EXAMPLES, request_timeout_seconds=STREAM_SECONDS),
+    )
     _assert_clean_and_stateful(report)
 
 
 def test_every_check_passes_with_a_token(token_service: LiveServer) -> None:
-    report = run_fuzz(token_service.url, fuzz_config(seed=20261202, token=TOKEN, **BUDGET))
+    config = fuzz_config(
+        seed=20261202, token=TOKEN, max_examples=MAX_EXAMPLES, request_timeout_seconds=STREAM_SECONDS
+    )
+    report = run_fuzz(token_service.url, config)
     _assert_clean_and_stateful(report)
     assert sum(n for key, n in report.responses.items() if key.endswith(" 401")) > 0  # auth was probed
