@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Header, Query, Response
 from fastapi.sse import EventSourceResponse, ServerSentEvent
+from pydantic import BaseModel
 
 from app.api.responses import NOT_MODIFIED, problems
 from app.deps import ExistingJobId, JobsDep, JsonBody, SettingsDep
@@ -31,6 +32,7 @@ MAX_TRIAL_SEQ = 2**62
 """Upper bound of ``after`` on the trials: a job's trial numbers stay far below it."""
 
 JOB_ID = "$response.body#/id"
+JSON = "application/json"
 
 
 def _links(*operations: str) -> dict[str, Any]:
@@ -61,15 +63,19 @@ EXAMPLE_REQUEST: dict[str, Any] = {
 """A request every service accepts (a tiny GPT-2 on the simulated device): the document's example."""
 
 
-def _conditional(response: Response, versioned: Versioned[Any], *, running: bool, retry_after: int) -> Any:
+def _json(body: BaseModel, *, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """``body`` serialised once (it is validated already; the route's response model documents it)."""
+    return Response(body.model_dump_json(), status_code=status, headers=headers, media_type=JSON)
+
+
+def _conditional(versioned: Versioned[Any], *, running: bool, retry_after: int) -> Response:
     """The body, or a bodiless ``304`` when the client's ``If-None-Match`` named the ETag it has."""
     headers = {"ETag": versioned.etag, "Cache-Control": "no-cache"}
     if running:
         headers["Retry-After"] = str(retry_after)
     if versioned.value is None:
         return Response(status_code=304, headers=headers)
-    response.headers.update(headers)
-    return versioned.value
+    return _json(versioned.value, headers=headers)
 
 
 IfNoneMatch = Annotated[
@@ -102,7 +108,6 @@ def submit_probe(
     spec: Annotated[ProbeSpec, Body(examples=[EXAMPLE_REQUEST])],
     jobs: JobsDep,
     settings: SettingsDep,
-    response: Response,
     allow_busy_device: Annotated[
         bool, Query(description="probe a GPU even when other processes hold memory on it")
     ] = False,
@@ -113,7 +118,7 @@ def submit_probe(
         str | None,
         Header(max_length=1024, description="'no-cache' runs the probe again instead of reusing a result"),
     ] = None,
-) -> ProbeSubmission:
+) -> Response:
     use_cache = "no-cache" not in (cache_control or "").lower()
     submission = jobs.submit(
         spec,
@@ -122,11 +127,10 @@ def submit_probe(
         ),
     )
     reused = submission.cached or submission.coalesced or submission.replayed
-    response.status_code = 200 if reused else 202
-    response.headers["Location"] = f"/v1/probes/{submission.id}"
+    headers = {"Location": f"/v1/probes/{submission.id}"}
     if not submission.status.terminal:
-        response.headers["Retry-After"] = str(settings.poll_interval_seconds)
-    return submission
+        headers["Retry-After"] = str(settings.poll_interval_seconds)
+    return _json(submission, status=200 if reused else 202, headers=headers)
 
 
 @router.get(
@@ -138,14 +142,13 @@ def submit_probe(
 )
 def list_probes(
     jobs: JobsDep,
-    response: Response,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     after: Annotated[str | None, Query(max_length=64, description="next_after of the previous page")] = None,
     status: Annotated[list[JobStatus] | None, Query(description="only jobs in these statuses")] = None,
     if_none_match: IfNoneMatch = None,
-) -> Any:
+) -> Response:
     page = jobs.page(limit=limit, after=after, statuses=status, if_none_match=if_none_match)
-    return _conditional(response, page, running=False, retry_after=0)
+    return _conditional(page, running=False, retry_after=0)
 
 
 @router.get(
@@ -163,7 +166,6 @@ async def get_probe(
     job_id: str,
     jobs: JobsDep,
     settings: SettingsDep,
-    response: Response,
     wait: Annotated[
         float,
         Query(
@@ -175,10 +177,10 @@ async def get_probe(
         ),
     ] = 0,
     if_none_match: IfNoneMatch = None,
-) -> Any:
+) -> Response:
     versioned = await jobs.wait(job_id, wait, if_none_match)
     running = versioned.value is None or not versioned.value.status.terminal
-    return _conditional(response, versioned, running=running, retry_after=settings.poll_interval_seconds)
+    return _conditional(versioned, running=running, retry_after=settings.poll_interval_seconds)
 
 
 def _event_id(value: str | None) -> int:
@@ -228,13 +230,13 @@ def probe_trials(
             description="only trials after this seq (the last one read), for cheap polling",
         ),
     ] = 0,
-) -> TrialList:
+) -> Response:
     """Every trial the probe has reported, one row each: the batch size, the outcome, the peaks.
 
     Rows are stored as the trials end, so a client can draw the search while it runs without
     following the event stream; a restarted job's trials carry their ``attempt``.
     """
-    return jobs.trials(job_id, after)
+    return _json(jobs.trials(job_id, after))
 
 
 @router.post(
@@ -247,5 +249,5 @@ def probe_trials(
     },
     summary="Cancel a queued or running job (its probe child is killed)",
 )
-async def cancel_probe(job_id: str, jobs: JobsDep) -> Job:
-    return await jobs.cancel(job_id)
+async def cancel_probe(job_id: str, jobs: JobsDep) -> Response:
+    return _json(await jobs.cancel(job_id))

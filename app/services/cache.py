@@ -1,4 +1,4 @@
-"""What makes two requests the same question: the cache key and the request hash.
+"""What makes two requests the same question: the cache key and the request hash (:func:`identify`).
 
 The cache key covers everything that changes the answer: the whole normalised request, the
 device's identity (name, total memory, compute capability) and the versions of maxbatch, torch,
@@ -38,9 +38,22 @@ def _canonical(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
-def request_hash(spec: ProbeSpec) -> str:
-    """Identity of the request body alone (for Idempotency-Key checks)."""
-    return hashlib.sha256(_canonical(spec.model_dump(mode="json")).encode()).hexdigest()
+@dataclass(frozen=True, slots=True)
+class RequestIdentity:
+    """What a request is: ``request_hash`` for Idempotency-Key checks, ``cache_key`` for reuse."""
+
+    request_hash: str
+    cache_key: str
+
+
+def identify(spec: ProbeSpec, gpu: GpuInfo | None, versions: SoftwareVersions) -> RequestIdentity:
+    """Both identities of ``spec``, from one canonical rendering of it (keys sorted, so that two
+    spellings of one ``model.config`` are one question)."""
+    request = hashlib.sha256(_canonical(spec.model_dump(mode="json")).encode()).hexdigest()
+    payload = {"request": request, "device": device_identity(spec, gpu), "versions": asdict(versions)}
+    return RequestIdentity(
+        request_hash=request, cache_key=hashlib.sha256(_canonical(payload).encode()).hexdigest()
+    )
 
 
 def device_identity(spec: ProbeSpec, gpu: GpuInfo | None) -> dict[str, Any]:
@@ -52,13 +65,3 @@ def device_identity(spec: ProbeSpec, gpu: GpuInfo | None) -> dict[str, Any]:
         "total_memory_bytes": gpu.total_memory_bytes,
         "compute_capability": gpu.compute_capability,
     }
-
-
-def cache_key(spec: ProbeSpec, gpu: GpuInfo | None, versions: SoftwareVersions) -> str:
-    """Two requests with the same key get the same answer (so a finished result can be reused)."""
-    payload = {
-        "spec": spec.model_dump(mode="json"),
-        "device": device_identity(spec, gpu),
-        "versions": asdict(versions),
-    }
-    return hashlib.sha256(_canonical(payload).encode()).hexdigest()

@@ -26,9 +26,10 @@ from app.errors import IdempotencyKeyReused, JobFinished, JobNotFound, QueueFull
 from app.inventory import GpuInfo, Inventory
 from app.schemas import TERMINAL_STATUSES, Job, JobPage, JobStatus, ProbeSubmission, TrialList
 from app.services.admission import admit, pids_in_groups
-from app.services.cache import SoftwareVersions, cache_key, request_hash
+from app.services.cache import SoftwareVersions, identify
 from app.services.events import EventBus
 from app.services.recorder import CANCELLED_ERROR, DONE, JobRecorder, dispatch_job
+from app.services.singleflight import SingleFlight
 from app.services.views import (
     Versioned,
     etag_matches,
@@ -98,6 +99,7 @@ class JobService:
         self.recorder = recorder
         self.bus = bus
         self.versions = versions
+        self._inspections: SingleFlight[ModelFacts] = SingleFlight()
 
     # --- submit --------------------------------------------------------------------------------
 
@@ -113,21 +115,19 @@ class JobService:
             allow_busy_device=options.allow_busy_device,
         )
         spec = admitted.spec
-        key = cache_key(spec, admitted.gpu, self.versions)
-        body_hash = request_hash(spec)
+        identity = identify(spec, admitted.gpu, self.versions)
+        key, body_hash = identity.cache_key, identity.request_hash
         found = self.store.find_reusable(
             key,
             idempotency_key=options.idempotency_key,
             request_hash=body_hash,
             reuse_cached=options.use_cache,
         )
-        if found is None and self.store.count_by_status()[JobStatus.QUEUED] >= self.settings.max_queued_jobs:
+        if found is not None:  # a cached, coalesced or replayed answer: nothing to write
+            return self._answer(*found, options)
+        if self.store.count_by_status()[JobStatus.QUEUED] >= self.settings.max_queued_jobs:
             raise self._queue_full()
-        facts: ModelFacts | None = None
-        if found is None and self.inspector is not None:
-            facts = self.inspector.inspect(
-                spec.model, spec.seq_len, allow_remote_code=self.settings.allow_remote_code
-            )
+        facts = self._inspect(spec)
         job_id = new_job_id()
         record, reuse = self.store.submit(
             NewJob(
@@ -146,6 +146,13 @@ class JobService:
             reuse_cached=options.use_cache,
             max_queued=self.settings.max_queued_jobs,
         )
+        if reuse is Reuse.CREATED and record is not None:
+            self.recorder.emit(record.id, "queued", {"reason": "submitted"})
+            self.dispatcher.submit(dispatch_job(record))
+            log.info("job %s queued on %s (%s)", record.id, record.device, record.model)
+        return self._answer(record, reuse, options)
+
+    def _answer(self, record: JobRecord | None, reuse: Reuse, options: SubmitOptions) -> ProbeSubmission:
         if reuse is Reuse.KEY_CONFLICT:
             raise IdempotencyKeyReused(
                 f"Idempotency-Key {options.idempotency_key!r} was used before with a different request; "
@@ -153,16 +160,23 @@ class JobService:
             )
         if reuse is Reuse.QUEUE_FULL or record is None:
             raise self._queue_full()
-        if reuse is Reuse.CREATED:
-            self.recorder.emit(record.id, "queued", {"reason": "submitted"})
-            self.dispatcher.submit(dispatch_job(record))
-            log.info("job %s queued on %s (%s)", record.id, record.device, record.model)
-        job = job_view(record)
-        return ProbeSubmission(
-            **job.model_dump(),
+        job = job_view(record)  # validated: its fields are copied as they are
+        return ProbeSubmission.model_construct(
+            **dict(job),
             cached=reuse is Reuse.CACHED,
             coalesced=reuse is Reuse.COALESCED,
             replayed=reuse is Reuse.REPLAYED,
+        )
+
+    def _inspect(self, spec: ProbeSpec) -> ModelFacts | None:
+        """The model inspector's facts (or its refusal), asked once for identical concurrent requests."""
+        inspector = self.inspector
+        if inspector is None:
+            return None
+        key = (spec.model.model_dump_json(), spec.seq_len)
+        allow = self.settings.allow_remote_code
+        return self._inspections.run(
+            key, lambda: inspector.inspect(spec.model, spec.seq_len, allow_remote_code=allow)
         )
 
     def _queue_full(self) -> QueueFull:

@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, astuple, dataclass
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Generic, TypeVar
 
 from app.schemas import CurrentConfig, Job, JobError, JobStatus, JobSummary, Progress, TrialEntry
@@ -59,6 +60,13 @@ def summary_view(record: JobRecord) -> JobSummary:
     )
 
 
+# Stored JSON is parsed into frozen (immutable) models, so a parse can be shared: pollers of one job
+# and a burst of identical POSTs would otherwise parse the same text again on every request.
+_spec = lru_cache(maxsize=256)(ProbeSpec.model_validate_json)
+_facts = lru_cache(maxsize=256)(ModelFacts.model_validate_json)
+_result = lru_cache(maxsize=64)(ProbeResult.model_validate_json)
+
+
 def job_view(record: JobRecord) -> Job:
     """The whole job; ``run_seconds`` of a running job counts up to now."""
     now = time.time()
@@ -68,11 +76,9 @@ def job_view(record: JobRecord) -> Job:
         **summary_view(record).model_dump(),
         queued_seconds=queued_seconds,
         run_seconds=run_seconds,
-        spec=ProbeSpec.model_validate_json(record.spec_json),
-        model_facts=ModelFacts.model_validate_json(record.model_facts_json)
-        if record.model_facts_json
-        else None,
-        result=ProbeResult.model_validate_json(record.result_json) if record.result_json else None,
+        spec=_spec(record.spec_json),
+        model_facts=_facts(record.model_facts_json) if record.model_facts_json else None,
+        result=_result(record.result_json) if record.result_json else None,
     )
 
 

@@ -58,7 +58,7 @@ def test_a_malformed_last_event_id_is_a_422(client: TestClient, value: str) -> N
 def test_a_last_event_id_resumes_after_it(client: TestClient) -> None:
     job_id = client.post("/v1/probes", json=probe_body()).json()["id"]
     wait_done(client, job_id)
-    with client.stream("GET", f"/v1/probes/{job_id}/events", headers={"Last-Event-ID": " 3 "}) as stream:
+    with client.stream("GET", f"/v1/probes/{job_id}/events", headers={"Last-Event-ID": "3"}) as stream:
         ids = [line.removeprefix("id: ") for line in stream.iter_lines() if line.startswith("id: ")]
     assert ids[0] == "4"
 

@@ -1,0 +1,244 @@
+"""Issue 12's load and fault run: schemathesis at scale, pollers, a POST burst, kill drills.
+
+Slow (about ten minutes on two cores), not part of CI; ``tests/reliability`` runs the same pieces
+in small form. Run from the repository root, when the machine is as quiet as you can find it::
+
+    .venv/bin/python -m bench.reliability                      # every section
+    .venv/bin/python -m bench.reliability --only pollers posts # some of them
+
+Sections:
+
+- ``fuzz``: schemathesis' engine, every check (``tests/reliability/fuzz.py``), stateful links that
+  create, read, follow and cancel jobs, against a service running the real probe engine on the
+  simulated device (the real model inspector answers every POST); ``--fuzz-examples`` per
+  operation and phase, enough for more than 5,000 requests;
+- ``pollers``: a real probe runs (a GPT-2 sweep on the simulated device) while 200 pollers, each
+  its own ``httpx.AsyncClient``, read its job back to back for 30 s: once with ``If-None-Match``
+  (as a client that keeps the state it has), once without;
+- ``posts``: 1,000 identical ``POST /v1/probes`` at once (real engine): latency, how many jobs and
+  probe runs they made;
+- ``drills``: every kill drill of ``tests/reliability/drills.py`` (fake probe engine: the drills
+  are about the service, and the fake child writes the pid files they watch).
+
+Each section prints a line per figure; ``--out`` gets them all as JSON, with the date, the machine,
+the load average before each section and the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.app.live_server import LiveServer
+from tests.reliability.drills import DRILLS, run_drill, wait_for
+from tests.reliability.fuzz import fuzz_config, run_fuzz
+from tests.reliability.load import burst_of_posts, poll
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY_GPT2 = {"architecture": "gpt2", "config": {"n_layer": 2, "n_embd": 64, "n_head": 2, "vocab_size": 1000}}
+
+LONG_PROBE: dict[str, Any] = {
+    "model": {"architecture": "gpt2", "config": {"n_layer": 4, "n_embd": 256, "n_head": 4}},
+    "seq_len": 256,
+    "target_effective_batch_size": 256,
+    "device": "simulated",
+    "memory_limit_bytes": 512 * 1024**2,
+}
+"""Eight configs of a small GPT-2 under 512 MiB: minutes of trials, so a probe runs all through a
+30 s polling load."""
+
+BURST_REQUEST: dict[str, Any] = {
+    "model": TINY_GPT2,
+    "seq_len": 64,
+    "precisions": ["32-true"],
+    "gradient_checkpointing": [False],
+    "target_effective_batch_size": 64,
+    "device": "simulated",
+    "memory_limit_bytes": 64 * 1024**2,
+}
+
+
+def real_engine_env() -> dict[str, str]:
+    """The service as shipped, on the simulated device; the hub is off (no network here)."""
+    return {
+        "MAXBATCH_NVML": "off",
+        "MAXBATCH_LOG_LEVEL": "warning",
+        "MAXBATCH_MAX_QUEUED_JOBS": "50",
+        "HF_HUB_OFFLINE": "1",
+    }
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def fuzz(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    with LiveServer(workdir / "fuzz", real_engine_env()) as server:
+        config = fuzz_config(
+            max_examples=args.fuzz_examples,
+            seed=args.seed,
+            request_timeout_seconds=5.0,
+            stateful_steps=10,
+        )
+        report = run_fuzz(server.url, config)
+    print(report.summary())
+    stateful = {
+        op: report.stateful(op, "2")
+        for op in (
+            "POST /v1/probes",
+            "GET /v1/probes/{job_id}",
+            "GET /v1/probes/{job_id}/events",
+            "GET /v1/probes/{job_id}/trials",
+            "POST /v1/probes/{job_id}/cancel",
+        )
+    }
+    print("stateful 2xx by operation:", stateful)
+    return {
+        "requests": report.requests,
+        "seconds": round(report.seconds, 1),
+        "failures": report.failures,
+        "errors": report.errors,
+        "by_phase": dict(report.by_phase),
+        "by_operation": dict(report.by_operation),
+        "stateful_2xx": stateful,
+        "stop_reason": report.stop_reason,
+    }
+
+
+def pollers(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    with LiveServer(workdir / "pollers", real_engine_env()) as server, server.client() as client:
+        job_id = client.post("/v1/probes", json=LONG_PROBE).json()["id"]
+        wait_for(client, job_id, lambda j: j["status"] == "running", timeout=120)
+        for conditional in (True, False):
+            label = "with If-None-Match" if conditional else "without If-None-Match"
+            print(f"load average before the {label} run: {load_average()}")
+            result = poll(
+                server.url,
+                f"/v1/probes/{job_id}",
+                clients=args.pollers,
+                seconds=args.poll_seconds,
+                conditional=conditional,
+            )
+            still = client.get(f"/v1/probes/{job_id}").json()["status"]
+            print(f"{args.pollers} pollers, {label}: {result.summary()} (probe {still})")
+            out[label] = {
+                "requests": result.requests,
+                "per_second": round(result.requests / result.seconds),
+                "p50_ms": round(result.percentile(50) * 1000, 1),
+                "p90_ms": round(result.percentile(90) * 1000, 1),
+                "p99_ms": round(result.percentile(99) * 1000, 1),
+                "max_ms": round(max(result.latencies, default=0) * 1000, 1),
+                "statuses": dict(result.statuses),
+                "errors": dict(result.errors),
+                "probe_status_after": still,
+            }
+        client.post(f"/v1/probes/{job_id}/cancel")
+    return out
+
+
+def posts(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    with LiveServer(workdir / "posts", real_engine_env()) as server:
+        with httpx.Client(base_url=server.url, timeout=300) as client:
+            # a service that has answered before (its model inspector has imported transformers)
+            warm = client.post("/v1/probes", json={**BURST_REQUEST, "seq_len": 32})
+            assert warm.status_code == 202, warm.text
+        result = burst_of_posts(server.url, BURST_REQUEST, count=args.posts)
+        job_ids = result.notes["job_ids"]
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            for job_id in job_ids:
+                wait_for(client, job_id, lambda j: j["status"] in ("succeeded", "failed"), timeout=600)
+            listed = [
+                job
+                for job in client.get("/v1/probes", params={"limit": 100}).json()["items"]
+                if job["id"] in job_ids
+            ]
+            metrics = client.get("/metrics").text
+    runs = sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("maxbatch_probe_runs_total{")
+    ) - 1  # the warm-up job's run
+    print(
+        f"{args.posts} identical POSTs: {result.summary()}; {len(job_ids)} job id(s), "
+        f"{len(listed)} job(s) stored, {runs:g} probe run(s)"
+    )
+    return {
+        "requests": result.requests,
+        "p50_ms": round(result.percentile(50) * 1000, 1),
+        "p99_ms": round(result.percentile(99) * 1000, 1),
+        "max_ms": round(max(result.latencies, default=0) * 1000, 1),
+        "statuses": dict(result.statuses),
+        "errors": dict(result.errors),
+        "job_ids": len(job_ids),
+        "jobs_stored": len(listed),
+        "probe_runs": runs,
+    }
+
+
+def drills(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in DRILLS:
+        report = run_drill(name, workdir / "drills" / name)
+        verdict = "held" if not report.problems else f"BROKEN: {report.problems}"
+        print(f"drill {report.name}: {verdict}; {report.facts} ({report.seconds:.1f} s)")
+        out[name] = {"problems": report.problems, "facts": report.facts, "seconds": round(report.seconds, 1)}
+    return out
+
+
+SECTIONS: dict[str, Callable[[Path, argparse.Namespace], dict[str, Any]]] = {
+    "fuzz": fuzz,
+    "pollers": pollers,
+    "posts": posts,
+    "drills": drills,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="+", choices=sorted(SECTIONS), default=list(SECTIONS))
+    parser.add_argument("--fuzz-examples", type=int, default=250, help="max examples per operation")
+    parser.add_argument("--seed", type=int, default=20261201)
+    parser.add_argument("--pollers", type=int, default=200)
+    parser.add_argument("--poll-seconds", type=float, default=30.0)
+    parser.add_argument("--posts", type=int, default=1000)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "reliability.json")
+    args = parser.parse_args(argv)
+    record: dict[str, Any] = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
+        "python": sys.version.split()[0],
+        "command": " ".join([Path(sys.executable).name, "-m", "bench.reliability", *(argv or sys.argv[1:])]),
+        "sections": {},
+    }
+    with tempfile.TemporaryDirectory(prefix="maxbatch-reliability-") as tmp:
+        for name in args.only:
+            before = load_average()
+            print(f"== {name} (load average {before})", flush=True)
+            started = time.monotonic()
+            figures = SECTIONS[name](Path(tmp), args)
+            record["sections"][name] = {
+                "load_average_before": before,
+                "seconds": round(time.monotonic() - started, 1),
+                **figures,
+            }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
