@@ -166,11 +166,14 @@ def posts(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
                 if job["id"] in job_ids
             ]
             metrics = client.get("/metrics").text
-    runs = sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in metrics.splitlines()
-        if line.startswith("maxbatch_probe_runs_total{")
-    ) - 1  # the warm-up job's run
+    runs = (
+        sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in metrics.splitlines()
+            if line.startswith("maxbatch_probe_runs_total{")
+        )
+        - 1
+    )  # the warm-up job's run
     print(
         f"{args.posts} identical POSTs: {result.summary()}; {len(job_ids)} job id(s), "
         f"{len(listed)} job(s) stored, {runs:g} probe run(s)"
