@@ -350,32 +350,33 @@ def test_the_job_page_fits_a_phone_and_has_a_dark_mode(
 
 @pytest.fixture(scope="module")
 def token_service(tmp_path_factory: pytest.TempPathFactory, chromium: tuple[str, str]) -> Iterator[Service]:
-    yield from start_service(tmp_path_factory.mktemp("token-service"), "s3cret-token")
+    yield from start_service(tmp_path_factory.mktemp("token-service"), "s3cret-token-for-the-dashboard")
+
+
+def _prompt_open(browser: Browser) -> bool:
+    return bool(browser.run("return document.getElementById('token-dialog').open;"))
 
 
 def test_a_token_is_asked_for_when_the_service_wants_one(browser: Browser, token_service: Service) -> None:
+    """Reads need the token too: the first page asks for it, and every later call carries it."""
     browser.set_window(1280, 900)
     browser.get(f"{token_service.url}/#/new")
-    browser.run("sessionStorage.clear(); localStorage.clear();")
-    fill_form(browser)
-    browser.click_on("#submit-probe")
-    browser.wait_for(
-        "the token prompt", lambda: browser.run("return document.getElementById('token-dialog').open;")
-    )
+    browser.wait_for("the token prompt (the devices read was refused)", lambda: _prompt_open(browser))
     browser.fill("#token-input", "wrong")
     browser.click_on("#token-form button[value=ok]")
     browser.wait_for(
         "the prompt to ask again",
-        lambda: (
-            "refused" in browser.text(browser.find("#token-reason"))
-            and browser.run("return document.getElementById('token-dialog').open;")
-        ),
+        lambda: "refused" in browser.text(browser.find("#token-reason")) and _prompt_open(browser),
     )
     browser.fill("#token-input", token_service.token or "")
     browser.press("enter")
+    browser.wait_for("the prompt to close", lambda: not _prompt_open(browser))
+    fill_form(browser)
+    browser.click_on("#submit-probe")
     browser.wait_for("the job page", lambda: "#/jobs/" in browser.url())
     job_id = browser.url().rsplit("#/jobs/", 1)[1]
-    assert not browser.run("return document.getElementById('token-dialog').open;")
+    browser.wait_for("the job's status (a read with the token)", lambda: job_status(browser))
+    assert not _prompt_open(browser)
 
     # Cancelling needs the token too; the page sends the one it was given.
     browser.wait_for("the cancel button", lambda: browser.find_all("#cancel-job"))

@@ -27,6 +27,23 @@ export function curlCommand(spec) {
   return lines.join(" \\\n");
 }
 
+/**
+ * The job as JSON in a new tab. With a token, a plain link would open without it (401): the page
+ * reads the job with its token and opens what it got instead.
+ */
+function jsonLink(job) {
+  const href = apiUrl(`probes/${encodeURIComponent(job.id)}`).href;
+  const link = h("a", { class: "button", id: "job-json", href, target: "_blank", rel: "noopener" }, "JSON");
+  link.addEventListener("click", async (event) => {
+    if (!getToken()) return;
+    event.preventDefault();
+    const { data } = await api(`probes/${encodeURIComponent(job.id)}`);
+    const blob = new Blob([JSON.stringify(data, null, 2)], { type: "application/json" });
+    window.open(URL.createObjectURL(blob), "_blank", "noopener");
+  });
+  return link;
+}
+
 /** Text from the engine as a sentence: capital first letter. */
 function sentence(text) {
   return text ? text.charAt(0).toUpperCase() + text.slice(1) : "";
@@ -277,7 +294,7 @@ export function jobView(root, id) {
       h("div", { class: "head-actions" },
         statusBadge(job.status),
         active ? cancelButton() : rerunButton(),
-        h("a", { class: "button", href: apiUrl(`probes/${encodeURIComponent(job.id)}`).href, target: "_blank", rel: "noopener" }, "JSON")));
+        jsonLink(job)));
 
     const parts = [head, h("p", { id: "job-message", class: "error-box", role: "alert", hidden: true })];
     if (active) {
