@@ -1,5 +1,6 @@
-"""Pure ASGI middlewares that answer before any route reads the request: the bearer token and the
-body size limit (their 401 and 413 are problem documents, like every error).
+"""Pure ASGI middlewares that answer before any route reads the request: the bearer token, the
+conditional job read, and the body size limit (their 401 and 413 are problem documents, like
+every error).
 
 The token gate is outermost: without the token, a request is refused before its body is read or
 parsed, so a broken body never reveals more than a 401 (docs/hardening.md).
@@ -8,13 +9,18 @@ parsed, so a broken body never reveals more than a 401 (docs/hardening.md).
 from __future__ import annotations
 
 import hmac
+import re
+from functools import partial
 
+import anyio
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import PayloadTooLarge, Unauthorized, problem_response
+from app.services.views import conditional_headers, etag_matches
 
 READ_METHODS = frozenset({"GET", "HEAD"})
 
@@ -110,3 +116,35 @@ class BodyLimitMiddleware:
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+JOB_PATH = re.compile(r"/v1/probes/([^/]+)")
+
+
+class NotModified:
+    """``GET /v1/probes/{id}`` whose ``If-None-Match`` names the job's current ETag: a bare ``304``.
+
+    The answer the route would give (same tag, same headers), without FastAPI's routing,
+    dependencies and validation: a poller that has the state pays one store read in a worker
+    thread. Anything else (no ``If-None-Match``, another tag, a query such as ``?wait=``, an unknown
+    job, a service still starting) goes on to the route.
+    """
+
+    def __init__(self, app: ASGIApp, *, retry_after: int) -> None:
+        self.app = app
+        self.retry_after = retry_after
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "GET" and not scope.get("query_string"):
+            match = JOB_PATH.fullmatch(scope["path"])
+            if_none_match = Headers(scope=scope).get("if-none-match") if match else None
+            runtime = getattr(scope["app"].state, "runtime", None) if if_none_match else None
+            if match and runtime is not None:
+                current = await anyio.to_thread.run_sync(partial(runtime.jobs.tag, match.group(1)))
+                if current is not None and etag_matches(if_none_match, current.etag):
+                    headers = conditional_headers(
+                        current.etag, settled=current.settled, retry_after=self.retry_after
+                    )
+                    await Response(status_code=304, headers=headers)(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)

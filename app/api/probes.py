@@ -19,7 +19,7 @@ from app.api.responses import NOT_MODIFIED, problems
 from app.deps import ExistingJobId, JobsDep, JsonBody, SettingsDep
 from app.schemas import Job, JobPage, JobStatus, ProbeSubmission, TrialList
 from app.services.jobs import SubmitOptions
-from app.services.views import Versioned
+from app.services.views import Versioned, conditional_headers
 from probes.spec import ProbeSpec
 
 router = APIRouter(prefix="/v1/probes", tags=["probes"])
@@ -68,11 +68,9 @@ def _json(body: BaseModel, *, status: int = 200, headers: dict[str, str] | None 
     return Response(body.model_dump_json(), status_code=status, headers=headers, media_type=JSON)
 
 
-def _conditional(versioned: Versioned[Any], *, running: bool, retry_after: int) -> Response:
+def _conditional(versioned: Versioned[Any], *, retry_after: int) -> Response:
     """The body, or a bodiless ``304`` when the client's ``If-None-Match`` named the ETag it has."""
-    headers = {"ETag": versioned.etag, "Cache-Control": "no-cache"}
-    if running:
-        headers["Retry-After"] = str(retry_after)
+    headers = conditional_headers(versioned.etag, settled=versioned.settled, retry_after=retry_after)
     if versioned.value is None:
         return Response(status_code=304, headers=headers)
     return _json(versioned.value, headers=headers)
@@ -148,7 +146,7 @@ def list_probes(
     if_none_match: IfNoneMatch = None,
 ) -> Response:
     page = jobs.page(limit=limit, after=after, statuses=status, if_none_match=if_none_match)
-    return _conditional(page, running=False, retry_after=0)
+    return _conditional(page, retry_after=0)
 
 
 @router.get(
@@ -179,8 +177,7 @@ async def get_probe(
     if_none_match: IfNoneMatch = None,
 ) -> Response:
     versioned = await jobs.wait(job_id, wait, if_none_match)
-    running = versioned.value is None or not versioned.value.status.terminal
-    return _conditional(versioned, running=running, retry_after=settings.poll_interval_seconds)
+    return _conditional(versioned, retry_after=settings.poll_interval_seconds)
 
 
 def _event_id(value: str | None) -> int:

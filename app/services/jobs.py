@@ -205,10 +205,18 @@ class JobService:
     def read(self, job_id: str, if_none_match: str | None = None) -> Versioned[Job]:
         """The job and its ETag; ``value`` is ``None`` when ``if_none_match`` names the ETag it has."""
         record = self._record(job_id)
-        tag = record_etag(record)
+        tag, settled = record_etag(record), record.status in TERMINAL_STATUSES
         if etag_matches(if_none_match, tag):
-            return Versioned(tag, None)
-        return Versioned(tag, job_view(record))
+            return Versioned(tag, None, settled)
+        return Versioned(tag, job_view(record), settled)
+
+    def tag(self, job_id: str) -> Versioned[None] | None:
+        """The job's current ETag (and whether it has settled), without building it; ``None`` if
+        there is no such job."""
+        record = self.store.get(job_id)
+        if record is None:
+            return None
+        return Versioned(record_etag(record), None, record.status in TERMINAL_STATUSES)
 
     def page(
         self,
@@ -222,10 +230,10 @@ class JobService:
         records = self.store.page(limit=limit + 1, after=after, statuses=statuses)
         tag = page_etag(records)
         if etag_matches(if_none_match, tag):
-            return Versioned(tag, None)
+            return Versioned(tag, None, settled=True)
         items = [summary_view(r) for r in records[:limit]]
         next_after = items[-1].id if len(records) > limit and items else None
-        return Versioned(tag, JobPage(items=items, next_after=next_after))
+        return Versioned(tag, JobPage(items=items, next_after=next_after), settled=True)
 
     async def wait(self, job_id: str, seconds: float, if_none_match: str | None = None) -> Versioned[Job]:
         """Long poll: the job once it ends, or (with ``if_none_match``) once it differs from that

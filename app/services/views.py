@@ -91,10 +91,14 @@ T = TypeVar("T")
 
 @dataclass(frozen=True, slots=True)
 class Versioned(Generic[T]):
-    """A response body and its ETag; ``value`` is ``None`` when the client has it already (304)."""
+    """A response body and its ETag; ``value`` is ``None`` when the client has it already (304).
+
+    ``settled``: nothing will change any more (a finished job), so there is no point polling again.
+    """
 
     etag: str
     value: T | None
+    settled: bool = False
 
 
 def _digest(records: Sequence[JobRecord]) -> str:
@@ -127,3 +131,11 @@ def etag_matches(if_none_match: str | None, etag: str) -> bool:
         if tag == "*" or tag.removeprefix("W/") == wanted:
             return True
     return False
+
+
+def conditional_headers(etag: str, *, settled: bool, retry_after: int) -> dict[str, str]:
+    """The headers of a conditional read's answer, 200 or 304: the tag, and when to ask again."""
+    headers = {"ETag": etag, "Cache-Control": "no-cache"}
+    if not settled:
+        headers["Retry-After"] = str(retry_after)
+    return headers

@@ -19,6 +19,7 @@ def test_an_unchanged_job_is_304_without_a_body(client: TestClient) -> None:
     assert again.status_code == 304
     assert again.content == b""
     assert again.headers["etag"] == etag
+    assert "retry-after" not in again.headers  # finished: nothing to poll for
     for header, status in ((f'"other", {etag}', 304), ("*", 304), ('"other"', 200)):
         assert client.get(f"/v1/probes/{job_id}", headers={"If-None-Match": header}).status_code == status
 
@@ -68,3 +69,18 @@ def test_the_list_has_an_etag_too(client: TestClient) -> None:
     assert client.get("/v1/probes", headers={"If-None-Match": etag}).status_code == 304
     client.post("/v1/probes", json=probe_body(seq_len=32))
     assert client.get("/v1/probes", headers={"If-None-Match": etag}).status_code == 200
+
+
+def test_a_conditional_read_with_a_wait_goes_through_the_route(client: TestClient) -> None:
+    job_id = client.post("/v1/probes", json=probe_body()).json()["id"]
+    wait_done(client, job_id)
+    etag = client.get(f"/v1/probes/{job_id}").headers["etag"]
+    response = client.get(f"/v1/probes/{job_id}", params={"wait": 0.1}, headers={"If-None-Match": etag})
+    assert response.status_code == 304
+    assert response.headers["etag"] == etag
+    assert "retry-after" not in response.headers
+
+
+def test_a_conditional_read_of_an_unknown_job_is_404(client: TestClient) -> None:
+    response = client.get("/v1/probes/nope", headers={"If-None-Match": "*"})
+    assert response.status_code == 404
