@@ -84,8 +84,17 @@ def load_average() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of process ``pid`` itself, not its children (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def fuzz(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
-    with LiveServer(workdir / "fuzz", real_engine_env()) as server:
+    # A generated ?wait= holds a read up to MAXBATCH_MAX_WAIT_SECONDS: keep it within the fuzzer's
+    # request timeout, or a long poll doing its job reads as a hung request.
+    env = {**real_engine_env(), "MAXBATCH_MAX_WAIT_SECONDS": "2"}
+    with LiveServer(workdir / "fuzz", env) as server:
         config = fuzz_config(
             max_examples=args.fuzz_examples,
             seed=args.seed,
@@ -125,6 +134,8 @@ def pollers(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
         for conditional in (True, False):
             label = "with If-None-Match" if conditional else "without If-None-Match"
             print(f"load average before the {label} run: {load_average()}")
+            assert server.proc is not None
+            server_cpu = cpu_seconds(server.proc.pid)
             result = poll(
                 server.url,
                 f"/v1/probes/{job_id}",
@@ -132,8 +143,14 @@ def pollers(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
                 seconds=args.poll_seconds,
                 conditional=conditional,
             )
+            server_cpu = cpu_seconds(server.proc.pid) - server_cpu
             still = client.get(f"/v1/probes/{job_id}").json()["status"]
-            print(f"{args.pollers} pollers, {label}: {result.summary()} (probe {still})")
+            client_cpu = result.notes["client_cpu_seconds"]
+            print(
+                f"{args.pollers} pollers, {label}: {result.summary()} (probe {still}); CPU per answer: "
+                f"server {server_cpu / result.requests * 1000:.2f} ms, clients "
+                f"{client_cpu / result.requests * 1000:.2f} ms"
+            )
             out[label] = {
                 "requests": result.requests,
                 "per_second": round(result.requests / result.seconds),
@@ -144,6 +161,9 @@ def pollers(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
                 "statuses": dict(result.statuses),
                 "errors": dict(result.errors),
                 "probe_status_after": still,
+                "server_cpu_ms_per_answer": round(server_cpu / result.requests * 1000, 3),
+                "client_cpu_ms_per_answer": round(client_cpu / result.requests * 1000, 3),
+                "load_average_before": load_average(),
             }
         client.post(f"/v1/probes/{job_id}/cancel")
     return out
@@ -155,7 +175,10 @@ def posts(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
             # a service that has answered before (its model inspector has imported transformers)
             warm = client.post("/v1/probes", json={**BURST_REQUEST, "seq_len": 32})
             assert warm.status_code == 202, warm.text
+        assert server.proc is not None
+        server_cpu = cpu_seconds(server.proc.pid)
         result = burst_of_posts(server.url, BURST_REQUEST, count=args.posts)
+        server_cpu = cpu_seconds(server.proc.pid) - server_cpu
         job_ids = result.notes["job_ids"]
         with httpx.Client(base_url=server.url, timeout=60) as client:
             for job_id in job_ids:
@@ -176,7 +199,8 @@ def posts(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
     )  # the warm-up job's run
     print(
         f"{args.posts} identical POSTs: {result.summary()}; {len(job_ids)} job id(s), "
-        f"{len(listed)} job(s) stored, {runs:g} probe run(s)"
+        f"{len(listed)} job(s) stored, {runs:g} probe run(s); CPU: server {server_cpu:.2f} s, "
+        f"clients {result.notes['client_cpu_seconds']:.2f} s"
     )
     return {
         "requests": result.requests,
@@ -188,6 +212,8 @@ def posts(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
         "job_ids": len(job_ids),
         "jobs_stored": len(listed),
         "probe_runs": runs,
+        "server_cpu_seconds": round(server_cpu, 2),
+        "client_cpu_seconds": round(result.notes["client_cpu_seconds"], 2),
     }
 
 
@@ -212,7 +238,7 @@ SECTIONS: dict[str, Callable[[Path, argparse.Namespace], dict[str, Any]]] = {
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", nargs="+", choices=sorted(SECTIONS), default=list(SECTIONS))
-    parser.add_argument("--fuzz-examples", type=int, default=250, help="max examples per operation")
+    parser.add_argument("--fuzz-examples", type=int, default=700, help="max examples per operation")
     parser.add_argument("--seed", type=int, default=20261201)
     parser.add_argument("--pollers", type=int, default=200)
     parser.add_argument("--poll-seconds", type=float, default=30.0)

@@ -14,7 +14,8 @@ TOKEN = "reliability-suite-token-0123456789"
 
 
 def _service(workdir: Path, **settings: str) -> Iterator[LiveServer]:
-    env = {**fake_engine_env(workdir), **settings}
+    # a generated ?wait= must end within the fuzzer's request timeout (tests/reliability/fuzz.py)
+    env = {**fake_engine_env(workdir), "MAXBATCH_MAX_WAIT_SECONDS": "1", **settings}
     with LiveServer(workdir / "data", env) as server:
         yield server
 
