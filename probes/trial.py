@@ -52,6 +52,7 @@ from probes.models import load_config, vocab_size
 from probes.oom import classify, one_line, poisons_context
 from probes.recipe.build import ModelBuilder, Recipe
 from probes.spec import ConfigTask, DeviceInfo, Outcome, Precision, TrialRecord
+from probes.weights_fit import check_weights
 
 MAX_EXTRA_STEPS = 16
 """Extra optimizer steps allowed when the fp16 scaler skipped every step (2**16 halves to 1 in 16)."""
@@ -123,7 +124,10 @@ class TrialSession:
         """Build the model now; ``None`` when it is ready, else the build's outcome and message."""
         if self._model is None and self._build_failure is None:
             try:
-                self._model = self._build()
+                # weights alone too large for the device: an outcome at once, nothing built
+                self._build_failure = check_weights(self._config, self.task, self._device.info())
+                if self._build_failure is None:
+                    self._model = self._build()
             except ProbeInputError:
                 raise
             except Exception as exc:  # noqa: BLE001 - a failed build is the trial's outcome, not a crash

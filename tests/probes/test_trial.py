@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 
+from probes import trial as trial_module
 from probes.devices import open_device
 from probes.devices.simulated import SimulatedDevice
 from probes.environment import collect_versions, maxbatch_version
@@ -177,15 +178,36 @@ def test_over_headroom_when_the_peak_leaves_too_little_free(
     assert record.peak_reserved_bytes == fits
 
 
-def test_weights_too_big_for_the_cap_are_an_oom_outcome() -> None:
+def test_weights_too_big_for_the_cap_are_an_oom_outcome_without_building(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def never(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the model was built")
+
+    monkeypatch.setattr(trial_module, "build_model", never)
     with TrialSession(task(limit=256 * 1024)) as opened:
         first = run(opened, 1)
         second = run(opened, 1)
         assert opened.model is None
     assert first.outcome is Outcome.OOM
-    assert first.message is not None
-    assert first.message.startswith("building the model: OutOfMemoryError: CUDA out of memory.")
+    assert first.message == (
+        "the weights alone need 657.00 KiB, more than the 256.00 KiB this device has for tensors; "
+        "nothing was allocated"
+    )
     assert second == first
+
+
+def test_weights_that_fit_only_unrounded_still_fail_in_the_build() -> None:
+    """The size check counts raw bytes (a lower bound); the device's 512-byte rounding decides the rest."""
+    with TrialSession(task()) as opened:
+        assert opened.prepare() is None
+        assert opened.model is not None
+        raw = sum(t.nbytes for t in (*opened.model.parameters(), *opened.model.buffers()))
+    with TrialSession(task(limit=raw)) as opened:
+        record = run(opened, 1)
+    assert record.outcome is Outcome.OOM
+    assert record.message is not None
+    assert record.message.startswith("building the model: OutOfMemoryError: CUDA out of memory.")
 
 
 def test_training_error_is_an_error_outcome_and_the_session_survives(
