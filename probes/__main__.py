@@ -1,13 +1,19 @@
 """``python -m probes``: the probe engine as a child process (runs without ``app``).
 
-``python -m probes run --spec SPEC.json --result RESULT.json [--allow-remote-code]``
+``python -m probes run --spec SPEC.json --result RESULT.json [--allow-remote-code] [ceilings]``
     Runs the probe. stdout carries one :data:`~probes.protocol.ChildLine` per line (progress
     events). The exit status is an :class:`~probes.protocol.ExitCode`: ``OK`` — the result file
     holds a ``ProbeResult``; ``INPUT``, ``FAILED``, ``CANCELLED`` — it holds an ``ErrorDocument``.
+    Ceilings (:mod:`probes.hostmem`): ``--host-allowance-bytes N`` (this process and its
+    forkserver get N, a simulated trial child its cap + N, a predict trial child N),
+    ``--cuda-host-memory-bytes N`` (a cuda trial child; default none), ``--no-host-ceilings``.
 
-``python -m probes inspect-server``
+``python -m probes inspect-server [--host-memory-bytes N | --no-host-ceilings]``
     Long-lived model validator: one :class:`~probes.protocol.InspectRequest` per stdin line, one
-    :data:`~probes.protocol.InspectReply` per stdout line.
+    :data:`~probes.protocol.InspectReply` per stdout line. It imports torch and transformers
+    before it reads its first line (so a fresh one warms up by itself), under a host-memory
+    ceiling (default :data:`~probes.hostmem.DEFAULT_INSPECTOR_BYTES`). An inspection that reaches
+    the ceiling is answered, and the server then exits: its replacement starts clean.
 
 The messages are defined in :mod:`probes.protocol`.
 """
@@ -27,6 +33,13 @@ from typing import TextIO
 from pydantic import ValidationError
 
 from probes.errors import ProbeError, ProbeInputError
+from probes.hostmem import (
+    DEFAULT_ALLOWANCE_BYTES,
+    DEFAULT_INSPECTOR_BYTES,
+    HostMemoryPolicy,
+    explain_host_failure,
+    limit_data,
+)
 from probes.protocol import (
     ErrorDocument,
     ErrorInfo,
@@ -38,7 +51,7 @@ from probes.protocol import (
     MalformedMessage,
     parse_inspect_request,
 )
-from probes.spec import ProbeEvent, ProbeSpec
+from probes.spec import ModelSpec, ProbeEvent, ProbeSpec
 
 
 def _write(path: Path, payload: str) -> None:
@@ -65,9 +78,14 @@ def _end_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def _run(spec_path: Path, result_path: Path, *, allow_remote_code: bool) -> ExitCode:
+def _run(
+    spec_path: Path, result_path: Path, *, allow_remote_code: bool, host_memory: HostMemoryPolicy
+) -> ExitCode:
+    from probes.isolate import ProbeCancelled, use_host_memory_policy
+
+    limit_data(host_memory.allowance_bytes, final=False)  # this process and the forkserver it starts
+    use_host_memory_policy(host_memory)
     from probes.engine import run_probe
-    from probes.isolate import ProbeCancelled
 
     try:
         spec = ProbeSpec.model_validate_json(spec_path.read_text(encoding="utf-8"))
@@ -105,6 +123,14 @@ def _run(spec_path: Path, result_path: Path, *, allow_remote_code: bool) -> Exit
     return ExitCode.OK
 
 
+class _OutOfHostMemory(Exception):
+    """An inspection reached the inspector's host-memory ceiling; the reply explains it."""
+
+    def __init__(self, reply: InspectFailed) -> None:
+        super().__init__(reply.error.message)
+        self.reply = reply
+
+
 def _inspect_one(line: str) -> InspectReply:
     from probes.models import inspect_model
 
@@ -115,6 +141,13 @@ def _inspect_one(line: str) -> InspectReply:
         return InspectFailed(error=ErrorInfo(code=ProbeInputError.code, message=exc.message))
     except ProbeError as exc:
         return InspectFailed(error=ErrorInfo.from_exception(exc))
+    except MemoryError as exc:
+        message = explain_host_failure(ErrorInfo.from_exception(exc).message)
+        raise _OutOfHostMemory(
+            InspectFailed(
+                error=ErrorInfo(code=ProbeInputError.code, message=f"checking the model: {message}")
+            )
+        ) from None
     except Exception as exc:  # noqa: BLE001 — the validator must answer every line
         return InspectFailed(
             error=ErrorInfo(code=ProbeInputError.code, message=ErrorInfo.from_exception(exc).message)
@@ -122,27 +155,75 @@ def _inspect_one(line: str) -> InspectReply:
     return InspectOk(model=facts)
 
 
-def _inspect_server(stdin: TextIO, stdout: TextIO) -> ExitCode:
+WARM_UP_MODEL = ModelSpec(architecture="gpt2", config={"n_layer": 1, "n_embd": 8, "n_head": 1})
+
+
+def _warm_up() -> None:
+    """Pay now what the first inspection would: torch, transformers, the common modeling modules
+    (the trial forkserver's preload list) and one tiny model built on meta (~3-4 s here)."""
+    import probes.worker  # noqa: F401 — imports what it preloads
+    from probes.models import inspect_model
+
+    inspect_model(WARM_UP_MODEL, 1, allow_remote_code=False)
+
+
+def _inspect_server(stdin: TextIO, stdout: TextIO, *, host_memory_bytes: int | None) -> ExitCode:
+    limit_data(host_memory_bytes, final=True)
+    _warm_up()
+
     for line in stdin:
         if not line.strip():
             continue
-        stdout.write(_inspect_one(line).model_dump_json() + "\n")
+        try:
+            reply = _inspect_one(line)
+        except _OutOfHostMemory as exc:
+            stdout.write(exc.reply.model_dump_json() + "\n")
+            stdout.flush()
+            return ExitCode.FAILED  # what reached the ceiling may have left the heap in pieces
+        stdout.write(reply.model_dump_json() + "\n")
         stdout.flush()
     return ExitCode.OK
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m probes", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+def parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m probes``."""
+    parsed = argparse.ArgumentParser(prog="python -m probes", description=__doc__.splitlines()[0])
+    commands = parsed.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run one probe from a spec file")
     run.add_argument("--spec", type=Path, required=True)
     run.add_argument("--result", type=Path, required=True)
     run.add_argument("--allow-remote-code", action="store_true")
-    commands.add_parser("inspect-server", help="validate models, one JSON line per request")
-    args = parser.parse_args(argv)
+    run.add_argument("--host-allowance-bytes", type=_bytes, default=DEFAULT_ALLOWANCE_BYTES)
+    run.add_argument("--cuda-host-memory-bytes", type=_bytes, default=None)
+    run.add_argument("--no-host-ceilings", action="store_true")
+    inspect = commands.add_parser("inspect-server", help="validate models, one JSON line per request")
+    inspect.add_argument("--host-memory-bytes", type=_bytes, default=DEFAULT_INSPECTOR_BYTES)
+    inspect.add_argument("--no-host-ceilings", action="store_true")
+    return parsed
+
+
+def host_memory_policy(args: argparse.Namespace) -> HostMemoryPolicy:
+    """The ceilings ``run``'s flags ask for."""
+    return HostMemoryPolicy(
+        allowance_bytes=None if args.no_host_ceilings else args.host_allowance_bytes,
+        cuda_bytes=args.cuda_host_memory_bytes,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     if args.command == "run":
-        return _run(args.spec, args.result, allow_remote_code=args.allow_remote_code)
-    return _inspect_server(sys.stdin, sys.stdout)
+        policy = host_memory_policy(args)
+        return _run(args.spec, args.result, allow_remote_code=args.allow_remote_code, host_memory=policy)
+    ceiling = None if args.no_host_ceilings else args.host_memory_bytes
+    return _inspect_server(sys.stdin, sys.stdout, host_memory_bytes=ceiling)
+
+
+def _bytes(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} must be a positive number of bytes")
+    return value
 
 
 if __name__ == "__main__":

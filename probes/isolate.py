@@ -10,6 +10,11 @@ Children start from a *forkserver* that has already imported torch and transform
 interpreter pays ~3.4 s for those imports on our CPUs, a fork from the preloaded server a small
 fraction of that. The server only imports; it never initialises CUDA or runs an op, so every
 child starts clean. Where forkserver is unavailable, children are spawned.
+
+Each child puts itself under its host-memory ceiling (:mod:`probes.hostmem`) before it reads its
+first request: the :class:`~probes.hostmem.HostMemoryPolicy` given to the child, else the one
+this process was told to use (:func:`use_host_memory_policy`, which ``python -m probes run`` calls
+with the service's settings), else the default.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
 
 from probes.errors import ProbeError, ProbeFailed
+from probes.hostmem import HostMemoryPolicy
 from probes.protocol import (
     ErrorReply,
     InfoReply,
@@ -38,6 +44,7 @@ from probes.protocol import (
     parse_trial_reply,
 )
 from probes.spec import ConfigTask, Outcome, TrialRecord
+from probes.units import format_bytes
 
 PRELOAD_MODULE = "probes.worker"
 _POLL_SECONDS = 0.05
@@ -57,11 +64,28 @@ class ChildDied:
     reason: str
 
 
-def _child_main(conn: Connection, task_json: str) -> None:
-    """Child entry point; imports the torch side only here, so the parent never does."""
+def _child_main(conn: Connection, task_json: str, host_memory_bytes: int | None) -> None:
+    """Child entry point: its host-memory ceiling first; imports the torch side only here."""
+    from probes.hostmem import limit_data
+
+    limit_data(host_memory_bytes, final=True)
     from probes.worker import serve
 
     serve(conn, task_json)
+
+
+_policy = HostMemoryPolicy()
+
+
+def use_host_memory_policy(policy: HostMemoryPolicy) -> None:
+    """Give the trial children this process starts from now on ``policy``'s ceilings."""
+    global _policy  # noqa: PLW0603 — one policy per process, set by its entry point
+    _policy = policy
+
+
+def host_memory_policy() -> HostMemoryPolicy:
+    """The policy trial children get when none is passed to them."""
+    return _policy
 
 
 _context_lock = threading.Lock()
@@ -98,14 +122,22 @@ def _describe_exit(process: BaseProcess) -> str:
 class TrialChild:
     """One child process serving one config; see the module docstring."""
 
-    def __init__(self, task: ConfigTask, *, cancel: threading.Event | None = None) -> None:
+    def __init__(
+        self,
+        task: ConfigTask,
+        *,
+        cancel: threading.Event | None = None,
+        host_memory: HostMemoryPolicy | None = None,
+    ) -> None:
         self.task = task
         self._cancel = cancel
+        #: the child's host-memory ceiling in bytes (``None``: none)
+        self.host_memory_bytes = (host_memory or host_memory_policy()).trial_ceiling(task)
         ctx = child_context()
         parent_conn, child_conn = ctx.Pipe()
         self._conn: Connection = parent_conn
         self._process: BaseProcess = ctx.Process(  # type: ignore[attr-defined]
-            target=_child_main, args=(child_conn, task.model_dump_json()), daemon=True
+            target=_child_main, args=(child_conn, task.model_dump_json(), self.host_memory_bytes), daemon=True
         )
         self._process.start()
         child_conn.close()
@@ -126,7 +158,7 @@ class TrialChild:
         except (BrokenPipeError, OSError):
             self.spent = True
             self._process.join(timeout=5)
-            return ChildDied(Outcome.CRASH, _describe_exit(self._process))
+            return self._died()
         deadline = time.monotonic() + timeout_seconds
         while True:
             if self._cancel is not None and self._cancel.is_set():
@@ -142,7 +174,7 @@ class TrialChild:
                 except (EOFError, OSError):
                     self.spent = True
                     self._process.join(timeout=5)
-                    return ChildDied(Outcome.CRASH, _describe_exit(self._process))
+                    return self._died()
                 try:
                     return parse_trial_reply(raw)
                 except MalformedMessage:
@@ -150,12 +182,23 @@ class TrialChild:
                     raise
             if not self._process.is_alive():
                 self.spent = True
-                return ChildDied(Outcome.CRASH, _describe_exit(self._process))
+                return self._died()
             if time.monotonic() > deadline:
                 self.kill()
                 return ChildDied(
                     Outcome.TIMEOUT, f"no answer within {timeout_seconds:g} s; the child was killed"
                 )
+
+    @property
+    def pid(self) -> int | None:
+        """The child's process id (``None`` before it started)."""
+        return self._process.pid
+
+    def _died(self) -> ChildDied:
+        reason = _describe_exit(self._process)
+        if self.host_memory_bytes is not None:
+            reason += f" (it ran under a host-memory ceiling of {format_bytes(self.host_memory_bytes)})"
+        return ChildDied(Outcome.CRASH, reason)
 
     def kill(self) -> None:
         """End the child now (SIGKILL)."""

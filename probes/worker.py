@@ -9,6 +9,8 @@ document per pipe message:
 - ``StopRequest`` → the process exits.
 
 A request that fails, or cannot be read, is answered with an ``ErrorReply``, never a dead pipe.
+When a trial or a request failed because the host refused an allocation (the process reached its
+host-memory ceiling, :mod:`probes.hostmem`), the message says so and names the ceiling.
 
 This module imports torch and transformers at import time on purpose: the forkserver preloads
 it, so every forked child starts with both already imported.
@@ -26,6 +28,7 @@ import transformers
 
 from probes.environment import collect_versions
 from probes.hf_support import training_arguments_support
+from probes.hostmem import explain_host_failure
 from probes.models import inspect_model, load_config
 from probes.protocol import (
     ErrorInfo,
@@ -75,6 +78,8 @@ def _answer(task: ConfigTask, session: TrialSession, request: InfoRequest | Tria
         accumulation_steps=request.accumulation_steps,
         optimizer_steps=request.optimizer_steps,
     )
+    if trial.message is not None:
+        trial = trial.model_copy(update={"message": explain_host_failure(trial.message)})
     return TrialReply(trial=trial, poisoned=session.poisoned)
 
 
@@ -103,7 +108,10 @@ def serve(conn: Connection, task_json: str) -> None:
                     session = TrialSession(task)
                 reply = _answer(task, session, request)
             except Exception as exc:  # noqa: BLE001 — every failure becomes a reply, never a dead pipe
-                reply = ErrorReply(error=ErrorInfo.from_exception(exc))
+                error = ErrorInfo.from_exception(exc)
+                reply = ErrorReply(
+                    error=error.model_copy(update={"message": explain_host_failure(error.message)})
+                )
             conn.send_bytes(reply.model_dump_json().encode())
     finally:
         if session is not None:

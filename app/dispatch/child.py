@@ -1,6 +1,7 @@
 """The work-horse: run one probe in a child process and classify how it ended.
 
-The child is ``<probe command> run --spec SPEC --result RESULT [--allow-remote-code]`` in its own
+The child is ``<probe command> run --spec SPEC --result RESULT [--allow-remote-code] [ceilings]``
+(the host-memory ceilings of :class:`~probes.hostmem.HostMemoryPolicy` as flags) in its own
 session, so that it and every process it starts form one process group that cancel, timeout
 and shutdown kill together. Its stdout carries one :data:`~probes.protocol.ChildLine` per line
 (progress events); its stderr goes to ``stderr.log`` in the job's work directory, whose tail
@@ -27,6 +28,7 @@ from pydantic import ValidationError
 
 import probes
 from app.dispatch.base import DispatchJob, RunOutcome, RunStatus
+from probes.hostmem import HostMemoryPolicy
 from probes.protocol import ErrorInfo, ExitCode, MalformedMessage, parse_child_line, parse_error_document
 from probes.spec import FLEET_DEVICE, ProbeEvent, ProbeResult, ProbeSpec
 
@@ -153,12 +155,14 @@ def run_child(
     on_event: Callable[[ProbeEvent], None],
     grace_seconds: float = 3.0,
     device: str | None = None,
+    host_memory: HostMemoryPolicy | None = None,
 ) -> RunOutcome:
     """Run the probe child for ``job`` to its end; never raises for anything the child does.
 
     Cancel, shutdown and timeout stop the child's whole process group (SIGTERM, then SIGKILL
     after ``grace_seconds``); after any end, strays left in the group are killed. ``device`` is
-    the GPU a fleet request (device ``gpu``) runs on.
+    the GPU a fleet request (device ``gpu``) runs on. ``host_memory`` gives the child and its trial
+    children their ceilings (``None``: the engine's defaults).
     """
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -172,6 +176,8 @@ def run_child(
     argv = [*command, "run", "--spec", str(spec_path), "--result", str(result_path)]
     if job.allow_remote_code:
         argv.append("--allow-remote-code")
+    if host_memory is not None:
+        argv += host_memory.to_args()
     with (workdir / "stderr.log").open("ab") as stderr:
         try:
             proc = subprocess.Popen(

@@ -27,6 +27,7 @@ from app.dispatch.base import (
 from app.dispatch.child import kill_leftovers, run_child
 from app.dispatch.fleet import GpuKind, fleet_spelling, local_gpus_of, local_kinds
 from app.inventory import GpuInfo, Inventory, NoInventory
+from probes.hostmem import HostMemoryPolicy
 from probes.spec import FLEET_DEVICE, ProbeSpec
 
 log = logging.getLogger("maxbatch.dispatch")
@@ -104,6 +105,7 @@ class _Worker(threading.Thread):
                 on_start=on_start,
                 on_event=lambda event: owner.sink_or_raise().job_event(job.id, event),
                 device=self.queue if self.queue.startswith("cuda") else None,
+                host_memory=owner.host_memory,
             )
         except Exception as exc:
             log.exception("job %s: running the child failed", job.id)
@@ -124,12 +126,14 @@ class LocalDispatcher(Dispatcher):
         timeout_seconds: float,
         inventory: Inventory | None = None,
         queue_deadline_seconds: float | None = None,
+        host_memory: HostMemoryPolicy | None = None,
     ) -> None:
         self.command = list(command)
         self.jobs_dir = jobs_dir
         self.timeout_seconds = timeout_seconds
         self.inventory: Inventory = inventory or NoInventory()
         self.queue_deadline_seconds = queue_deadline_seconds
+        self.host_memory = host_memory
         self.lock = threading.Lock()
         self.wake = threading.Condition(self.lock)
         self.stopping = threading.Event()
