@@ -14,6 +14,8 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from probes.hostmem import DEFAULT_ALLOWANCE_BYTES, DEFAULT_INSPECTOR_BYTES, HostMemoryPolicy
+
 GIB = 1024**3
 
 
@@ -114,8 +116,47 @@ class Settings(BaseSettings):
         description="Check each new request's model (architecture, `seq_len` vs positions, hub id, "
         "remote code) in the inspector child before queueing it.",
     )
+
+    # --- probe processes: model inspection and host-memory ceilings (docs/hardening-processes.md) ---
     inspect_timeout_seconds: float = Field(
-        default=120, gt=0, description="Limit for one model check, including a fresh inspector's start."
+        default=20,
+        gt=0,
+        description="Limit for one model check by a ready inspector (its start is not counted); past it "
+        "the request gets 422 `model-inspection-timeout` and a fresh inspector replaces that one.",
+    )
+    inspect_workers: int = Field(
+        default=2,
+        ge=1,
+        le=16,
+        description="Inspector children kept ready: this many model checks run at once, each in its own "
+        "child.",
+    )
+    inspect_queue_seconds: float = Field(
+        default=5,
+        ge=0,
+        description="How long a request waits for a free inspector before it gets 503 with `Retry-After`.",
+    )
+    inspector_host_memory_bytes: int = Field(
+        default=DEFAULT_INSPECTOR_BYTES,
+        gt=0,
+        description="Host-memory ceiling (`RLIMIT_DATA`) of each inspector child.",
+    )
+    probe_host_memory_ceilings: bool = Field(
+        default=True,
+        description="Put every probe and inspector process under a host-memory ceiling (`RLIMIT_DATA`, "
+        "Linux).",
+    )
+    probe_host_allowance_bytes: int = Field(
+        default=DEFAULT_ALLOWANCE_BYTES,
+        gt=0,
+        description="Host memory a probe process may use besides its tensors: a `simulated` trial's "
+        "ceiling is 1.5 × `memory_limit_bytes` plus this; a `predict` trial's, the probe child's and its "
+        "forkserver's is this.",
+    )
+    probe_cuda_host_memory_bytes: int | None = Field(
+        default=None,
+        gt=0,
+        description="Host-memory ceiling of a `cuda` trial process. Unset: none (not yet verified on a GPU).",
     )
     probe_command: list[str] = Field(
         default_factory=_default_probe_command,
@@ -192,6 +233,19 @@ class Settings(BaseSettings):
     @property
     def jobs_dir(self) -> Path:
         return self.data_dir / "jobs"
+
+    @property
+    def host_memory_policy(self) -> HostMemoryPolicy:
+        """The ceilings probe processes get (:mod:`probes.hostmem`)."""
+        if not self.probe_host_memory_ceilings:
+            return HostMemoryPolicy(allowance_bytes=None)
+        return HostMemoryPolicy(
+            allowance_bytes=self.probe_host_allowance_bytes, cuda_bytes=self.probe_cuda_host_memory_bytes
+        )
+
+    @property
+    def inspector_ceiling_bytes(self) -> int | None:
+        return self.inspector_host_memory_bytes if self.probe_host_memory_ceilings else None
 
     @property
     def token(self) -> str | None:

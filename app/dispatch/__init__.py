@@ -67,4 +67,5 @@ def make_dispatcher(settings: Settings, inventory: Inventory) -> Dispatcher:
         timeout_seconds=settings.job_timeout_seconds,
         inventory=inventory,
         queue_deadline_seconds=settings.queue_deadline_seconds,
+        host_memory=settings.host_memory_policy,
     )

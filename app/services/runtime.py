@@ -82,6 +82,9 @@ class Runtime:
                 settings.probe_command,
                 timeout_seconds=settings.inspect_timeout_seconds,
                 log_path=settings.data_dir / "inspector.log",
+                workers=settings.inspect_workers,
+                queue_seconds=settings.inspect_queue_seconds,
+                host_memory_bytes=settings.inspector_ceiling_bytes,
             )
         bus, metrics = EventBus(), Metrics(trial_outcomes=[outcome.value for outcome in Outcome])
         bus.bind(loop)

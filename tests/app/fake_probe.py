@@ -10,7 +10,8 @@ sleeps before each event; ``fake_max`` is the largest fitting batch size (0: non
 
 ``inspect-server``: answers per line; architecture ``nope`` is unknown, ``seq_len`` over
 ``n_positions`` (default 1024) is too long, ``name_or_path`` containing ``missing`` is not found,
-``fake_inspect`` = ``die`` / ``hang`` / ``slow`` makes it die, hang or take a second.
+``fake_inspect`` = ``die`` / ``hang`` / ``slow`` makes it die, hang or take a second; ``gate`` makes
+it wait until the file ``fake_gate`` names exists.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from probes.protocol import (
     InspectOk,
     InspectReply,
     InspectRequest,
+    MalformedMessage,
     parse_inspect_request,
 )
 from probes.spec import (
@@ -241,7 +243,12 @@ def _inspect(request: InspectRequest) -> InspectReply:
 
 def inspect_server() -> None:
     for line in sys.stdin:
-        request = parse_inspect_request(line)
+        try:
+            request = parse_inspect_request(line)
+        except MalformedMessage as exc:  # the service's warm-up line, "{}", among others
+            print(InspectFailed(error=ErrorInfo(code="invalid-probe", message=exc.message)).model_dump_json())
+            sys.stdout.flush()
+            continue
         _log(f"inspect {request.model.label}")
         mode = request.model.config.get("fake_inspect")
         if mode == "die":
@@ -251,6 +258,10 @@ def inspect_server() -> None:
             time.sleep(3600)
         if mode == "slow":
             time.sleep(1)
+        if mode == "gate":  # wait for the test to create the file named by fake_gate
+            gate = Path(str(request.model.config["fake_gate"]))
+            while not gate.exists():
+                time.sleep(0.01)
         print("a line that is not an answer", flush=True)
         print(_inspect(request).model_dump_json(), flush=True)
 

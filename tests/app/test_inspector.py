@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
+import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +15,7 @@ from fastapi.testclient import TestClient
 
 from app.main import create_app
 from app.settings import Settings
+from bench.proctree import TreeWatch
 from tests.app.conftest import assert_problem, inspections, probe_body
 
 
@@ -64,3 +69,72 @@ def test_inspection_off_skips_the_child(settings_factory: Callable[..., Settings
         assert response.json()["model_facts"] is None
         assert client.get("/readyz").json()["checks"].get("inspector") is None
     assert inspections(run_log) == []
+
+
+def _wait_for(check: Callable[[], bool], what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen within {timeout} s")
+        time.sleep(0.01)
+
+
+def test_a_hung_inspection_does_not_hold_up_another_request(
+    settings_factory: Callable[..., Settings], run_log: Path
+) -> None:
+    with (
+        ThreadPoolExecutor(max_workers=1) as pool,
+        TestClient(create_app(settings_factory(inspect_timeout_seconds=120))) as client,
+    ):
+        hung = pool.submit(client.post, "/v1/probes", json=probe_body(config={"fake_inspect": "hang"}))
+        _wait_for(lambda: len(inspections(run_log)) == 1, "the hanging inspection")
+        assert client.post("/v1/probes", json=probe_body()).status_code == 202
+        assert not hung.done()
+    # closing the service killed the hung child: its request was answered, 503
+    assert_problem(hung.result(), 503, "service-unavailable")
+
+
+def test_every_inspector_busy_is_503_with_retry_after(
+    settings_factory: Callable[..., Settings], run_log: Path
+) -> None:
+    settings = settings_factory(inspect_workers=1, inspect_queue_seconds=0.2, inspect_timeout_seconds=120)
+    with ThreadPoolExecutor(max_workers=1) as pool, TestClient(create_app(settings)) as client:
+        hung = pool.submit(client.post, "/v1/probes", json=probe_body(config={"fake_inspect": "hang"}))
+        _wait_for(lambda: len(inspections(run_log)) == 1, "the hanging inspection")
+        problem = assert_problem(client.post("/v1/probes", json=probe_body()), 503, "service-unavailable")
+        assert "all 1 model inspectors are busy" in problem["detail"]
+        assert not hung.done()
+    assert hung.result().status_code == 503
+
+
+def test_identical_requests_in_flight_share_one_check(
+    settings_factory: Callable[..., Settings], run_log: Path, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    body = probe_body(config={"fake_inspect": "gate", "fake_gate": str(gate)})
+    app = create_app(settings_factory())
+    with ThreadPoolExecutor(max_workers=6) as pool, TestClient(app) as client:
+        inspector = app.state.runtime.inspector
+        answers = [pool.submit(client.post, "/v1/probes", json=body) for _ in range(6)]
+        _wait_for(lambda: inspector.sharing == 5, "five requests waiting for the sixth's check")
+        gate.touch()
+        ids = {future.result().json()["id"] for future in answers}
+    assert len(ids) == 1
+    assert len(inspections(run_log)) == 1
+
+
+def test_dead_idle_inspectors_are_replaced_before_they_are_given_a_request(
+    client: TestClient, run_log: Path
+) -> None:
+    def inspectors() -> list[int]:
+        return [
+            pid
+            for pid, parent in TreeWatch(os.getpid()).descendants()
+            if parent == os.getpid() and b"inspect-server" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        ]
+
+    _wait_for(lambda: len(inspectors()) == 2, "two inspectors")
+    for pid in inspectors():
+        os.kill(pid, signal.SIGKILL)
+    assert client.post("/v1/probes", json=probe_body()).status_code == 202
+    assert client.post("/v1/probes", json=probe_body(seq_len=32)).status_code == 202
