@@ -61,8 +61,9 @@ CAP_SLACK = 0.5
 """On ``simulated``, host memory a trial may hold beyond the cap, as a share of the cap.
 
 Measured (2-core VM, glibc malloc): the private data of fitting trials exceeded the counted peak
-by the import baseline plus 15-23 % of the counted bytes (tiny GPT-2 and Llama at 0.4-0.7 GB,
-GPT-2 124M at 2.3-2.8 GB): heap that freed tensors left behind. Half the cap covers that twice."""
+by the import baseline (396 MiB) plus 8-22 % of the counted bytes (tiny GPT-2 and Llama at
+0.4-0.7 GiB, GPT-2 124M at 2.3-2.8 GiB): heap that freed tensors left behind. Half the cap covers
+that twice."""
 
 DEFAULT_INSPECTOR_BYTES = GIB
 """Ceiling of a model inspector: it peaked at 0.44 GB RSS (0.40 GB private data) inspecting every
@@ -130,6 +131,24 @@ def limit_data(limit: int | None, *, final: bool) -> int | None:
         hard = soft
     resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
     return None if soft == resource.RLIM_INFINITY else soft
+
+
+def limit_process_data(pid: int, limit: int | None, *, final: bool) -> None:
+    """Put process ``pid`` (a child just started) under ``limit`` at once, as :func:`limit_data` would.
+
+    A child sets its own ceiling as it starts, after its interpreter has started; the parent calls
+    this right after starting it, so that the ceiling holds from the first moments too. A process
+    that is already gone is left alone. ``limit=None`` does nothing.
+    """
+    if limit is None or not ceilings_enforced():
+        return
+    try:
+        _, hard = resource.prlimit(pid, resource.RLIMIT_DATA)
+        unlimited = hard == resource.RLIM_INFINITY
+        soft = limit if unlimited or limit < hard else hard
+        resource.prlimit(pid, resource.RLIMIT_DATA, (soft, soft if final else hard))
+    except (ProcessLookupError, PermissionError):
+        return
 
 
 def current_ceiling() -> int | None:

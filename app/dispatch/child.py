@@ -28,7 +28,7 @@ from pydantic import ValidationError
 
 import probes
 from app.dispatch.base import DispatchJob, RunOutcome, RunStatus
-from probes.hostmem import HostMemoryPolicy
+from probes.hostmem import HostMemoryPolicy, limit_process_data
 from probes.protocol import ErrorInfo, ExitCode, MalformedMessage, parse_child_line, parse_error_document
 from probes.spec import FLEET_DEVICE, ProbeEvent, ProbeResult, ProbeSpec
 
@@ -190,6 +190,8 @@ def run_child(
             )
         except OSError as exc:
             return RunOutcome(RunStatus.CRASH, message=f"could not start the probe child {argv[0]!r}: {exc}")
+    if host_memory is not None:  # the child sets it too, once its interpreter runs
+        limit_process_data(proc.pid, host_memory.allowance_bytes, final=False)
     assert proc.stdout is not None
     reader = _EventReader(proc.stdout, job.id, on_event)
     reader.start()

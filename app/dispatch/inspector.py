@@ -47,6 +47,7 @@ from typing import IO
 from app.dispatch.child import child_env, kill_group, stderr_tail
 from app.errors import InvalidRequest, ServiceUnavailable
 from probes.errors import ProbeInputError
+from probes.hostmem import limit_process_data
 from probes.protocol import InspectOk, InspectRequest, MalformedMessage, parse_inspect_reply
 from probes.spec import ModelFacts, ModelSpec
 
@@ -70,7 +71,7 @@ class InspectionTimeout(InvalidRequest):
 class _Child:
     """One ``inspect-server`` process and the thread that reads its stdout."""
 
-    def __init__(self, argv: list[str], log_path: Path) -> None:
+    def __init__(self, argv: list[str], log_path: Path, host_memory_bytes: int | None) -> None:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with log_path.open("a") as stderr:
             try:
@@ -86,6 +87,7 @@ class _Child:
                 )
             except OSError as exc:
                 raise ServiceUnavailable(f"cannot start the model inspector {argv[0]!r}: {exc}") from exc
+        limit_process_data(self.proc.pid, host_memory_bytes, final=True)  # it sets it too, once running
         assert self.proc.stdout is not None
         self.started = time.monotonic()
         self.lines: queue.Queue[str | None] = queue.Queue()
@@ -150,6 +152,7 @@ class ModelInspector:
             ]
         )
         self._timeout = timeout_seconds
+        self._host_memory_bytes = host_memory_bytes
         self._queue_seconds = queue_seconds
         self._log_path = log_path
         self.workers = workers
@@ -304,7 +307,7 @@ class ModelInspector:
             child.discard()
 
     def _spawn_locked(self) -> _Child:
-        child = _Child(self._argv, self._log_path)
+        child = _Child(self._argv, self._log_path, self._host_memory_bytes)
         self._children.add(child)
         return child
 

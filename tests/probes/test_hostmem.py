@@ -19,6 +19,7 @@ from probes.hostmem import (
     HostMemoryPolicy,
     ceilings_enforced,
     explain_host_failure,
+    limit_process_data,
 )
 from probes.isolate import TrialChild, info_from_reply, trial_from_reply
 from probes.protocol import InfoRequest, TrialRequest
@@ -126,6 +127,18 @@ def test_no_ceiling_lifts_an_inherited_soft_limit() -> None:
     )
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "None (-1, -1)"
+
+
+@needs_ceilings
+def test_a_parent_puts_a_child_it_started_under_a_ceiling() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        limit_process_data(child.pid, GiB, final=False)
+        assert data_limit(child.pid) == GiB
+        limit_process_data(child.pid, None, final=True)  # no ceiling: left as it is
+        assert data_limit(child.pid) == GiB
+    finally:
+        child.communicate(b"")
 
 
 @needs_ceilings
