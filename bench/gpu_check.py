@@ -1,7 +1,7 @@
 """Every GPU check of the open issues in one time-boxed run, written as one table.
 
-Run from the repository root on a machine with a CUDA GPU (at most about 14 minutes: the parts'
-time limits add up to 825 s; ``--parts 6`` runs the distributed checks alone, at most 4 minutes)::
+Run from the repository root on a machine with a CUDA GPU (at most about 16 minutes: the parts'
+time limits add up to 945 s; ``--parts 7`` runs the distributed checks alone, at most 4 minutes)::
 
     python -m bench.gpu_check --out "$OUT"
 
@@ -23,6 +23,9 @@ and the next one runs; the report is rewritten after every part, so a killed run
 7. issue 9, strategies: DDP on a one-rank NCCL group and FSDP2 on a fake group of 8 against
    ``predict``, the fp32 attention kernel predicted within 5 %, and a 20-step soak at the engine's
    FSDP size (see the block near the end).
+8. host-memory ceilings on cuda (issue 12): one trial of the ~1B Llama in a trial child under
+   ``RLIMIT_DATA`` of none, 16, 8, 4 and 2 GiB: does CUDA start and train under it, and what the
+   child's peak RSS is (what ``MAXBATCH_PROBE_CUDA_HOST_MEMORY_BYTES`` must leave room for).
 
 Needs torch (CUDA), transformers and pydantic; Lightning and Accelerate for part 4. Never imports
 ``app`` (FastAPI is not needed). Without a GPU it says so and exits with code 3.
@@ -637,6 +640,81 @@ def part_ray(timeout: float, memory: int, log: Path, work: Path) -> Part:
                 server.wait(timeout=30)
         stop = [_ray_cli(), "stop", "--force"]
         subprocess.run(stop, env=env, check=False, timeout=120, capture_output=True)
+
+
+# == issue 12: host-memory ceilings on cuda (part 8) ===============================================
+
+CEILINGS_GIB: tuple[float | None, ...] = (None, 16, 8, 4, 2)
+
+
+def ceiling_worker(out: Path) -> None:
+    """Child mode: one ~1B Llama trial per ceiling in a real trial child; JSON lines to ``out``."""
+    from bench.proctree import TreeWatch
+    from probes.hostmem import HostMemoryPolicy
+    from probes.isolate import TrialChild, trial_from_reply
+    from probes.protocol import TrialRequest
+    from probes.spec import ConfigTask, ModelSpec, Precision
+
+    task = ConfigTask(
+        model=ModelSpec(architecture="llama", config=LLAMA_1B),
+        seq_len=2048,
+        precision=Precision("bf16-mixed"),
+        gradient_checkpointing=True,
+        device="cuda:0",
+    )
+    for gib in CEILINGS_GIB:
+        ceiling = None if gib is None else int(gib * GiB)
+        row: dict[str, Any] = {"ceiling_gib": gib}
+        started = time.monotonic()
+        with TreeWatch(os.getpid(), interval=0.05) as watch:
+            child = TrialChild(task, host_memory=HostMemoryPolicy(cuda_bytes=ceiling))
+            try:
+                reply = child.request(
+                    TrialRequest(batch_size=1, accumulation_steps=2, optimizer_steps=2), timeout_seconds=120
+                )
+                trial, _ = trial_from_reply(1, reply)
+                row.update(
+                    outcome=trial.outcome.value, message=trial.message, reserved=trial.peak_reserved_bytes
+                )
+            finally:
+                pid = child.pid
+                child.close()
+        seen = watch.seen.get(pid or -1)
+        row.update(
+            seconds=round(time.monotonic() - started, 1),
+            peak_rss=seen.peak_rss if seen else None,
+            data_limit=seen.data_limit if seen else None,
+        )
+        with out.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row) + "\n")
+
+
+def part_cuda_ceiling(timeout: float, log: Path, work: Path) -> Part:
+    part = Part("8. host-memory ceiling (RLIMIT_DATA) of a cuda trial child: ~1B Llama, bf16-mixed, seq 2048")
+    rows_file = work / "ceilings.jsonl"
+    ran = run_streaming([sys.executable, "-m", "bench.gpu_check", "_ceiling", str(rows_file)], timeout, log)
+    rows = _read_rows(rows_file)
+    part.seconds = ran.seconds
+    part.status = (
+        "timed out" if ran.timed_out else ("ok" if ran.returncode == 0 else f"exit {ran.returncode}")
+    )
+    part.lines = [
+        f"- {part.status} in {ran.seconds:.0f} s ({len(rows)} of {len(CEILINGS_GIB)} ceilings done)",
+        "",
+        "| ceiling | outcome | child's peak RSS | its RLIMIT_DATA | seconds | message |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        ceiling = "none" if row["ceiling_gib"] is None else f"{row['ceiling_gib']} GiB"
+        rss = "-" if row.get("peak_rss") is None else f"{row['peak_rss'] / GiB:.2f} GiB"
+        limit = "-" if row.get("data_limit") is None else f"{row['data_limit'] / GiB:.2f} GiB"
+        message = (row.get("message") or "")[:120].replace("|", "/")
+        part.lines.append(
+            f"| {ceiling} | {row.get('outcome')} | {rss} | {limit} | {row.get('seconds')} | {message} |"
+        )
+    if ran.returncode != 0 and ran.stderr_tail:
+        part.lines.append(f"\n```\n{ran.stderr_tail[-1500:]}\n```")
+    part.data = rows
     return part
 
 
@@ -828,9 +906,13 @@ def main(argv: list[str] | None = None) -> int:
     if args_list[:1] == ["_distributed"]:
         distributed_worker(int(args_list[1]), Path(args_list[2]))
         return 0
+    if args_list[:1] == ["_ceiling"]:
+        ceiling_worker(Path(args_list[1]))
+        return 0
     parser = argparse.ArgumentParser(description="Every GPU check in one time-boxed run.")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "bench/results/gpu"))
-    parser.add_argument("--parts", nargs="*", type=int, default=[1, 2, 3, 4, 5, 7], help="which parts (1-7)")
+    parts = [1, 2, 3, 4, 5, 7, 8]
+    parser.add_argument("--parts", nargs="*", type=int, default=parts, help="which parts (1-8)")
     parser.add_argument("--probe-memory-gib", type=float, default=32.0)
     parser.add_argument("--peak-memory-gib", type=float, default=0.0, help="0: the whole card")
     parser.add_argument("--compare-budget", type=float, default=70.0)
@@ -869,6 +951,7 @@ def main(argv: list[str] | None = None) -> int:
             5: lambda: part_peft_peaks(110, peak_memory, log, work),
             6: lambda: part_ray(180, min(probe_memory, 16 * GiB), log, work),
             7: lambda: part_distributed(DISTRIBUTED_LIMIT_SECONDS, probe_memory, log, work),
+            8: lambda: part_cuda_ceiling(120, log, work),
         }
         for number in args.parts:
             print(f"gpu_check: part {number} ...", file=sys.stderr, flush=True)

@@ -30,76 +30,14 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from bench.proctree import TreeWatch
 
 GiB = 2**30
 TARGET_SECONDS = 120.0
 TARGET_RSS_BYTES = 2 * GiB
-_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-@dataclass
-class TreeWatch:
-    """Samples a process and its descendants until stopped."""
-
-    root: int
-    interval: float = 0.1
-    peak_rss: dict[int, int] = field(default_factory=dict)
-    cpu_seconds: dict[int, float] = field(default_factory=dict)
-    names: dict[int, str] = field(default_factory=dict)
-    max_tree_rss: int = 0
-    _stop: threading.Event = field(default_factory=threading.Event)
-
-    def _children(self) -> dict[int, list[int]]:
-        tree: dict[int, list[int]] = {}
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            tree.setdefault(parent, []).append(int(entry.name))
-        return tree
-
-    def _descendants(self) -> list[int]:
-        tree = self._children()
-        found, todo = [], [self.root]
-        while todo:
-            pid = todo.pop()
-            found.append(pid)
-            todo.extend(tree.get(pid, []))
-        return found
-
-    def sample(self) -> None:
-        total = 0
-        for pid in self._descendants():
-            try:
-                status = Path(f"/proc/{pid}/status").read_text()
-                stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-            hwm = int(fields.get("VmHWM", "0 kB").split()[0]) * 1024
-            rss = int(fields.get("VmRSS", "0 kB").split()[0]) * 1024
-            self.peak_rss[pid] = max(self.peak_rss.get(pid, 0), hwm)
-            self.cpu_seconds[pid] = (int(stat[11]) + int(stat[12])) / _TICKS
-            self.names.setdefault(pid, fields.get("Name", "?").strip())
-            if pid != self.root:
-                total += rss
-        self.max_tree_rss = max(self.max_tree_rss, total)
-
-    def run(self) -> None:
-        while not self._stop.is_set():
-            self.sample()
-            self._stop.wait(self.interval)
-
-    def stop(self) -> None:
-        self._stop.set()
-
-
 PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "bf16-true")
 
 
