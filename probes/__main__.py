@@ -167,10 +167,7 @@ def _warm_up() -> None:
     inspect_model(WARM_UP_MODEL, 1, allow_remote_code=False)
 
 
-def _inspect_server(stdin: TextIO, stdout: TextIO, *, host_memory_bytes: int | None) -> ExitCode:
-    limit_data(host_memory_bytes, final=True)
-    _warm_up()
-
+def _inspect_server(stdin: TextIO, stdout: TextIO) -> ExitCode:
     for line in stdin:
         if not line.strip():
             continue
@@ -215,8 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         policy = host_memory_policy(args)
         return _run(args.spec, args.result, allow_remote_code=args.allow_remote_code, host_memory=policy)
-    ceiling = None if args.no_host_ceilings else args.host_memory_bytes
-    return _inspect_server(sys.stdin, sys.stdout, host_memory_bytes=ceiling)
+    limit_data(None if args.no_host_ceilings else args.host_memory_bytes, final=True)
+    _warm_up()
+    return _inspect_server(sys.stdin, sys.stdout)
 
 
 def _bytes(text: str) -> int:

@@ -52,7 +52,7 @@ from probes.models import load_config, vocab_size
 from probes.oom import classify, one_line, poisons_context
 from probes.recipe.build import ModelBuilder, Recipe
 from probes.spec import ConfigTask, DeviceInfo, Outcome, Precision, TrialRecord
-from probes.weights_fit import check_weights
+from probes.weights_fit import WeightsFloor, check_weights, finetuning_weights_floor
 
 MAX_EXTRA_STEPS = 16
 """Extra optimizer steps allowed when the fp16 scaler skipped every step (2**16 halves to 1 in 16)."""
@@ -83,10 +83,23 @@ class TrialSession:
     outcome. The device adopts every tensor the built model keeps
     (:func:`~probes.recipe.finetuning.resident_tensors`); the :class:`~probes.recipe.build.Recipe`
     then wraps it for the task's strategy.
+    Before building, the weights are counted on the meta device against ``weights_floor``
+    (:mod:`probes.weights_fit`): weights alone too large for the device are the outcome at once.
     """
 
-    def __init__(self, task: ConfigTask, *, build: ModelBuilder | None = None) -> None:
+    def __init__(
+        self,
+        task: ConfigTask,
+        *,
+        build: ModelBuilder | None = None,
+        weights_floor: WeightsFloor | None = None,
+    ) -> None:
         self.task = task
+        # the size check's bound (probes.weights_fit): the task's own build's, or the one passed with
+        # another build; a build whose floor is not given is not checked (it might need less)
+        if weights_floor is None and build is None:
+            weights_floor = finetuning_weights_floor(task.finetuning)
+        self._weights_floor = weights_floor
         self._config = load_config(task.model, allow_remote_code=task.allow_remote_code)
         self._vocab_size = vocab_size(self._config)
         self._device: TrialDevice = open_device(task)
@@ -124,8 +137,9 @@ class TrialSession:
         """Build the model now; ``None`` when it is ready, else the build's outcome and message."""
         if self._model is None and self._build_failure is None:
             try:
-                # weights alone too large for the device: an outcome at once, nothing built
-                self._build_failure = check_weights(self._config, self.task, self._device.info())
+                if self._weights_floor is not None:  # weights alone too large: an outcome, nothing built
+                    info = self._device.info()
+                    self._build_failure = check_weights(self._config, self.task, info, self._weights_floor)
                 if self._build_failure is None:
                     self._model = self._build()
             except ProbeInputError:

@@ -10,42 +10,65 @@ The bytes come from :func:`probes.models.count_weights`: the model built on the 
 (shapes, no storage), so a config with a width of 10**6 or 10**9 positions costs milliseconds and
 no memory to refuse.
 
-The check must never refuse a job that could fit: :func:`weights_floor_bytes` is a *lower bound*
-of what one process keeps on the device for its weights, and that is where the strategies and
-fine-tuning methods refine it as they arrive (see its docstring).
+The check must never refuse a job that could fit: a :data:`WeightsFloor` is a *lower bound* of
+what one process keeps on the device for its weights. :func:`weights_floor_bytes` is the floor of
+the setup the engine builds by default, per strategy (an FSDP rank holds its share of the
+parameters); :func:`finetuning_weights_floor` gives the floor of a fine-tuning method, to pass to
+:class:`~probes.trial.TrialSession` with its builder.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 from transformers import PretrainedConfig
 
+from probes.finetuning_spec import FinetuningSpec
 from probes.models import WeightCount, count_weights, weight_dtype
-from probes.spec import ConfigTask, DeviceInfo, Outcome
+from probes.spec import ConfigTask, DeviceInfo, Outcome, Strategy
 from probes.units import format_bytes
+
+WeightsFloor = Callable[[WeightCount, ConfigTask], int]
+"""A lower bound of the bytes a setup keeps on the device for its weights, from the meta count
+(taken in :func:`~probes.models.weight_dtype` of the task's precision)."""
 
 
 def weights_floor_bytes(count: WeightCount, task: ConfigTask) -> int:
     """A lower bound of the bytes one process's model keeps on the device before any step of ``task``.
 
-    Today the engine builds one setup: full fine-tuning in one process, every parameter in the
-    dtype :func:`~probes.models.weight_dtype` gives and every buffer on the device, which is
-    exactly what the build allocates (``count`` counted in that dtype). How the setups in progress
-    refine it, each still a lower bound:
+    ``count`` is counted in the dtype :func:`~probes.models.weight_dtype` gives, which is what the
+    build allocates for every parameter and buffer. By strategy, each still a lower bound:
 
-    - ``ddp``: the same (every rank holds the whole model; the Reducer's buckets come on top).
-    - ``fsdp`` over ``N`` ranks: parameters ``ceil(parameter_bytes / N)`` per rank (FSDP2 shards
-      every parameter dimension-0 across ranks; the unsharded copy a layer gathers for its forward
-      comes on top), buffers whole (not sharded).
-    - ``lora``: the same as full (the frozen base is built in the same dtype; adapters come on top).
-    - ``qlora``: the linear layers' weights at 4 bits (``parameter_count / 2`` bytes for those, the
-      quantisation constants on top) and the rest (embeddings, norms, output head) in the compute
-      dtype; a bound that needs no per-layer split: ``parameters / 2`` bytes plus the buffers.
-
-    The recipe that builds a setup is the place that knows it: it should offer its floor, and the
-    trial should take the recipe's floor instead of this one.
+    - ``single`` and ``ddp``: every parameter and buffer (every DDP rank holds the whole model; the
+      Reducer's buckets come on top).
+    - ``fsdp`` over ``world_size`` ranks: parameters ``ceil(parameter_bytes / world_size)`` per rank
+      (FSDP2 shards every parameter dimension-0 across ranks; the unsharded copy a layer gathers
+      for its forward comes on top), buffers whole (not sharded).
+    - ``lora``, ``qlora``: :func:`finetuning_weights_floor`, passed with their builder.
     """
-    del task  # one setup so far; see the docstring for how the others refine the floor
+    if task.strategy is Strategy.FSDP and task.world_size > 1:
+        return math.ceil(count.parameter_bytes / task.world_size) + count.buffer_bytes
     return count.total_bytes
+
+
+def finetuning_weights_floor(spec: FinetuningSpec) -> WeightsFloor:
+    """The floor of a fine-tuning method (:mod:`probes.recipe.finetuning` builds it).
+
+    ``full`` and ``lora``: :func:`weights_floor_bytes` (the base is built in the precision's weight
+    dtype; the adapters come on top). ``qlora``: half a byte a parameter: the linear layers' weights
+    are 4-bit (their quantisation constants come on top), every other weight is kept in 2 or 4
+    bytes; the buffers are left out, since the base is built in the compute dtype, which may be
+    narrower than the dtype they were counted in.
+    """
+    if not spec.quantized:
+        return weights_floor_bytes
+
+    def four_bit(count: WeightCount, task: ConfigTask) -> int:
+        del task
+        return math.ceil(count.parameters / 2)
+
+    return four_bit
 
 
 def tensor_memory_bytes(device: DeviceInfo) -> int:
@@ -77,7 +100,10 @@ def weights_verdict(need: int, count: WeightCount, device: DeviceInfo) -> tuple[
 
 
 def check_weights(
-    config: PretrainedConfig, task: ConfigTask, device: DeviceInfo
+    config: PretrainedConfig,
+    task: ConfigTask,
+    device: DeviceInfo,
+    floor: WeightsFloor = weights_floor_bytes,
 ) -> tuple[Outcome, str] | None:
     """The outcome every trial of ``task`` would have because of its weights alone, or ``None``.
 
@@ -90,4 +116,4 @@ def check_weights(
         allow_remote_code=task.allow_remote_code,
         enough_bytes=tensor_memory_bytes(device),
     )
-    return weights_verdict(weights_floor_bytes(count, task), count, device)
+    return weights_verdict(floor(count, task), count, device)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
+from probes.finetuning_spec import FinetuningMethod, FinetuningSpec
 from probes.models import (
     FIRST_LOOK_LAYERS,
     FULL_COUNT_MAX_LAYERS,
@@ -18,7 +20,14 @@ from probes.models import (
     layer_count,
 )
 from probes.spec import ConfigTask, DeviceInfo, ModelSpec, Outcome, Precision
-from probes.weights_fit import check_weights, tensor_memory_bytes, weights_floor_bytes, weights_verdict
+from probes.trial import TrialSession, build_for_task
+from probes.weights_fit import (
+    check_weights,
+    finetuning_weights_floor,
+    tensor_memory_bytes,
+    weights_floor_bytes,
+    weights_verdict,
+)
 
 MiB = 2**20
 GiB = 2**30
@@ -254,3 +263,32 @@ def test_bf16_true_weights_fit_where_fp32_weights_do_not() -> None:
     assert verdict is not None
     assert verdict[0] is Outcome.OOM
     assert check_weights(cfg, task(Precision.BF16_TRUE, limit), simulated) is None
+
+
+def test_the_qlora_floor_is_half_a_byte_a_parameter_and_full_and_lora_keep_the_default() -> None:
+    count = count_weights(config("llama"), dtype=torch.float32)
+    one = task(Precision.FP32, GiB)
+    assert finetuning_weights_floor(FinetuningSpec(method=FinetuningMethod.QLORA))(count, one) == math.ceil(
+        count.parameters / 2
+    )
+    for method in (FinetuningMethod.FULL, FinetuningMethod.LORA):
+        assert finetuning_weights_floor(FinetuningSpec(method=method)) is weights_floor_bytes
+
+
+def test_a_build_without_a_floor_is_not_checked() -> None:
+    """Another builder may need less than the full weights (4-bit): without its floor, build and see."""
+
+    def plain(cfg: PretrainedConfig, job: ConfigTask, where: torch.device) -> torch.nn.Module:
+        return build_for_task(cfg, job, where)
+
+    with TrialSession(task(Precision.FP32, 256 * 1024), build=plain) as opened:
+        record = opened.run(1, accumulation_steps=1, optimizer_steps=1)
+    assert record.outcome is Outcome.OOM
+    assert record.message is not None
+    assert record.message.startswith("building the model: OutOfMemoryError")
+    with TrialSession(
+        task(Precision.FP32, 256 * 1024), build=plain, weights_floor=weights_floor_bytes
+    ) as opened:
+        record = opened.run(1, accumulation_steps=1, optimizer_steps=1)
+    assert record.message is not None
+    assert record.message.startswith("the weights alone need")
