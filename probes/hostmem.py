@@ -60,10 +60,10 @@ DEFAULT_ALLOWANCE_BYTES = GIB
 CAP_SLACK = 0.5
 """On ``simulated``, host memory a trial may hold beyond the cap, as a share of the cap.
 
-Measured (2-core VM, glibc malloc): the private data of fitting trials exceeded the counted peak
-by the import baseline (396 MiB) plus 8-22 % of the counted bytes (tiny GPT-2 and Llama at
-0.4-0.7 GiB, GPT-2 124M at 2.3-2.8 GiB): heap that freed tensors left behind. Half the cap covers
-that twice."""
+Measured (``python -m bench.trial_host_memory``, 2-core VM, glibc malloc): the private data of
+fitting trials exceeded the counted peak by the import baseline (396 MiB) plus 8-18 % of the
+counted bytes (small GPT-2 and Llama at 0.4-0.7 GiB, GPT-2 124M at 2.3-2.8 GiB; 22 % once in an
+earlier run): heap that freed tensors left behind. Half the cap covers that twice."""
 
 DEFAULT_INSPECTOR_BYTES = GIB
 """Ceiling of a model inspector: it peaked at 0.44 GB RSS (0.40 GB private data) inspecting every
