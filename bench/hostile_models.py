@@ -127,6 +127,7 @@ class OrdinaryPosts:
 
 
 def role(seen: Seen, everyone: dict[int, Seen]) -> str:
+    """What a process below the server is, from its command line and its parent's."""
     if "probes inspect-server" in seen.cmdline:
         return "inspector"
     if "probes run" in seen.cmdline:

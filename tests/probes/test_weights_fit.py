@@ -31,24 +31,18 @@ from probes.weights_fit import (
 
 MiB = 2**20
 GiB = 2**30
+SMALL_DECODER: dict[str, Any] = {
+    "num_hidden_layers": 3,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "vocab_size": 1000,
+}
 TINY: dict[str, dict[str, Any]] = {
     "gpt2": {"n_layer": 3, "n_embd": 64, "n_head": 2, "vocab_size": 1000, "n_positions": 64},
-    "llama": {
-        "num_hidden_layers": 3,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 1,
-        "vocab_size": 1000,
-    },
-    "qwen2": {
-        "num_hidden_layers": 3,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 1,
-        "vocab_size": 1000,
-    },
+    "llama": SMALL_DECODER,
+    "qwen2": SMALL_DECODER,
 }
 """Small configs of the architectures the probe is used with most."""
 

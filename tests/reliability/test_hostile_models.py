@@ -25,82 +25,28 @@ ordinary POST within 1 s) are measured by ``bench/hostile_models.py`` and record
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
-import httpx
 import pytest
 
 from app.settings import Settings
-from bench.proctree import Seen, TreeWatch
+from bench.hostile_models import BIG_CAP, CAP, HOSTILE, ORDINARY, body, role, timed_post, wait_done
+from bench.proctree import TreeWatch
 from probes.hostmem import CAP_SLACK
 from tests.app.live_server import LiveServer
 
 pytestmark = pytest.mark.slow
 
-CAP = 64 * 1024**2
-HOSTILE: dict[str, dict[str, Any]] = {
-    "n_embd 10**6": {"n_embd": 10**6, "n_head": 16},
-    "n_layer 10**4": {"n_layer": 10**4},
-    "n_layer 10**6": {"n_layer": 10**6},
-    "vocab_size 10**9": {"vocab_size": 10**9},
-    "n_positions 10**9": {"n_positions": 10**9},
-}
-ORDINARY = {"n_layer": 2, "n_embd": 64, "n_head": 2, "vocab_size": 1000}
 STARTING_INTERPRETER_BYTES = 100 * 1024**2
 """A child is put under its ceiling by its parent right after it starts (and by itself); a sample
 taken before that may show none, and then the process has not yet loaded anything of size."""
-PAST_THE_CEILING = {"n_layer": 2, "n_embd": 64, "n_head": 2, "vocab_size": 400_000}
-BIG_CAP = 192 * 1024**2
+PAST_THE_CEILING = "logits past the host ceiling"
 """Weights of 102 MB fit a 192 MiB cap; batch 1 at 1024 tokens asks for 1.53 GiB of logits at once,
 more than the trial's whole host-memory ceiling (1.5 x 192 MiB + 1 GiB): refused by the kernel, then
 reported as the simulated device's out-of-memory (it is past the cap too)."""
-
-
-def body(config: dict[str, Any], *, seq_len: int = 64, memory: int = CAP) -> dict[str, Any]:
-    return {
-        "model": {"architecture": "gpt2", "config": config},
-        "seq_len": seq_len,
-        "precisions": ["32-true"],
-        "gradient_checkpointing": [False],
-        "target_effective_batch_size": 8,
-        "device": "simulated",
-        "memory_limit_bytes": memory,
-    }
-
-
-def timed_post(client: httpx.Client, payload: dict[str, Any]) -> tuple[httpx.Response, float]:
-    started = time.monotonic()
-    response = client.post("/v1/probes", json=payload)
-    return response, time.monotonic() - started
-
-
-def wait_done(client: httpx.Client, job_id: str, timeout: float = 240) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    job: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        job = client.get(f"/v1/probes/{job_id}", params={"wait": 10}).json()
-        if job["status"] in ("succeeded", "failed", "cancelled"):
-            return job
-    raise AssertionError(f"job {job_id} did not end within {timeout} s: {job}")
-
-
-def role(seen: Seen, everyone: dict[int, Seen]) -> str:
-    """What a process below the server is, from its command line and its parent's."""
-    if "probes inspect-server" in seen.cmdline:
-        return "inspector"
-    if "probes run" in seen.cmdline:
-        return "probe child"
-    if "multiprocessing.forkserver" in seen.cmdline:
-        parent = everyone.get(seen.parent)
-        forked = parent is not None and "multiprocessing.forkserver" in parent.cmdline
-        return "trial child" if forked else "forkserver"
-    if "multiprocessing.resource_tracker" in seen.cmdline:
-        return "resource tracker"
-    return "other"
+ISSUE_MODELS = {name: case for name, case in HOSTILE.items() if name != PAST_THE_CEILING}
 
 
 @pytest.fixture
@@ -117,7 +63,7 @@ def test_hostile_models_are_answered_within_their_ceilings(server: LiveServer) -
         assert warm.status_code == 202, warm.text
         jobs: dict[str, str] = {}
         with ThreadPoolExecutor(max_workers=1) as pool:
-            for n, (name, config) in enumerate(HOSTILE.items()):
+            for n, (name, (config, _, _)) in enumerate(ISSUE_MODELS.items()):
                 hostile = pool.submit(timed_post, client, body(config))
                 ordinary, ordinary_seconds = timed_post(client, body(ORDINARY, seq_len=16 + 8 * n))
                 answer, hostile_seconds = hostile.result()
@@ -127,7 +73,8 @@ def test_hostile_models_are_answered_within_their_ceilings(server: LiveServer) -
                 jobs[name] = answer.json()["id"]
                 latencies[name] = (hostile_seconds, ordinary_seconds)
 
-        past = client.post("/v1/probes", json=body(PAST_THE_CEILING, seq_len=1024, memory=BIG_CAP))
+        config, memory, seq_len = HOSTILE[PAST_THE_CEILING]
+        past = client.post("/v1/probes", json=body(config, seq_len=seq_len, memory=memory))
         assert past.status_code == 202, past.text
         past_job = wait_done(client, past.json()["id"])
         trials = [(t["batch_size"], t["outcome"]) for t in past_job["result"]["configs"][0]["trials"]]
