@@ -142,15 +142,12 @@ class ModelInspector:
     ) -> None:
         if workers < 1:
             raise ValueError("workers must be at least 1")
-        self._argv = [*command, "inspect-server"]
-        self._argv += (
+        ceiling = (
             ["--no-host-ceilings"]
             if host_memory_bytes is None
-            else [
-                "--host-memory-bytes",
-                str(host_memory_bytes),
-            ]
+            else ["--host-memory-bytes", str(host_memory_bytes)]
         )
+        self._argv = [*command, "inspect-server", *ceiling]
         self._timeout = timeout_seconds
         self._host_memory_bytes = host_memory_bytes
         self._queue_seconds = queue_seconds
