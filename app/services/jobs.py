@@ -29,7 +29,6 @@ from app.services.admission import admit, pids_in_groups
 from app.services.cache import SoftwareVersions, identify
 from app.services.events import EventBus
 from app.services.recorder import CANCELLED_ERROR, DONE, JobRecorder, dispatch_job
-from app.services.singleflight import SingleFlight
 from app.services.views import (
     Versioned,
     etag_matches,
@@ -99,7 +98,6 @@ class JobService:
         self.recorder = recorder
         self.bus = bus
         self.versions = versions
-        self._inspections: SingleFlight[ModelFacts] = SingleFlight()
 
     # --- submit --------------------------------------------------------------------------------
 
@@ -169,15 +167,12 @@ class JobService:
         )
 
     def _inspect(self, spec: ProbeSpec) -> ModelFacts | None:
-        """The model inspector's facts (or its refusal), asked once for identical concurrent requests."""
-        inspector = self.inspector
-        if inspector is None:
+        """The model inspector's facts (or its refusal); identical requests in flight share one check
+        inside the inspector (``ModelInspector.inspect``)."""
+        if self.inspector is None:
             return None
-        key = (spec.model.model_dump_json(), spec.seq_len)
         allow = self.settings.allow_remote_code
-        return self._inspections.run(
-            key, lambda: inspector.inspect(spec.model, spec.seq_len, allow_remote_code=allow)
-        )
+        return self.inspector.inspect(spec.model, spec.seq_len, allow_remote_code=allow)
 
     def _queue_full(self) -> QueueFull:
         return QueueFull(
