@@ -640,6 +640,7 @@ def part_ray(timeout: float, memory: int, log: Path, work: Path) -> Part:
                 server.wait(timeout=30)
         stop = [_ray_cli(), "stop", "--force"]
         subprocess.run(stop, env=env, check=False, timeout=120, capture_output=True)
+    return part
 
 
 # == issue 12: host-memory ceilings on cuda (part 8) ===============================================

@@ -60,6 +60,7 @@ def make_dispatcher(settings: Settings, inventory: Inventory) -> Dispatcher:
             timeout_seconds=settings.job_timeout_seconds,
             queue_deadline_seconds=settings.queue_deadline_seconds,
             probe_cpus=settings.ray_probe_cpus,
+            host_memory=settings.host_memory_policy,
         )
     return LocalDispatcher(
         settings.probe_command,

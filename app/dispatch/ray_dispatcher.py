@@ -47,6 +47,7 @@ from app.errors import GpuTypeUnavailable, InvalidRequest
 from probes.errors import UnknownGpu
 from probes.gpu_types import GpuType, parse_gpu_type
 from probes.gpus import lookup_gpu
+from probes.hostmem import HostMemoryPolicy
 from probes.spec import FLEET_DEVICE, ProbeEvent, ProbeSpec
 
 log = logging.getLogger("maxbatch.dispatch.ray")
@@ -182,6 +183,7 @@ class RayDispatcher(Dispatcher):
         timeout_seconds: float,
         queue_deadline_seconds: float | None,
         probe_cpus: float,
+        host_memory: HostMemoryPolicy | None = None,
     ) -> None:
         self.address = address
         self.namespace = namespace
@@ -190,6 +192,8 @@ class RayDispatcher(Dispatcher):
         self.timeout_seconds = timeout_seconds
         self.queue_deadline_seconds = queue_deadline_seconds
         self.probe_cpus = probe_cpus
+        #: the ceilings of the probe child and its trial children on the node (:mod:`probes.hostmem`)
+        self.host_memory = host_memory
         self._ray: Any = None
         self._runner: Any = None
         self._killer: Any = None
@@ -406,6 +410,7 @@ class RayDispatcher(Dispatcher):
             workdir_root=self.workdir,
             timeout_seconds=self.timeout_seconds,
             on_gpu=spec.device == FLEET_DEVICE,
+            host_memory=self.host_memory,
         )
         with self._lock:
             remote.actor = actor

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from app.dispatch.base import DispatchJob, RunOutcome
 from app.dispatch.child import run_child
+from probes.hostmem import HostMemoryPolicy
 from probes.spec import ProbeEvent
 
 RUNNER_THREADS = 4
@@ -64,6 +65,7 @@ class ProbeRunner:
         workdir_root: str | None,
         timeout_seconds: float,
         on_gpu: bool,
+        host_memory: HostMemoryPolicy | None = None,
     ) -> None:
         self.job = job
         self.command = command
@@ -73,6 +75,8 @@ class ProbeRunner:
         self.timeout_seconds = timeout_seconds
         #: Ray gave this actor one GPU and set CUDA_VISIBLE_DEVICES to it: the child's cuda:0
         self.device = "cuda:0" if on_gpu else None
+        #: the same ceilings as a local child's (the operator's settings, not the node's defaults)
+        self.host_memory = host_memory
         self._changed = threading.Condition()
         self._events: list[str] = []
         self._started: Started | None = None
@@ -93,6 +97,7 @@ class ProbeRunner:
                 on_start=self._on_start,
                 on_event=self._on_event,
                 device=self.device,
+                host_memory=self.host_memory,
             )
         finally:
             with self._changed:
