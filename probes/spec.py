@@ -350,7 +350,7 @@ SeqLen = Annotated[Int, Field(gt=0, le=MAX_SEQ_LEN, description="tokens per sequ
 MemoryBytes = Annotated[Int, Field(gt=0, le=MAX_MEMORY_BYTES)]
 
 
-DEVICE_SCHEMA_PATTERN = r"^(cuda(:[0-9]+)?|simulated|predict)$"
+DEVICE_SCHEMA_PATTERN = r"^(cuda(:[0-9]+)?|gpu|simulated|predict)$"
 """The device names in the JSON Schema: the canonical spellings (the validator also takes other
 cases and surrounding spaces, and normalises them)."""
 
@@ -387,6 +387,8 @@ def _request_schema(schema: dict[str, Any]) -> None:
         {"if": _device("simulated"), "then": _given("memory_limit_bytes")},
         {"if": _device("predict"), "then": {"anyOf": [_given("memory_limit_bytes"), _given("gpu")]}},
         {"if": _given("gpu"), "then": _device("predict")},
+        {"if": _device(FLEET_DEVICE), "then": _given("gpu_type")},
+        {"if": _given("gpu_type"), "then": {"properties": {"device": {"not": {"pattern": "^cuda"}}}}},
     ]
 
 

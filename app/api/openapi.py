@@ -7,9 +7,11 @@
   shape is replaced by the problem the service sends.
 - With a token configured, the operations :func:`app.middleware.guarded` protects declare bearer
   security and their 401.
-- The request's ``device`` names the devices this service has, ``gpu`` the cards of the predict
-  table (by their canonical names), and on ``simulated`` the ``memory_limit_bytes`` is capped at
-  MAXBATCH_SIMULATED_MEMORY_BYTES, as admission checks.
+- The request's ``device`` names the devices this service has (and ``gpu``, a kind of GPU the
+  dispatcher places by ``gpu_type``: which kinds exist is the fleet's state, listed by
+  ``/v1/devices``, so an unknown kind is a 422 ``gpu-type-unavailable``, not a schema rule),
+  ``gpu`` the cards of the predict table (by their canonical names), and on ``simulated`` the
+  ``memory_limit_bytes`` is capped at MAXBATCH_SIMULATED_MEMORY_BYTES, as admission checks.
 
 Built once per app (the settings decide the security part) and cached on it.
 """
@@ -26,6 +28,7 @@ from app.api.responses import PROBLEM_STATUSES
 from app.middleware import guarded
 from app.settings import Settings
 from probes.gpus import GPUS
+from probes.spec import FLEET_DEVICE
 
 PROBLEM = "application/problem+json"
 BEARER = "bearerAuth"
@@ -87,7 +90,7 @@ def _bearer_security(schema: dict[str, Any], *, reads_need_token: bool) -> None:
 
 def _this_service(schema: dict[str, Any], settings: Settings, gpus: list[str]) -> None:
     request = schema["components"]["schemas"]["ProbeSpec"]
-    names = ["simulated", "predict", *gpus, *(["cuda"] if "cuda:0" in gpus else [])]
+    names = ["simulated", "predict", FLEET_DEVICE, *gpus, *(["cuda"] if "cuda:0" in gpus else [])]
     request["properties"]["device"]["pattern"] = "^(" + "|".join(re.escape(n) for n in names) + ")$"
     request["properties"]["gpu"] = {
         **{k: v for k, v in request["properties"]["gpu"].items() if k != "anyOf"},

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from pydantic import ValidationError
 
@@ -226,3 +228,29 @@ def test_an_integral_float_is_an_integer_as_json_schema_says() -> None:
     spec = _spec(world_size=2.0, seq_len=64.0)
     assert (spec.world_size, spec.seq_len) == (2, 64)
     assert isinstance(spec.world_size, int)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"device": "gpu", "gpu_type": "H100-80GB"},
+        {"device": "gpu"},  # a kind of GPU needs its kind
+        {"device": "cuda:0", "gpu_type": "H100"},  # one GPU of this machine is not a kind
+        {"device": "simulated", "memory_limit_bytes": 2**26, "gpu_type": "A100"},
+        {"device": "predict", "gpu": "H100-80GB", "gpu_type": "H100"},
+    ],
+)
+def test_the_request_schema_and_the_validator_agree_on_fleet_fields(fields: dict[str, Any]) -> None:
+    """The JSON Schema a client or a fuzzer reads states the ``device``/``gpu_type`` rules the
+    validator enforces (main added them after the schema's if/then rules were written)."""
+    import jsonschema
+
+    body = {"model": {"architecture": "gpt2"}, "seq_len": 64, "target_effective_batch_size": 8, **fields}
+    schema_says = jsonschema.Draft202012Validator(ProbeSpec.model_json_schema()).is_valid(body)
+    try:
+        ProbeSpec.model_validate(body)
+    except ValidationError:
+        validator_says = False
+    else:
+        validator_says = True
+    assert schema_says == validator_says

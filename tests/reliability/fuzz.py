@@ -10,7 +10,8 @@ One check is configured, and one is added:
 - ``positive_data_acceptance`` for ``POST /v1/probes`` also expects 422: some rules cannot be
   written in JSON Schema (``headroom_bytes < memory_limit_bytes``; a reused Idempotency-Key with
   another body; what the model inspector finds: an unknown architecture or config key, a
-  ``seq_len`` beyond the model's positions; a memory limit beyond the predicted card's);
+  ``seq_len`` beyond the model's positions; a memory limit beyond the predicted card's; a
+  ``gpu_type`` that no GPU of the service or its fleet has at the moment);
 - :func:`refused_only_for_what_the_schema_cannot_state` then holds those 422s to exactly that list:
   a schema-valid request refused for anything else (a field the schema allows) fails the run.
 """
@@ -52,6 +53,7 @@ SEMANTIC_CODES = frozenset(
         "sequence-too-long",  # seq_len over the model's positions
         "idempotency-key-reused",  # the same key with another body: state, not shape
         "model-inspection-timeout",  # the inspector ran out of time on a (huge) model
+        "gpu-type-unavailable",  # gpu_type names no kind of GPU the service or its fleet has now
     }
 )
 """Problem codes a schema-valid probe request may be refused with (422)."""
