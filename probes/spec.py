@@ -351,6 +351,9 @@ MemoryBytes = Annotated[Int, Field(gt=0, le=MAX_MEMORY_BYTES)]
 
 
 DEVICE_SCHEMA_PATTERN = r"^(cuda(:[0-9]+)?|gpu|simulated|predict)$"
+GPU_TYPE_SCHEMA_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9.+-]*[A-Za-z0-9.+])?$"
+"""``gpu_type`` in the JSON Schema: the canonical spellings (``H100-80GB``, ``A100``); the validator
+also reads ``_`` and spaces as ``-`` (:func:`probes.gpu_types.parse_gpu_type`)."""
 """The device names in the JSON Schema: the canonical spellings (the validator also takes other
 cases and surrounding spaces, and normalises them)."""
 
@@ -443,6 +446,7 @@ class ProbeSpec(Frozen):
     gpu_type: str | None = Field(
         default=None,
         max_length=64,
+        json_schema_extra={"pattern": GPU_TYPE_SCHEMA_PATTERN},
         description="run on a node with this kind of GPU: a predict-table name (H100-80GB) or a bare "
         "model (H100); required with device 'gpu', placement only with simulated and predict",
     )

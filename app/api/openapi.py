@@ -8,8 +8,9 @@
 - With a token configured, the operations :func:`app.middleware.guarded` protects declare bearer
   security and their 401.
 - The request's ``device`` names the devices this service has (and ``gpu``, a kind of GPU the
-  dispatcher places by ``gpu_type``: which kinds exist is the fleet's state, listed by
-  ``/v1/devices``, so an unknown kind is a 422 ``gpu-type-unavailable``, not a schema rule),
+  dispatcher places by ``gpu_type``, where there are kinds to place on: which ones exist is the
+  fleet's state, listed by ``/v1/devices``, so an unknown kind is a 422 ``gpu-type-unavailable``,
+  not a schema rule; a service with no GPU and no fleet allows no ``gpu_type`` at all),
   ``gpu`` the cards of the predict table (by their canonical names), and on ``simulated`` the
   ``memory_limit_bytes`` is capped at MAXBATCH_SIMULATED_MEMORY_BYTES, as admission checks.
 
@@ -88,9 +89,17 @@ def _bearer_security(schema: dict[str, Any], *, reads_need_token: bool) -> None:
             operation["responses"]["401"] = _problem(PROBLEM_STATUSES[401])
 
 
-def _this_service(schema: dict[str, Any], settings: Settings, gpus: list[str]) -> None:
+def _this_service(schema: dict[str, Any], settings: Settings, gpus: list[str], *, placeable: bool) -> None:
+    """``placeable``: requests may name a kind of GPU (a fleet, or GPUs on this machine); when not,
+    every ``gpu_type`` is refused, so the document allows only null and no device ``gpu``."""
     request = schema["components"]["schemas"]["ProbeSpec"]
-    names = ["simulated", "predict", FLEET_DEVICE, *gpus, *(["cuda"] if "cuda:0" in gpus else [])]
+    if not placeable:
+        request["properties"]["gpu_type"] = {
+            **{k: v for k, v in request["properties"]["gpu_type"].items() if k not in ("anyOf", "pattern")},
+            "type": "null",
+        }
+    fleet = [FLEET_DEVICE] if placeable else []
+    names = ["simulated", "predict", *fleet, *gpus, *(["cuda"] if "cuda:0" in gpus else [])]
     request["properties"]["device"]["pattern"] = "^(" + "|".join(re.escape(n) for n in names) + ")$"
     request["properties"]["gpu"] = {
         **{k: v for k, v in request["properties"]["gpu"].items() if k != "anyOf"},
@@ -113,7 +122,10 @@ def service_openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:
         _problems_as_problem_json(schema)
         _no_null_parameters(schema)
         runtime = getattr(app.state, "runtime", None)
-        _this_service(schema, settings, [g.device for g in runtime.inventory.gpus()] if runtime else [])
+        gpus = [g.device for g in runtime.inventory.gpus()] if runtime else []
+        # GPUs here are kinds to place on; a Ray fleet's kinds come and go with its nodes
+        placeable = bool(gpus) or (runtime is not None and not runtime.dispatcher.local_gpus)
+        _this_service(schema, settings, gpus, placeable=placeable)
         if settings.token is not None:
             _bearer_security(schema, reads_need_token=settings.reads_need_token)
         app.openapi_schema = schema

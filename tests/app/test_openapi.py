@@ -146,3 +146,13 @@ def test_with_a_token_guarded_operations_declare_bearer_security(
         assert_problem(client.post("/v1/probes", json=probe_body()), 401)
         assert (client.get("/v1/probes").status_code == 401) == reads_need_token
         assert client.get("/healthz").status_code == 200
+
+
+def test_a_service_with_no_gpu_kind_allows_no_gpu_type(client: TestClient) -> None:
+    """No GPU here and no fleet: every gpu_type is refused, so the document allows none (the fuzzer
+    found the schema allowing any string while the service refused it; 2026-12-01)."""
+    request = _document(client)["components"]["schemas"]["ProbeSpec"]
+    assert request["properties"]["gpu_type"]["type"] == "null"
+    assert "gpu" not in request["properties"]["device"]["pattern"].split("|")
+    response = client.post("/v1/probes", json=probe_body(gpu_type="H100-80GB"))
+    assert_problem(response, 422, "gpu-type-unavailable")
