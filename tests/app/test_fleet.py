@@ -385,9 +385,12 @@ def _comparable(value: Any) -> Any:
 @pytest.mark.slow
 def test_real_probes_on_ray_equal_the_local_dispatcher(ray_cluster: RayTestCluster, tmp_path: Path) -> None:
     real = json.dumps([sys.executable, "-m", "probes"])
-    bodies = {
-        "H100-80GB": _real_body("simulated", "H100-80GB"),
-        "A100-40GB": _real_body("predict", "A100-40GB"),
+    nothing_fits = {**_real_body("simulated", "H100-80GB"), "memory_limit_bytes": 64 * 1024}
+    cases = {  # name: (gpu type, body, the job's answer)
+        "fit, simulated": ("H100-80GB", _real_body("simulated", "H100-80GB"), "fit"),
+        "fit, predict": ("A100-40GB", _real_body("predict", "A100-40GB"), "fit"),
+        # the weights alone are past the cap: the size check's oom, the answer no_fit (not failed)
+        "nothing fits": ("H100-80GB", nothing_fits, "no_fit"),
     }
     env = {**_ray_env(ray_cluster), "MAXBATCH_PROBE_COMMAND": real, "MAXBATCH_INSPECT_MODELS": "false"}
     local_app = create_app(
@@ -401,12 +404,14 @@ def test_real_probes_on_ray_equal_the_local_dispatcher(ray_cluster: RayTestClust
         server.client() as on_ray,
         TestClient(local_app) as local,
     ):
-        ray_jobs = {t: _submit(on_ray, body)["id"] for t, body in bodies.items()}
-        local_jobs = {t: _submit(local, body)["id"] for t, body in bodies.items()}
-        for gpu_type in bodies:
-            remote = _done(on_ray, ray_jobs[gpu_type], timeout=240)
-            here = _done(local, local_jobs[gpu_type], timeout=240)
+        ray_jobs = {name: _submit(on_ray, body)["id"] for name, (_, body, _) in cases.items()}
+        local_jobs = {name: _submit(local, body)["id"] for name, (_, body, _) in cases.items()}
+        for name, (gpu_type, _, answer) in cases.items():
+            remote = _done(on_ray, ray_jobs[name], timeout=240)
+            here = _done(local, local_jobs[name], timeout=240)
             assert remote["status"] == here["status"] == "succeeded", (remote["error"], here["error"])
+            assert remote["answer"] == here["answer"] == answer, name
             assert ray_cluster.type_of(remote["node"]) == gpu_type
-            assert remote["result"]["configs"][0]["max_batch_size"] is not None
+            fits = remote["result"]["configs"][0]["max_batch_size"] is not None
+            assert fits == (answer == "fit"), remote["result"]["configs"][0]
             assert _comparable(remote["result"]) == _comparable(here["result"])

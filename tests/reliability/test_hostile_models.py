@@ -79,6 +79,8 @@ def test_hostile_models_are_answered_within_their_ceilings(server: LiveServer) -
         past_job = wait_done(client, past.json()["id"])
         trials = [(t["batch_size"], t["outcome"]) for t in past_job["result"]["configs"][0]["trials"]]
         assert trials == [(1, "oom")], past_job
+        # an answer, not a failure: nothing fits (docs/hardening.md, status semantics)
+        assert (past_job["status"], past_job["answer"]) == ("succeeded", "no_fit"), past_job
 
         for name, job_id in jobs.items():
             job = wait_done(client, job_id)
@@ -86,12 +88,13 @@ def test_hostile_models_are_answered_within_their_ceilings(server: LiveServer) -
                 trials = [(t["batch_size"], t["outcome"]) for t in config["trials"]]
                 assert trials == [(1, "oom")], f"{name}: {config}"
                 assert "weights alone need" in config["trials"][0]["message"], f"{name}: {config}"
+            assert (job["status"], job["answer"]) == ("succeeded", "no_fit"), f"{name}: {job}"
 
         warm_job = wait_done(client, warm.json()["id"])
         after = client.post("/v1/probes", json=body(ORDINARY, seq_len=128))
         assert after.status_code == 202, after.text
         last = wait_done(client, after.json()["id"])
-        assert last["status"] == "succeeded", last
+        assert (last["status"], last["answer"]) == ("succeeded", "fit"), last
         assert last["result"]["configs"][0]["max_batch_size"] is not None, last
         assert warm_job["status"] == "succeeded", warm_job
 
