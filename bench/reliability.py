@@ -40,6 +40,7 @@ from typing import Any
 
 import httpx
 
+from app.api.probes import EXAMPLE_REQUEST
 from tests.app.live_server import LiveServer
 from tests.reliability.drills import DRILLS, run_drill, wait_for
 from tests.reliability.fuzz import fuzz_config, run_fuzz
@@ -95,6 +96,13 @@ def fuzz(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
     # request timeout, or a long poll doing its job reads as a hung request.
     env = {**real_engine_env(), "MAXBATCH_MAX_WAIT_SECONDS": "2"}
     with LiveServer(workdir / "fuzz", env) as server:
+        # A fresh service's inspectors import torch and transformers first (tens of seconds on a
+        # loaded machine): the fuzzer's first POSTs timed out and its stateful phase created no
+        # job to follow (2026-12-01). Warm it with the documented example, as a client would.
+        with httpx.Client(base_url=server.url, timeout=300) as client:
+            warm = client.post("/v1/probes", json=EXAMPLE_REQUEST)
+            assert warm.status_code in (200, 202), warm.text
+            client.post(f"/v1/probes/{warm.json()['id']}/cancel")
         config = fuzz_config(
             max_examples=args.fuzz_examples,
             seed=args.seed,
