@@ -243,10 +243,10 @@ def test_an_integral_float_is_an_integer_as_json_schema_says() -> None:
 def test_the_request_schema_and_the_validator_agree_on_fleet_fields(fields: dict[str, Any]) -> None:
     """The JSON Schema a client or a fuzzer reads states the ``device``/``gpu_type`` rules the
     validator enforces (main added them after the schema's if/then rules were written)."""
-    import jsonschema
+    import jsonschema_rs  # schemathesis' validator (the dev extra)
 
     body = {"model": {"architecture": "gpt2"}, "seq_len": 64, "target_effective_batch_size": 8, **fields}
-    schema_says = jsonschema.Draft202012Validator(ProbeSpec.model_json_schema()).is_valid(body)
+    schema_says = jsonschema_rs.Draft202012Validator(ProbeSpec.model_json_schema()).is_valid(body)
     try:
         ProbeSpec.model_validate(body)
     except ValidationError:
