@@ -19,8 +19,9 @@ from probes.models import (
     inspect_model,
     layer_count,
 )
-from probes.spec import ConfigTask, DeviceInfo, ModelSpec, Outcome, Precision
-from probes.trial import TrialSession, build_for_task
+from probes.recipe.build import build_for_task
+from probes.spec import ConfigTask, DeviceInfo, ModelSpec, Outcome, Precision, Strategy
+from probes.trial import TrialSession
 from probes.weights_fit import (
     check_weights,
     finetuning_weights_floor,
@@ -286,3 +287,31 @@ def test_a_build_without_a_floor_is_not_checked() -> None:
         record = opened.run(1, accumulation_steps=1, optimizer_steps=1)
     assert record.message is not None
     assert record.message.startswith("the weights alone need")
+
+
+def test_an_fsdp_rank_is_checked_against_its_share_of_the_parameters() -> None:
+    """FSDP over 8 ranks keeps an eighth of the parameters per rank (buffers whole): weights that do
+    not fit one process whole may fit a rank; DDP keeps them whole, as one process does."""
+    cfg = config("gpt2")
+    count = count_weights(cfg, dtype=torch.float32)
+    limit = count.total_bytes // 2
+    simulated = DeviceInfo(
+        kind="simulated",
+        name="simulated",
+        total_memory_bytes=limit,
+        memory_limit_bytes=limit,
+        bf16_supported=True,
+        capacity_bytes=limit,
+    )
+
+    def ranks(strategy: Strategy, world_size: int) -> ConfigTask:
+        return task(Precision.FP32, limit).model_copy(update={"strategy": strategy, "world_size": world_size})
+
+    fsdp = ranks(Strategy.FSDP, 8)
+    assert weights_floor_bytes(count, fsdp) == math.ceil(count.parameter_bytes / 8) + count.buffer_bytes
+    assert check_weights(cfg, fsdp, simulated) is None
+    for whole in (ranks(Strategy.DDP, 8), ranks(Strategy.SINGLE, 1)):
+        assert weights_floor_bytes(count, whole) == count.total_bytes
+        verdict = check_weights(cfg, whole, simulated)
+        assert verdict is not None
+        assert verdict[0] is Outcome.OOM
