@@ -912,8 +912,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     parser = argparse.ArgumentParser(description="Every GPU check in one time-boxed run.")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "bench/results/gpu"))
-    parts = [1, 2, 3, 4, 5, 7, 8]
-    parser.add_argument("--parts", nargs="*", type=int, default=parts, help="which parts (1-8)")
+    default_parts = [1, 2, 3, 4, 5, 7, 8]
+    parser.add_argument("--parts", nargs="*", type=int, default=default_parts, help="which parts (1-8)")
     parser.add_argument("--probe-memory-gib", type=float, default=32.0)
     parser.add_argument("--peak-memory-gib", type=float, default=0.0, help="0: the whole card")
     parser.add_argument("--compare-budget", type=float, default=70.0)
