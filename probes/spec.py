@@ -370,8 +370,9 @@ def _device(name: str) -> dict[str, Any]:
 
 
 def _request_schema(schema: dict[str, Any]) -> None:
-    """What the validators take, as JSON Schema: the spellings ``precisions`` and
-    ``gradient_checkpointing`` accept (one value or a non-empty list; precision aliases), and the
+    """What the validators take, as JSON Schema: the spellings ``precisions``, ``strategies`` and
+    ``gradient_checkpointing`` accept (one value or a non-empty list; precision aliases; strategies
+    also null for the default by world size), the optimizer's names and aliases, and the
     rules between fields that :meth:`ProbeSpec._memory_for_simulated` checks as ``if``/``then`` (all
     but ``headroom_bytes < memory_limit_bytes``, which JSON Schema cannot state)."""
     properties = schema["properties"]
@@ -380,6 +381,16 @@ def _request_schema(schema: dict[str, Any]) -> None:
     properties["precisions"] = {
         **{k: v for k, v in properties["precisions"].items() if k not in ("items", "type")},
         "anyOf": [{"type": "array", "items": spellings, "minItems": 1}, spellings],
+    }
+    strategies = {"type": "string", "enum": [strategy.value for strategy in Strategy]}
+    properties["strategies"] = {
+        **{k: v for k, v in properties["strategies"].items() if k not in ("items", "type", "default")},
+        "anyOf": [{"type": "array", "items": strategies, "minItems": 1}, strategies, {"type": "null"}],
+    }
+    properties["optimizer"] = {
+        **{k: v for k, v in properties["optimizer"].items() if k not in ("$ref", "allOf", "enum", "type")},
+        "type": "string",
+        "enum": sorted(OPTIMIZER_ALIASES),
     }
     boolean = {"type": "boolean"}
     properties["gradient_checkpointing"] = {

@@ -236,16 +236,29 @@ def test_an_integral_float_is_an_integer_as_json_schema_says() -> None:
         {"device": "gpu", "gpu_type": "H100-80GB"},
         {"device": "gpu"},  # a kind of GPU needs its kind
         {"device": "cuda:0", "gpu_type": "H100"},  # one GPU of this machine is not a kind
-        {"device": "simulated", "memory_limit_bytes": 2**26, "gpu_type": "A100"},
+        {"device": "simulated", "gpu_type": "A100"},
         {"device": "predict", "gpu": "H100-80GB", "gpu_type": "H100"},
+        {"gpu_type": ""},  # found by the fuzzer: not a GPU type
+        {"strategies": []},  # found by the fuzzer: at least one strategy
+        {"strategies": "fsdp", "world_size": 2},
+        {"strategies": None, "world_size": 2},
+        {"optimizer": "adamw"},  # the alias from before the optimizer axis
+        {"optimizer": "lion"},
     ],
 )
-def test_the_request_schema_and_the_validator_agree_on_fleet_fields(fields: dict[str, Any]) -> None:
-    """The JSON Schema a client or a fuzzer reads states the ``device``/``gpu_type`` rules the
-    validator enforces (main added them after the schema's if/then rules were written)."""
+def test_the_request_schema_and_the_validator_agree_on_fields_main_added(fields: dict[str, Any]) -> None:
+    """The JSON Schema a client or a fuzzer reads states the rules the validator enforces on the
+    fields other branches added after the schema's rules were written (the fleet's ``device`` and
+    ``gpu_type``, the strategies' ``strategies`` and ``optimizer``)."""
     import jsonschema_rs  # schemathesis' validator (the dev extra)
 
-    body = {"model": {"architecture": "gpt2"}, "seq_len": 64, "target_effective_batch_size": 8, **fields}
+    body = {
+        "model": {"architecture": "gpt2"},
+        "seq_len": 64,
+        "target_effective_batch_size": 8,
+        "memory_limit_bytes": 2**26,
+        **fields,
+    }
     schema_says = jsonschema_rs.Draft202012Validator(ProbeSpec.model_json_schema()).is_valid(body)
     try:
         ProbeSpec.model_validate(body)
