@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 import torch
 
-from probes import trial as trial_module
 from probes.devices import open_device
 from probes.devices.simulated import SimulatedDevice
 from probes.environment import collect_versions, maxbatch_version
 from probes.errors import DeviceUnavailable, ProbeInputError
+from probes.recipe import build as recipe_build
 from probes.spec import ConfigTask, ModelSpec, Outcome, Precision, TrialRecord
 from probes.trial import TrialSession
 
@@ -184,7 +184,7 @@ def test_weights_too_big_for_the_cap_are_an_oom_outcome_without_building(
     def never(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("the model was built")
 
-    monkeypatch.setattr(trial_module, "build_model", never)
+    monkeypatch.setattr(recipe_build, "build_model", never)  # what the default builder calls
     with TrialSession(task(limit=256 * 1024)) as opened:
         first = run(opened, 1)
         second = run(opened, 1)
