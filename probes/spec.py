@@ -427,14 +427,14 @@ class ProbeSpec(Frozen):
         description="full (every weight), lora (peft adapters on a frozen base) or qlora (adapters on a "
         "4-bit NF4 base, bitsandbytes)",
     )
-    lora_r: int = Field(default=DEFAULT_LORA_R, ge=1, le=65_536, description="LoRA rank (lora, qlora)")
-    lora_alpha: int = Field(
+    lora_r: Int = Field(default=DEFAULT_LORA_R, ge=1, le=65_536, description="LoRA rank (lora, qlora)")
+    lora_alpha: Int = Field(
         default=DEFAULT_LORA_ALPHA,
         ge=1,
         le=1_000_000,
         description="LoRA scale numerator (scaling = alpha / r)",
     )
-    lora_dropout: float = Field(
+    lora_dropout: Float = Field(
         default=DEFAULT_LORA_DROPOUT, ge=0, lt=1, description="dropout before each adapter (it costs memory)"
     )
     lora_target_modules: Literal["all-linear"] | tuple[ModuleName, ...] = Field(
