@@ -15,7 +15,16 @@ import re
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 from probes.finetuning_spec import (
     ALL_LINEAR,
@@ -406,6 +415,35 @@ def _request_schema(schema: dict[str, Any]) -> None:
     ]
 
 
+_TARGET_NAME = r"[^,\s][^,]{0,199}"
+LoraTargetModules = Annotated[
+    Literal["all-linear"] | tuple[ModuleName, ...],
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {
+                    "type": "string",
+                    "pattern": rf"^\s*{_TARGET_NAME}(,\s*{_TARGET_NAME})*$",
+                    "description": "'all-linear' (any case), or module names separated by commas",
+                },
+                {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "string",
+                        "pattern": r"\S",
+                        "maxLength": 200,
+                        "not": {"const": "all-linear"},
+                    },
+                },
+            ]
+        }
+    ),
+]
+"""What the service takes for ``lora_target_modules``, stated as JSON Schema: the CLI's comma form
+is accepted over HTTP too (:func:`~probes.finetuning_spec.parse_target_modules`)."""
+
+
 class ProbeSpec(Frozen):
     """One request: a model, a shape, the configs to try, the device and the target."""
 
@@ -437,7 +475,7 @@ class ProbeSpec(Frozen):
     lora_dropout: Float = Field(
         default=DEFAULT_LORA_DROPOUT, ge=0, lt=1, description="dropout before each adapter (it costs memory)"
     )
-    lora_target_modules: Literal["all-linear"] | tuple[ModuleName, ...] = Field(
+    lora_target_modules: LoraTargetModules = Field(
         default=ALL_LINEAR,
         description="'all-linear' (peft's: every linear layer but the output head) or module names, "
         "e.g. [q_proj, v_proj]",
@@ -482,6 +520,8 @@ class ProbeSpec(Frozen):
 
     @field_validator(
         "seq_len",
+        "lora_r",
+        "lora_alpha",
         "target_effective_batch_size",
         "world_size",
         "memory_limit_bytes",

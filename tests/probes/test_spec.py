@@ -225,9 +225,17 @@ def test_types_are_what_the_schema_says_not_coerced(fields: dict[str, object]) -
 
 
 def test_an_integral_float_is_an_integer_as_json_schema_says() -> None:
-    spec = _spec(world_size=2.0, seq_len=64.0)
-    assert (spec.world_size, spec.seq_len) == (2, 64)
+    spec = _spec(world_size=2.0, seq_len=64.0, lora_r=8.0, lora_alpha=16.0)
+    assert (spec.world_size, spec.seq_len, spec.lora_r, spec.lora_alpha) == (2, 64, 8, 16)
     assert isinstance(spec.world_size, int)
+    assert isinstance(spec.lora_r, int)
+
+
+def test_lora_numbers_are_strict() -> None:
+    with pytest.raises(ValidationError):
+        _spec(lora_r="8")
+    with pytest.raises(ValidationError):
+        _spec(lora_alpha=True)
 
 
 @pytest.mark.parametrize(
