@@ -19,8 +19,9 @@ from probes.search import (
     ladder_floor,
     ladder_next,
     ladder_prev,
+    training_state_bytes,
 )
-from probes.spec import Outcome, TrialRecord
+from probes.spec import Outcome, Precision, TrialRecord
 
 Curve = Callable[[int], int]
 GiB = 2**30
@@ -87,18 +88,26 @@ class Run:
     search: LadderSearch
 
 
-def trial_for(n: int, curve: Curve, capacity: int, limit: int | None = None) -> TrialRecord:
+def trial_for(
+    n: int, curve: Curve, capacity: int, limit: int | None = None, bound_share: float | None = None
+) -> TrialRecord:
     """What a trial at ``n`` reports: fit iff the peak is within capacity.
 
     A peak above the capacity but within ``limit`` ran to the end (over the headroom, peak
-    known); above the limit it ran out of memory (no peak).
+    known); above the limit it ran out of memory (no peak). With ``bound_share``, the
+    out-of-memory trial reports a lower bound of its peak: the limit (else the capacity) plus
+    that share of the way up to the peak (0: it failed as soon as it crossed, 1: at its peak).
     """
     peak = curve(n)
     if peak <= capacity:
         return TrialRecord(batch_size=n, outcome=Outcome.FIT, peak_reserved_bytes=peak)
     if limit is not None and peak <= limit:
         return TrialRecord(batch_size=n, outcome=Outcome.OVER_HEADROOM, peak_reserved_bytes=peak)
-    return TrialRecord(batch_size=n, outcome=Outcome.OOM)
+    bound = None
+    if bound_share is not None:
+        crossed = (limit if limit is not None else capacity) + 1
+        bound = min(peak, crossed + int(bound_share * max(peak - crossed, 0)))
+    return TrialRecord(batch_size=n, outcome=Outcome.OOM, oom_lower_bound_bytes=bound)
 
 
 def drive(
@@ -110,17 +119,22 @@ def drive(
     upper_limit: int | None = None,
     start: int = 1,
     search: LadderSearch | None = None,
+    floor: int | None = None,
+    bound_share: float | None = None,
 ) -> Run:
     if search is None:
         search = LadderSearch(
-            capacity_bytes=capacity if known_capacity else None, upper_limit=upper_limit, start=start
+            capacity_bytes=capacity if known_capacity else None,
+            upper_limit=upper_limit,
+            start=start,
+            floor_bytes=floor,
         )
     sizes: list[int] = []
     failures = 0
     while (n := search.next_size()) is not None:
         assert len(sizes) < 200, f"runaway search: {sizes[:30]}"
         sizes.append(n)
-        trial = trial_for(n, curve, capacity, limit)
+        trial = trial_for(n, curve, capacity, limit, bound_share)
         failures += trial.outcome is not Outcome.FIT
         search.record(trial)
     return Run(sizes, failures, search)
@@ -149,6 +163,15 @@ def floored(floor: float, intercept: float, slope: float) -> Curve:
 def kinked(intercept: float, slope: float, knee: float, steeper: float) -> Curve:
     """Slope ``slope`` up to ``knee``, then ``slope * steeper`` (the peak op moves)."""
     return lambda n: int(intercept + slope * min(n, knee) + slope * steeper * max(0.0, n - knee))
+
+
+def plateau(floor: float, optimizer_extra: float, activation_free: float, slope: float) -> Curve:
+    """A training step's peak: the optimizer step's plateau or the backward's line, whichever is higher.
+
+    ``floor`` is weights + gradients + optimizer state, ``optimizer_extra`` the optimizer step's
+    temporaries on top, ``activation_free`` the batch-free bytes the backward adds to the floor.
+    """
+    return lambda n: int(max(floor + optimizer_extra, floor + activation_free + slope * n))
 
 
 # -- named cases: the exact sizes tried ---------------------------------------------------
@@ -302,6 +325,92 @@ def test_a_flat_then_barely_rising_curve_does_not_jump_past_the_limit_factor() -
     assert run.search.max_batch_size == exhaustive(curve, 1_000_000, None)[0]
 
 
+# -- the floor and the lower bounds of out-of-memory trials ---------------------------------
+
+# Issue 11's flat-floor case, measured on the simulated device (bench/floor_search.py): GPT-2 shape
+# (2 layers, 256 wide, vocabulary 32000), seq 64, 32-true, no checkpointing, 2 optimizer steps x
+# accumulation 2, 400 MiB. The peak is the optimizer step's up to 2 samples, then a line from 4 on;
+# each out-of-memory trial's bound is the counted bytes in use plus those requested at the failure.
+NAMED_CAPACITY = 400 * MiB
+NAMED_FLOOR = training_state_bytes(10_034_176, Precision.FP32)  # 160,546,816 B: 16 B per parameter
+NAMED_BOUNDS = {512: 444_707_328, 248: 480_047_616, 120: 426_107_392, 56: 752_435_712, 24: 548_454_912}
+NAMED_BOUNDS[16] = 505_796_096
+
+
+def named_peak(n: int) -> int:
+    return max(258_870_784 if n == 1 else 258_873_856, 160_564_224 + 29_103_616 * n)
+
+
+def drive_named(*, floor: int | None, bounds: bool) -> list[int]:
+    search = LadderSearch(capacity_bytes=NAMED_CAPACITY, floor_bytes=floor)
+    while (n := search.next_size()) is not None:
+        peak = named_peak(n)
+        if peak <= NAMED_CAPACITY:
+            search.record(TrialRecord(batch_size=n, outcome=Outcome.FIT, peak_reserved_bytes=peak))
+        else:
+            bound = NAMED_BOUNDS[n] if bounds else None
+            search.record(TrialRecord(batch_size=n, outcome=Outcome.OOM, oom_lower_bound_bytes=bound))
+    assert (search.max_batch_size, search.first_failing_batch_size) == (8, 16)
+    return [t.batch_size for t in search.trials]
+
+
+def test_the_named_flat_floor_case() -> None:
+    # What the issue saw: the flat line jumps to the 256x cap, then bisects down (6 OOMs).
+    assert drive_named(floor=None, bounds=False) == [1, 2, 512, 248, 120, 56, 24, 8, 16]
+    # The lower bound at 56 (752 MB: it failed late) puts the chord's crossing below 24.
+    assert drive_named(floor=None, bounds=True) == [1, 2, 512, 248, 120, 56, 16, 4, 8]
+    # The floor: the line through 1 and 2 is flat (3 KB a sample; the floor allows 47 MB), so the
+    # floor aims: its bound says 5.3, and along a plateau the search grows at least 4x: 8. From 2 to
+    # 8 the line is steep and says 8.9, so 16 closes the bracket: 4 trials, 1 out of memory.
+    assert drive_named(floor=NAMED_FLOOR, bounds=True) == [1, 2, 8, 16]
+    assert drive_named(floor=NAMED_FLOOR, bounds=False) == [1, 2, 8, 16]
+
+
+def test_training_state_bytes() -> None:
+    assert training_state_bytes(1000, Precision.FP32) == 16_000
+    assert training_state_bytes(1000, Precision.BF16_MIXED) == 16_000
+    assert training_state_bytes(1000, Precision.FP16_MIXED) == 16_000
+    assert training_state_bytes(1000, Precision.BF16_TRUE) == 8_000
+    # LoRA: every weight, but gradients and moments only for the adapters.
+    assert training_state_bytes(1000, Precision.FP32, trainable_parameter_count=10) == 4_000 + 120
+    assert training_state_bytes(1000, Precision.FP32, optimizer="sgd") is None
+    with pytest.raises(ValueError, match="trainable_parameter_count"):
+        training_state_bytes(10, Precision.FP32, trainable_parameter_count=11)
+    with pytest.raises(ValueError, match="floor_bytes"):
+        LadderSearch(capacity_bytes=1000, floor_bytes=-1)
+
+
+def test_a_floor_at_or_above_a_passing_peak_is_ignored() -> None:
+    """A floor that a measured peak contradicts is no floor of this curve: the search works without it."""
+    curve = linear(300, 7)
+    assert drive(curve, 1000, floor=400).sizes == drive(curve, 1000).sizes == [1, 2, 96, 104]
+
+
+def test_a_steep_line_is_trusted_over_the_floor() -> None:
+    # Intercept 300 above a floor of 100: the floor's bound is conservative (2 * 900 / 214 = 8.4),
+    # the line is exact (boundary 100), and it is not flat (slope 7 >= half of 214 / 2).
+    run = drive(linear(300, 7), 1000, floor=100)
+    assert run.sizes == [1, 2, 96, 104]
+
+
+def test_a_lower_bound_is_not_trusted_beyond_the_bisection() -> None:
+    """A chord to a lower bound can point too far right: above the bisection it is not followed.
+
+    A flat line sends the search to 512, which fails. Whether the trial failed as soon as it
+    crossed the capacity (bound share 0: the chord points just below 512) or at its peak, the
+    crossing lies above the bisection's middle, so the search bisects as without a bound rather
+    than walking down one ladder size at a time.
+    """
+
+    def curve(n: int) -> int:  # 800,000 + n up to 200 samples, then 600,000 + 1000 n: boundary 400
+        return max(800_000 + n, 600_000 + 1000 * n)
+
+    plain = drive(curve, 1_000_000).sizes
+    assert plain == [1, 2, 512, 248, 376, 400, 408]
+    assert drive(curve, 1_000_000, bound_share=0.0).sizes == plain
+    assert drive(curve, 1_000_000, bound_share=1.0).sizes == plain
+
+
 # -- properties: the answer equals exhaustive search on the ladder -----------------------
 
 CAPACITY = 10**9
@@ -312,9 +421,13 @@ def curves(draw: st.DrawFn) -> Curve:
     intercept = draw(st.floats(min_value=0.0, max_value=1.1)) * CAPACITY
     boundary = draw(st.floats(min_value=0.5, max_value=3000.0))
     slope = max(1.0, (CAPACITY - intercept) / boundary) if intercept < CAPACITY else CAPACITY / 100
-    kind = draw(st.sampled_from(["linear", "floored", "kinked"]))
+    kind = draw(st.sampled_from(["linear", "floored", "kinked", "plateau"]))
     if kind == "linear":
         return linear(intercept, slope)
+    if kind == "plateau":
+        extra = draw(st.floats(min_value=0.0, max_value=1.0)) * CAPACITY
+        free = draw(st.floats(min_value=0.0, max_value=0.2)) * CAPACITY
+        return plateau(intercept, extra, free, slope)
     if kind == "floored":
         return floored(draw(st.floats(min_value=0.0, max_value=1.05)) * CAPACITY, intercept, slope)
     knee = draw(st.floats(min_value=1.0, max_value=2000.0))
@@ -328,13 +441,29 @@ def curves(draw: st.DrawFn) -> Curve:
     known_capacity=st.booleans(),
     report_over_headroom=st.booleans(),
     start=st.sampled_from([1, 1, 1, 2, 8, 64, 300]),
+    floor_share=st.none() | st.floats(min_value=0.0, max_value=1.2),
+    bound_share=st.none() | st.floats(min_value=0.0, max_value=1.0),
 )
 def test_search_equals_exhaustive_ladder_search(
-    curve: Curve, upper_limit: int | None, known_capacity: bool, report_over_headroom: bool, start: int
+    curve: Curve,
+    upper_limit: int | None,
+    known_capacity: bool,
+    report_over_headroom: bool,
+    start: int,
+    floor_share: float | None,
+    bound_share: float | None,
 ) -> None:
+    """Any floor (right or wrong) and any lower bounds move only where the search measures."""
     limit = CAPACITY + CAPACITY // 5 if report_over_headroom else None
     run = drive(
-        curve, CAPACITY, known_capacity=known_capacity, limit=limit, upper_limit=upper_limit, start=start
+        curve,
+        CAPACITY,
+        known_capacity=known_capacity,
+        limit=limit,
+        upper_limit=upper_limit,
+        start=start,
+        floor=None if floor_share is None else int(floor_share * CAPACITY),
+        bound_share=bound_share,
     )
     expected = exhaustive(curve, CAPACITY, upper_limit)
     assert (run.search.max_batch_size, run.search.first_failing_batch_size) == expected
@@ -404,3 +533,52 @@ def test_allocator_rounded_curves_stay_within_budget() -> None:
     mean_trials, mean_ooms = _family_cost(rounded, seed=2)
     assert mean_trials <= 5
     assert mean_ooms <= 1.1
+
+
+def _plateau_cost(seed: int, *, with_floor: bool) -> tuple[float, float]:
+    """Mean trials and failures over 500 curves with an optimizer-step plateau (boundary 2-64).
+
+    Weights + gradients + AdamW state ``F`` are 30-70 % of the capacity, the optimizer step's
+    temporaries add 5-50 % of ``F`` (the plateau), the backward adds up to 5 % of ``F`` plus the
+    activations; on the plateau only the batch's token tensors grow (1e-4 of the activations' slope).
+    Out-of-memory trials report a bound anywhere between the capacity and their peak.
+    """
+    rng = random.Random(seed)
+    trials = failures = 0
+    count = 500
+    for _ in range(count):
+        capacity = rng.choice([16, 24, 40, 80, 141]) * GiB
+        floor = rng.uniform(0.3, 0.7) * capacity
+        extra = rng.uniform(0.05, 0.5) * floor
+        free = rng.uniform(0.0, 0.05) * floor
+        slope = (capacity - floor - free) / rng.uniform(2, 64)
+        step = plateau(floor, extra, free, slope)
+
+        def curve(n: int, step: Curve = step, tokens: float = slope * 1e-4) -> int:
+            return step(n) + int(tokens * n)
+
+        run = drive(curve, capacity, floor=int(floor) if with_floor else None, bound_share=rng.random())
+        assert run.search.max_batch_size == exhaustive(curve, capacity, None)[0]
+        trials += len(run.sizes)
+        failures += run.failures
+    return trials / count, failures / count
+
+
+def test_a_floor_shortens_the_walk_along_an_optimizer_plateau() -> None:
+    with_floor = _plateau_cost(3, with_floor=True)
+    without = _plateau_cost(3, with_floor=False)
+    assert with_floor[0] < without[0]
+    assert with_floor[1] < without[1] - 0.5
+    assert with_floor[0] <= 6.0
+    assert with_floor[1] <= 1.6
+
+
+def test_a_floor_costs_nothing_on_plain_lines() -> None:
+    """Lines whose batch-free part sits up to half the room above the floor: the same trials as without."""
+    rng = random.Random(4)
+    for _ in range(300):
+        capacity = rng.choice([16, 24, 40, 80, 141]) * GiB
+        floor = rng.uniform(0.3, 0.7) * capacity
+        above = rng.uniform(0.0, 0.5) * (capacity - floor)
+        curve = linear(floor + above, (capacity - floor - above) / rng.uniform(2, 400))
+        assert drive(curve, capacity, floor=int(floor)).sizes == drive(curve, capacity).sizes
