@@ -47,12 +47,14 @@ from typing import Any
 import torch
 
 from probes.devices import TrialDevice, open_device
+from probes.devices.counting import CountingMode
 from probes.errors import ProbeInputError
 from probes.models import load_config, vocab_size
 from probes.oom import classify, one_line, poisons_context
 from probes.recipe.build import ModelBuilder, Recipe
 from probes.spec import ConfigTask, DeviceInfo, Outcome, Precision, TrialRecord
 from probes.weights_fit import WeightsFloor, check_weights, finetuning_weights_floor
+from probes.timeline import Timeline
 
 MAX_EXTRA_STEPS = 16
 """Extra optimizer steps allowed when the fp16 scaler skipped every step (2**16 halves to 1 in 16)."""
@@ -215,6 +217,26 @@ class TrialSession:
             result = record(outcome, steps.note, steps)
         self._clean_up()
         return result
+
+    def run_with_timeline(
+        self, batch_size: int, *, accumulation_steps: int, optimizer_steps: int
+    ) -> tuple[TrialRecord, Timeline | None]:
+        """:meth:`run`, and the steps' memory timeline (``probes.timeline``) where the device counts bytes.
+
+        The timeline covers what the peak covers and replays to it exactly. ``None`` on ``cuda``
+        and for a trial that did not run to the end.
+        """
+        mode = getattr(self._device, "mode", None)
+        if not isinstance(mode, CountingMode):
+            return self.run(
+                batch_size, accumulation_steps=accumulation_steps, optimizer_steps=optimizer_steps
+            ), None
+        with mode.recording() as recording:
+            record = self.run(
+                batch_size, accumulation_steps=accumulation_steps, optimizer_steps=optimizer_steps
+            )
+        ran = record.outcome in (Outcome.FIT, Outcome.OVER_HEADROOM)
+        return record, recording.timeline(batch_size) if ran else None
 
     def _steps(self, batch_size: int, accumulation_steps: int, optimizer_steps: int) -> _Steps:
         model = self._model

@@ -26,6 +26,10 @@ How it counts (why: ``docs/architecture.md``, "Measuring memory"):
   Where that transient matters (bitsandbytes' ``gemm_4bit`` dequantises a whole weight), a
   composite of visible ops can be registered with :func:`count_inside`; the mode then runs the
   composite in place of the op, under itself, so its intermediates are counted too.
+- :meth:`CountingMode.recording` records, on request, the timeline of a window: every allocation's
+  raw ``nbytes`` and every release, in order (:class:`probes.timeline.Timeline`). The window opens
+  at :meth:`~CountingMode.reset_peak` and closes when the peak is read (:meth:`CountedMemory.peak`),
+  so the timeline replays to exactly the peak the trial reports.
 - Real tensors are allocated before they are counted. Where the host itself cannot allocate an op's
   output and that output would not fit under the cap either, the host's error becomes the same
   ``torch.OutOfMemoryError``; a host failure below the cap stays what it is (the host is too small
@@ -41,6 +45,7 @@ import gc
 import re
 import weakref
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -48,6 +53,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_leaves
 
+from probes.timeline import ALLOC, Timeline
 from probes.units import format_bytes
 
 CUDA_ALLOCATOR_GRANULARITY_BYTES = 512
@@ -148,6 +154,25 @@ def _unwatch_resizes(mode: CountingMode) -> None:
         torch.UntypedStorage.resize_ = _ORIGINAL_RESIZE  # type: ignore[method-assign]
 
 
+class TimelineRecording:
+    """The allocations and releases a :class:`CountingMode` saw in one window (see ``recording``)."""
+
+    def __init__(self, granularity_bytes: int) -> None:
+        self.granularity_bytes = granularity_bytes
+        self.sizes: list[int] = []
+        self.events: list[int] = []
+        self.open = True
+
+    def timeline(self, batch_size: int) -> Timeline:
+        """What was recorded, as the timeline of a trial at ``batch_size``."""
+        return Timeline(
+            batch_size=batch_size,
+            granularity_bytes=self.granularity_bytes,
+            sizes=tuple(self.sizes),
+            events=tuple(self.events),
+        )
+
+
 class CountingMode(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch leaves the hook untyped
     """Counts live storage bytes under the mode; raises ``torch.OutOfMemoryError`` past ``limit_bytes``.
 
@@ -171,9 +196,11 @@ class CountingMode(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch
         self.device_label = device_label
         self._live = 0
         self._peak = 0
-        # id(storage) -> (counted bytes, weak reference whose callback un-counts them)
-        self._counted: dict[int, tuple[int, weakref.ref[torch.UntypedStorage]]] = {}
+        # id(storage) -> (counted bytes, weak reference whose callback un-counts them, raw nbytes,
+        # index of its allocation in the active recording)
+        self._counted: dict[int, tuple[int, weakref.ref[torch.UntypedStorage], int, int]] = {}
         self._kinds: dict[torch._ops.OpOverload, int] = {}
+        self._recording: TimelineRecording | None = None
         #: (live bytes, requested bytes) of the last allocation refused for the cap
         self.last_refusal: tuple[int, int] | None = None
 
@@ -194,7 +221,7 @@ class CountingMode(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch
     def _after_resize(self, storage: torch.UntypedStorage) -> None:
         key = id(storage)
         if key in self._counted:
-            self._resize(key, self.size_of(storage.nbytes()))
+            self._resize(key, storage.nbytes())  # raw bytes: _resize rounds, and records them
 
     @property
     def live_bytes(self) -> int:
@@ -211,8 +238,45 @@ class CountingMode(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch
         return len(self._counted)
 
     def reset_peak(self) -> None:
-        """Start a new peak from what is live now (as ``torch.cuda.reset_peak_memory_stats`` does)."""
+        """Start a new peak from what is live now (as ``torch.cuda.reset_peak_memory_stats`` does).
+
+        During :meth:`recording`, the timeline restarts here too: the window is the peak's.
+        """
         self._peak = self._live
+        if self._recording is not None:
+            self._open_window(self._recording)
+
+    @contextmanager
+    def recording(self) -> Iterator[TimelineRecording]:
+        """Record the allocations and releases from here (or the next :meth:`reset_peak`) on.
+
+        The recording starts with one allocation per storage already live (their raw sizes), so
+        replaying it from zero reaches the live bytes. It stops at :meth:`end_window` or on exit.
+        """
+        if self._recording is not None:
+            raise RuntimeError("this CountingMode is already recording")
+        recording = TimelineRecording(self.granularity_bytes)
+        self._open_window(recording)
+        self._recording = recording
+        try:
+            yield recording
+        finally:
+            recording.open = False
+            self._recording = None
+
+    def end_window(self) -> None:
+        """Stop the active recording here (the peak was read: later events are not the trial's)."""
+        if self._recording is not None:
+            self._recording.open = False
+
+    def _open_window(self, recording: TimelineRecording) -> None:
+        recording.sizes.clear()
+        recording.events.clear()
+        recording.open = True
+        for index, (key, (size, reference, raw, _)) in enumerate(list(self._counted.items())):
+            self._counted[key] = (size, reference, raw, index)
+            recording.sizes.append(raw)
+            recording.events.append(ALLOC)
 
     def size_of(self, nbytes: int) -> int:
         """``nbytes`` as the counter charges it: rounded up to the granularity."""
@@ -232,7 +296,7 @@ class CountingMode(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch
         request = sum(self.size_of(storage.nbytes()) for storage in fresh.values())
         self._check(request)
         for storage in fresh.values():
-            self._track(storage, self.size_of(storage.nbytes()))
+            self._track(storage, storage.nbytes())
         return request
 
     def _check(self, request: int) -> None:
@@ -254,9 +318,16 @@ class CountingMode(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch
                 out_of_memory_message(request, self._live, self.limit_bytes, device_label=self.device_label)
             ) from None
 
-    def _track(self, storage: torch.UntypedStorage, size: int) -> None:
+    def _track(self, storage: torch.UntypedStorage, raw: int) -> None:
         key = id(storage)
-        self._counted[key] = (size, weakref.ref(storage, self._forget(key)))
+        size = self.size_of(raw)
+        index = -1
+        recording = self._recording
+        if recording is not None and recording.open:
+            index = len(recording.sizes)
+            recording.sizes.append(raw)
+            recording.events.append(ALLOC)
+        self._counted[key] = (size, weakref.ref(storage, self._forget(key)), raw, index)
         self._live += size
         self._peak = max(self._peak, self._live)
 
@@ -265,12 +336,22 @@ class CountingMode(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch
             entry = self._counted.pop(key, None)
             if entry is not None:
                 self._live -= entry[0]
+                recording = self._recording
+                if recording is not None and recording.open and entry[3] >= 0:
+                    recording.events.append(entry[3])
 
         return callback
 
-    def _resize(self, key: int, size: int) -> None:
-        old, reference = self._counted[key]
-        self._counted[key] = (size, reference)
+    def _resize(self, key: int, raw: int) -> None:
+        old, reference, _, old_index = self._counted[key]
+        size = self.size_of(raw)
+        index = -1
+        recording = self._recording
+        if recording is not None and recording.open and old_index >= 0:
+            index = len(recording.sizes)
+            recording.sizes.append(raw)
+            recording.events.append(-old_index - 2)
+        self._counted[key] = (size, reference, raw, index)
         self._live += size - old
         self._peak = max(self._peak, self._live)
 
@@ -295,6 +376,7 @@ class CountingMode(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch
             kind = self._kinds[func] = _op_kind(func)
         if kind == _VIEW:
             return out
+        # id(storage) -> (storage, raw nbytes)
         fresh: dict[int, tuple[torch.UntypedStorage, int]] = {}
         grown: dict[int, tuple[torch.UntypedStorage, int]] = {}
         for tensor in _tensors(out):
@@ -302,24 +384,24 @@ class CountingMode(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch
             key = id(storage)
             entry = self._counted.get(key)
             if entry is None:
-                fresh[key] = (storage, self.size_of(storage.nbytes()))
+                fresh[key] = (storage, storage.nbytes())
             elif kind == _WRITE:
-                size = self.size_of(storage.nbytes())
-                if size != entry[0]:
-                    grown[key] = (storage, size)
+                raw = storage.nbytes()
+                if raw != entry[2]:
+                    grown[key] = (storage, raw)
         if not fresh and not grown:
             return out
-        request = sum(size for _, size in fresh.values())
-        request += sum(max(size - self._counted[key][0], 0) for key, (_, size) in grown.items())
+        request = sum(self.size_of(raw) for _, raw in fresh.values())
+        request += sum(max(self.size_of(raw) - self._counted[key][0], 0) for key, (_, raw) in grown.items())
         if self.limit_bytes is not None and self._live + request > self.limit_bytes:
             # Drop every reference to the outputs before raising, so they are freed now: a handler that
             # allocates (logging, a smaller retry) must not meet a second OOM caused by this op.
             del out, tensor, storage, fresh, grown
             self._check(request)
-        for storage, size in fresh.values():
-            self._track(storage, size)
-        for key, (_, size) in grown.items():
-            self._resize(key, size)
+        for storage, raw in fresh.values():
+            self._track(storage, raw)
+        for key, (_, raw) in grown.items():
+            self._resize(key, raw)
         return out
 
 
@@ -343,6 +425,7 @@ class CountedMemory:
         self.mode.reset_peak()
 
     def peak(self) -> tuple[int, int]:
+        self.mode.end_window()
         peak = self.mode.peak_bytes
         return peak, peak
 

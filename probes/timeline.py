@@ -1,0 +1,389 @@
+"""A trial's memory timeline, and the whole peak curve from the timelines of two batch sizes.
+
+The counting mode (``probes.devices.counting``) can record, while a trial runs, every allocation
+(its raw ``nbytes``, before the allocator's rounding) and every release, in order: a
+:class:`Timeline`. Replaying it (each allocation rounded up to the granularity, as the counter
+charges it) gives the live bytes after every event, and so the trial's peak, to the byte.
+
+Why two timelines give every batch size (the lead of issue 11, measured on tiny Llama and GPT-2):
+once ``b >= 2`` the training step runs the same ops in the same order whatever ``b`` is, and each
+tensor's size is affine in ``b`` (``b × seq × hidden``, ``b × seq × vocab``, or no ``b`` at all).
+So the timelines at two batch sizes have the same events, and each allocation's size is a line
+through its two sizes. :func:`fit_affine` checks that the two timelines have the same shape and
+builds that :class:`AffineTimeline`; its :meth:`~AffineTimeline.peak` replays the lines at any
+``b`` with the rounding applied to each allocation (never to sums), so the predicted peak is what
+the counting mode would count. ``b = 1`` takes another path in some models (a few more ops), so it
+is never a base point. Where the shapes differ, :class:`ShapeMismatch` says how, and the caller
+falls back to searching with trials.
+
+The event encoding (compact, and cheap to append in the counting mode's hot path):
+
+- :data:`ALLOC` (``-1``): the next allocation (the next entry of ``sizes``) becomes live;
+- ``k >= 0``: allocation ``k`` is released;
+- ``-(k + 2)`` (``<= -2``): allocation ``k`` is resized in place into the next allocation (the
+  storage grew: ``resize_`` or an ``out=`` argument); ``k`` is no longer live, the new one is.
+
+:meth:`Timeline.to_wire` packs a timeline into a JSON-able dict (zlib over varint-coded deltas,
+base64), small enough to travel in a trial child's reply; :meth:`Timeline.from_wire` reads it.
+
+Pure Python: no torch (the parent that searches imports none).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import zlib
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+ALLOC = -1
+"""Event code: the next allocation becomes live."""
+
+WIRE_FORMAT = "maxbatch-timeline/1"
+
+
+class ShapeMismatch(ValueError):
+    """Two timelines do not describe the same sequence of events (no affine prediction)."""
+
+
+def round_up(nbytes: int, granularity: int) -> int:
+    """``nbytes`` as the counting mode charges it: rounded up to a multiple of ``granularity``."""
+    return -(-nbytes // granularity) * granularity
+
+
+def _replay_peak(events: Sequence[int], charged: Sequence[int]) -> int:
+    """The largest running total of ``charged`` bytes over ``events`` (0 for no events)."""
+    live = peak = 0
+    n = 0
+    for event in events:
+        if event == ALLOC:
+            live += charged[n]
+            n += 1
+            peak = max(peak, live)
+        elif event >= 0:
+            live -= charged[event]
+        else:
+            live += charged[n] - charged[-event - 2]
+            n += 1
+            peak = max(peak, live)
+    return peak
+
+
+def _check_events(events: Sequence[int], allocations: int) -> None:
+    """``ValueError`` unless ``events`` is a valid encoding over ``allocations`` allocations."""
+    made = 0
+    live: set[int] = set()
+    for position, event in enumerate(events):
+        if event == ALLOC or event <= -2:
+            if event <= -2:
+                old = -event - 2
+                if old not in live:
+                    raise ValueError(f"event {position} resizes allocation {old}, which is not live")
+                live.discard(old)
+            live.add(made)
+            made += 1
+        elif event in live:
+            live.discard(event)
+        else:
+            raise ValueError(f"event {position} releases allocation {event}, which is not live")
+    if made != allocations:
+        raise ValueError(f"the events make {made} allocations, but {allocations} sizes were given")
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """What one trial allocated and released, in order (see the module docstring for ``events``).
+
+    ``sizes[k]`` is the raw ``nbytes`` of allocation ``k``; ``granularity_bytes`` the rounding the
+    counter applied; ``batch_size`` the trial's. The first allocations are what was already live
+    when the window opened (the weights, the optimizer's state of an earlier step…), so a replay
+    starts from zero.
+    """
+
+    batch_size: int
+    granularity_bytes: int
+    sizes: tuple[int, ...]
+    events: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if self.granularity_bytes < 1:
+            raise ValueError("granularity_bytes must be at least 1")
+        if any(size < 0 for size in self.sizes):
+            raise ValueError("allocation sizes cannot be negative")
+
+    def validate(self) -> Timeline:
+        """Check that every release and resize refers to a live allocation; returns ``self``."""
+        _check_events(self.events, len(self.sizes))
+        return self
+
+    @property
+    def allocations(self) -> int:
+        return len(self.sizes)
+
+    def charged(self) -> list[int]:
+        """Every allocation's size as the counter charges it (rounded up)."""
+        granularity = self.granularity_bytes
+        return [-(-size // granularity) * granularity for size in self.sizes]
+
+    def peak_bytes(self) -> int:
+        """The peak the counting mode saw in this window: the replay's largest live total."""
+        return _replay_peak(self.events, self.charged())
+
+    def live_curve(self) -> Iterator[int]:
+        """The live bytes after each event, in order."""
+        charged = self.charged()
+        live = n = 0
+        for event in self.events:
+            if event == ALLOC:
+                live += charged[n]
+                n += 1
+            elif event >= 0:
+                live -= charged[event]
+            else:
+                live += charged[n] - charged[-event - 2]
+                n += 1
+            yield live
+
+    # -- the wire form -----------------------------------------------------------------------
+
+    def to_wire(self) -> dict[str, Any]:
+        """A JSON-able dict: the counts in clear, ``sizes`` and ``events`` packed (see :func:`_pack`)."""
+        return {
+            "format": WIRE_FORMAT,
+            "batch_size": self.batch_size,
+            "granularity_bytes": self.granularity_bytes,
+            "allocations": len(self.sizes),
+            "event_count": len(self.events),
+            "sizes": _pack(_deltas(self.sizes)),
+            "events": _pack(_event_codes(self.events)),
+        }
+
+    @classmethod
+    def from_wire(cls, wire: dict[str, Any]) -> Timeline:
+        """The timeline :meth:`to_wire` packed; ``ValueError`` for anything else."""
+        if wire.get("format") != WIRE_FORMAT:
+            raise ValueError(f"not a timeline in {WIRE_FORMAT} (format {wire.get('format')!r})")
+        try:
+            sizes = tuple(_undeltas(_unpack(wire["sizes"])))
+            events = tuple(_event_values(_unpack(wire["events"])))
+            timeline = cls(
+                batch_size=int(wire["batch_size"]),
+                granularity_bytes=int(wire["granularity_bytes"]),
+                sizes=sizes,
+                events=events,
+            )
+        except (KeyError, TypeError, zlib.error, binascii.Error) as exc:
+            raise ValueError(f"cannot read the timeline: {exc}") from exc
+        if len(sizes) != wire["allocations"] or len(events) != wire["event_count"]:
+            raise ValueError("the timeline's packed lists do not have the stated lengths")
+        return timeline.validate()
+
+
+# -- packing: zigzag varints, deltas, zlib -----------------------------------------------------
+
+
+def _zigzag(value: int) -> int:
+    return value * 2 if value >= 0 else -value * 2 - 1
+
+
+def _unzigzag(value: int) -> int:
+    return value // 2 if value % 2 == 0 else -(value + 1) // 2
+
+
+def _pack(values: Iterable[int]) -> str:
+    """Signed integers as zigzag LEB128 varints, zlib-compressed, base64 text."""
+    out = bytearray()
+    for value in values:
+        code = _zigzag(value)
+        while code >= 0x80:
+            out.append((code & 0x7F) | 0x80)
+            code >>= 7
+        out.append(code)
+    return base64.b64encode(zlib.compress(bytes(out), 9)).decode("ascii")
+
+
+def _unpack(text: str) -> list[int]:
+    data = zlib.decompress(base64.b64decode(text.encode("ascii"), validate=True))
+    values: list[int] = []
+    code = shift = 0
+    for byte in data:
+        code |= (byte & 0x7F) << shift
+        if byte & 0x80:
+            shift += 7
+            continue
+        values.append(_unzigzag(code))
+        code = shift = 0
+    if shift:
+        raise ValueError("the packed list ends inside a number")
+    return values
+
+
+def _deltas(values: Sequence[int]) -> Iterator[int]:
+    previous = 0
+    for value in values:
+        yield value - previous
+        previous = value
+
+
+def _undeltas(deltas: Iterable[int]) -> Iterator[int]:
+    total = 0
+    for delta in deltas:
+        total += delta
+        yield total
+
+
+def _event_codes(events: Sequence[int]) -> Iterator[int]:
+    """Events relative to the allocation count: a release of a recent allocation is a small number.
+
+    An allocation is coded 0; a release of allocation ``k`` when ``n`` allocations exist is
+    ``2 (n - k) - 1`` (odd, ≥ 1); a resize of ``k`` is ``2 (n - k)`` (even, ≥ 2). A step's repeated
+    layers then repeat the same codes, which zlib compresses well.
+    """
+    made = 0
+    for event in events:
+        if event == ALLOC:
+            yield 0
+            made += 1
+        elif event >= 0:
+            yield 2 * (made - event) - 1
+        else:
+            yield 2 * (made - (-event - 2))
+            made += 1
+
+
+def _event_values(codes: Iterable[int]) -> Iterator[int]:
+    made = 0
+    for code in codes:
+        if code == 0:
+            yield ALLOC
+            made += 1
+        elif code % 2 == 1:
+            yield made - (code + 1) // 2
+        else:
+            yield -(made - code // 2) - 2
+            made += 1
+
+
+# -- the affine fit ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AffineTimeline:
+    """One event sequence whose allocation sizes are lines in the batch size.
+
+    ``sizes_at(b)[k] = intercepts[k] + slopes[k] * b``; valid for ``b >= min_batch_size`` (the
+    smaller base point: below it the step may run other ops).
+    """
+
+    granularity_bytes: int
+    events: tuple[int, ...]
+    intercepts: tuple[int, ...]
+    slopes: tuple[int, ...]
+    min_batch_size: int
+
+    def sizes_at(self, batch_size: int) -> list[int]:
+        """Every allocation's raw size at ``batch_size``."""
+        self._check(batch_size)
+        return [a + s * batch_size for a, s in zip(self.intercepts, self.slopes, strict=True)]
+
+    def timeline_at(self, batch_size: int) -> Timeline:
+        """The timeline a trial at ``batch_size`` would record."""
+        return Timeline(
+            batch_size=batch_size,
+            granularity_bytes=self.granularity_bytes,
+            sizes=tuple(self.sizes_at(batch_size)),
+            events=self.events,
+        )
+
+    def peak(self, batch_size: int) -> int:
+        """The counted peak at ``batch_size``: the replay of each allocation's line, rounded."""
+        granularity = self.granularity_bytes
+        return _replay_peak(
+            self.events, [-(-size // granularity) * granularity for size in self.sizes_at(batch_size)]
+        )
+
+    def max_fitting(self, capacity_bytes: int, *, upper_limit: int = 1 << 20) -> int | None:
+        """The largest ``b`` in ``[min_batch_size, upper_limit]`` whose peak is within the capacity.
+
+        ``None`` when even ``min_batch_size`` does not fit. Peaks never fall as ``b`` grows (every
+        slope is ≥ 0), so an exponential then binary search replays the timeline ~2 log2(b) times.
+        """
+        low = self.min_batch_size
+        if upper_limit < low:
+            raise ValueError(f"upper_limit {upper_limit} is below the smallest valid batch size {low}")
+        if self.peak(low) > capacity_bytes:
+            return None
+        high = low
+        while True:
+            step = min(max(high, 1) * 2, upper_limit)
+            if step == high:
+                return high
+            if self.peak(step) > capacity_bytes:
+                break
+            low = high = step
+        failing = step
+        while failing - low > 1:
+            middle = (low + failing) // 2
+            if self.peak(middle) > capacity_bytes:
+                failing = middle
+            else:
+                low = middle
+        return low
+
+    def _check(self, batch_size: int) -> None:
+        if batch_size < self.min_batch_size:
+            raise ValueError(
+                f"batch size {batch_size} is below {self.min_batch_size}, the smallest base point: "
+                "the step may run other ops there"
+            )
+
+
+def fit_affine(low: Timeline, high: Timeline) -> AffineTimeline:
+    """The affine timeline through two timelines of the same step at two batch sizes.
+
+    Raises :class:`ShapeMismatch` when they cannot be one: different event sequences, a size that
+    is not a whole number of bytes per sample, or a size that shrinks as the batch grows.
+    """
+    if low.batch_size == high.batch_size:
+        raise ValueError("two different batch sizes are needed")
+    if low.batch_size > high.batch_size:
+        low, high = high, low
+    if low.granularity_bytes != high.granularity_bytes:
+        raise ShapeMismatch("the timelines were counted with different granularities")
+    if len(low.sizes) != len(high.sizes) or low.events != high.events:
+        raise ShapeMismatch(_first_difference(low, high))
+    span = high.batch_size - low.batch_size
+    intercepts: list[int] = []
+    slopes: list[int] = []
+    for k, (small, large) in enumerate(zip(low.sizes, high.sizes, strict=True)):
+        slope, remainder = divmod(large - small, span)
+        if remainder:
+            raise ShapeMismatch(
+                f"allocation {k} grows by {large - small} bytes over {span} samples: not a whole "
+                "number of bytes per sample"
+            )
+        if slope < 0:
+            raise ShapeMismatch(f"allocation {k} shrinks as the batch grows ({small} -> {large} bytes)")
+        slopes.append(slope)
+        intercepts.append(small - slope * low.batch_size)
+    return AffineTimeline(
+        granularity_bytes=low.granularity_bytes,
+        events=low.events,
+        intercepts=tuple(intercepts),
+        slopes=tuple(slopes),
+        min_batch_size=low.batch_size,
+    )
+
+
+def _first_difference(low: Timeline, high: Timeline) -> str:
+    where = next(
+        (i for i, (a, b) in enumerate(zip(low.events, high.events, strict=False)) if a != b),
+        min(len(low.events), len(high.events)),
+    )
+    return (
+        f"the step at batch size {low.batch_size} and at {high.batch_size} differ: "
+        f"{len(low.events)} vs {len(high.events)} events ({len(low.sizes)} vs {len(high.sizes)} "
+        f"allocations), first different at event {where}"
+    )
