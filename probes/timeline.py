@@ -38,10 +38,16 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from probes.search import ladder_floor, ladder_next
+
 ALLOC = -1
 """Event code: the next allocation becomes live."""
 
+LIVE_AT_START = "(live at start)"
+"""The op name of the allocations that stand for what was live when the window opened."""
+
 WIRE_FORMAT = "maxbatch-timeline/1"
+AFFINE_WIRE_FORMAT = "maxbatch-affine-timeline/1"
 
 
 class ShapeMismatch(ValueError):
@@ -99,19 +105,31 @@ class Timeline:
     ``sizes[k]`` is the raw ``nbytes`` of allocation ``k``; ``granularity_bytes`` the rounding the
     counter applied; ``batch_size`` the trial's. The first allocations are what was already live
     when the window opened (the weights, the optimizer's state of an earlier step…), so a replay
-    starts from zero.
+    starts from zero. ``ops[k]`` indexes ``op_names``: the op that made allocation ``k`` (both
+    empty when unknown); they align steps of different depths (``probes.depth``).
     """
 
     batch_size: int
     granularity_bytes: int
     sizes: tuple[int, ...]
     events: tuple[int, ...]
+    ops: tuple[int, ...] = ()
+    op_names: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.granularity_bytes < 1:
             raise ValueError("granularity_bytes must be at least 1")
         if any(size < 0 for size in self.sizes):
             raise ValueError("allocation sizes cannot be negative")
+        if self.ops and len(self.ops) != len(self.sizes):
+            raise ValueError("ops must name the op of every allocation, or be empty")
+        if any(not 0 <= op < len(self.op_names) for op in self.ops):
+            raise ValueError("an op index is outside op_names")
+
+    def op_of(self) -> list[str]:
+        """The op name of every allocation (empty when the ops were not recorded)."""
+        names = self.op_names
+        return [names[op] for op in self.ops]
 
     def validate(self) -> Timeline:
         """Check that every release and resize refers to a live allocation; returns ``self``."""
@@ -158,6 +176,8 @@ class Timeline:
             "event_count": len(self.events),
             "sizes": _pack(_deltas(self.sizes)),
             "events": _pack(_event_codes(self.events)),
+            "ops": _pack(self.ops),
+            "op_names": list(self.op_names),
         }
 
     @classmethod
@@ -173,6 +193,8 @@ class Timeline:
                 granularity_bytes=int(wire["granularity_bytes"]),
                 sizes=sizes,
                 events=events,
+                ops=tuple(_unpack(wire["ops"])),
+                op_names=tuple(str(name) for name in wire["op_names"]),
             )
         except (KeyError, TypeError, zlib.error, binascii.Error) as exc:
             raise ValueError(f"cannot read the timeline: {exc}") from exc
@@ -274,7 +296,8 @@ class AffineTimeline:
     """One event sequence whose allocation sizes are lines in the batch size.
 
     ``sizes_at(b)[k] = intercepts[k] + slopes[k] * b``; valid for ``b >= min_batch_size`` (the
-    smaller base point: below it the step may run other ops).
+    smaller base point: below it the step may run other ops). ``ops`` names each allocation's op
+    (empty when unknown).
     """
 
     granularity_bytes: int
@@ -282,6 +305,7 @@ class AffineTimeline:
     intercepts: tuple[int, ...]
     slopes: tuple[int, ...]
     min_batch_size: int
+    ops: tuple[str, ...] = ()
 
     def sizes_at(self, batch_size: int) -> list[int]:
         """Every allocation's raw size at ``batch_size``."""
@@ -290,11 +314,15 @@ class AffineTimeline:
 
     def timeline_at(self, batch_size: int) -> Timeline:
         """The timeline a trial at ``batch_size`` would record."""
+        names = tuple(dict.fromkeys(self.ops))
+        index = {name: i for i, name in enumerate(names)}
         return Timeline(
             batch_size=batch_size,
             granularity_bytes=self.granularity_bytes,
             sizes=tuple(self.sizes_at(batch_size)),
             events=self.events,
+            ops=tuple(index[name] for name in self.ops),
+            op_names=names,
         )
 
     def peak(self, batch_size: int) -> int:
@@ -332,6 +360,51 @@ class AffineTimeline:
                 low = middle
         return low
 
+    def to_wire(self) -> dict[str, Any]:
+        """A JSON-able dict, packed like :meth:`Timeline.to_wire` (a curve travels in a child's reply)."""
+        names = tuple(dict.fromkeys(self.ops))
+        index = {name: i for i, name in enumerate(names)}
+        return {
+            "format": AFFINE_WIRE_FORMAT,
+            "granularity_bytes": self.granularity_bytes,
+            "min_batch_size": self.min_batch_size,
+            "allocations": len(self.intercepts),
+            "event_count": len(self.events),
+            "intercepts": _pack(_deltas(self.intercepts)),
+            "slopes": _pack(_deltas(self.slopes)),
+            "events": _pack(_event_codes(self.events)),
+            "ops": _pack(index[name] for name in self.ops),
+            "op_names": list(names),
+        }
+
+    @classmethod
+    def from_wire(cls, wire: dict[str, Any]) -> AffineTimeline:
+        """The affine timeline :meth:`to_wire` packed; ``ValueError`` for anything else."""
+        if wire.get("format") != AFFINE_WIRE_FORMAT:
+            raise ValueError(
+                f"not an affine timeline in {AFFINE_WIRE_FORMAT} (format {wire.get('format')!r})"
+            )
+        try:
+            names = [str(name) for name in wire["op_names"]]
+            affine = cls(
+                granularity_bytes=int(wire["granularity_bytes"]),
+                events=tuple(_event_values(_unpack(wire["events"]))),
+                intercepts=tuple(_undeltas(_unpack(wire["intercepts"]))),
+                slopes=tuple(_undeltas(_unpack(wire["slopes"]))),
+                min_batch_size=int(wire["min_batch_size"]),
+                ops=tuple(names[i] for i in _unpack(wire["ops"])),
+            )
+        except (KeyError, TypeError, IndexError, zlib.error, binascii.Error) as exc:
+            raise ValueError(f"cannot read the affine timeline: {exc}") from exc
+        if len(affine.intercepts) != wire["allocations"] or len(affine.events) != wire["event_count"]:
+            raise ValueError("the affine timeline's packed lists do not have the stated lengths")
+        if len(affine.slopes) != len(affine.intercepts) or (
+            affine.ops and len(affine.ops) != len(affine.slopes)
+        ):
+            raise ValueError("the affine timeline's lists disagree in length")
+        _check_events(affine.events, len(affine.intercepts))
+        return affine
+
     def _check(self, batch_size: int) -> None:
         if batch_size < self.min_batch_size:
             raise ValueError(
@@ -340,11 +413,32 @@ class AffineTimeline:
             )
 
 
+def canonical_events(events: Sequence[int]) -> tuple[int, ...]:
+    """``events`` with every run of consecutive releases sorted by allocation.
+
+    Releases between two allocations only lower the live bytes, so their order cannot change a
+    peak; it does change between runs of the same step: autocast's cache of weight copies is
+    released in the order of a hash table keyed by tensor addresses.
+    """
+    out: list[int] = []
+    run: list[int] = []
+    for event in events:
+        if event >= 0:
+            run.append(event)
+            continue
+        out.extend(sorted(run))
+        run.clear()
+        out.append(event)
+    out.extend(sorted(run))
+    return tuple(out)
+
+
 def fit_affine(low: Timeline, high: Timeline) -> AffineTimeline:
     """The affine timeline through two timelines of the same step at two batch sizes.
 
-    Raises :class:`ShapeMismatch` when they cannot be one: different event sequences, a size that
-    is not a whole number of bytes per sample, or a size that shrinks as the batch grows.
+    Raises :class:`ShapeMismatch` when they cannot be one: different event sequences (runs of
+    releases compared in :func:`canonical_events` order), different ops, a size that is not a
+    whole number of bytes per sample, or a size that shrinks as the batch grows.
     """
     if low.batch_size == high.batch_size:
         raise ValueError("two different batch sizes are needed")
@@ -352,8 +446,15 @@ def fit_affine(low: Timeline, high: Timeline) -> AffineTimeline:
         low, high = high, low
     if low.granularity_bytes != high.granularity_bytes:
         raise ShapeMismatch("the timelines were counted with different granularities")
-    if len(low.sizes) != len(high.sizes) or low.events != high.events:
+    events = canonical_events(low.events)
+    if len(low.sizes) != len(high.sizes) or events != canonical_events(high.events):
         raise ShapeMismatch(_first_difference(low, high))
+    ops = low.op_of()
+    if ops != high.op_of():
+        raise ShapeMismatch(
+            f"the step at batch size {low.batch_size} and at {high.batch_size} make their allocations "
+            "with different ops"
+        )
     span = high.batch_size - low.batch_size
     intercepts: list[int] = []
     slopes: list[int] = []
@@ -370,20 +471,82 @@ def fit_affine(low: Timeline, high: Timeline) -> AffineTimeline:
         intercepts.append(small - slope * low.batch_size)
     return AffineTimeline(
         granularity_bytes=low.granularity_bytes,
-        events=low.events,
+        events=events,
         intercepts=tuple(intercepts),
         slopes=tuple(slopes),
         min_batch_size=low.batch_size,
+        ops=tuple(ops),
     )
 
 
 def _first_difference(low: Timeline, high: Timeline) -> str:
+    low_events, high_events = canonical_events(low.events), canonical_events(high.events)
     where = next(
-        (i for i, (a, b) in enumerate(zip(low.events, high.events, strict=False)) if a != b),
+        (i for i, (a, b) in enumerate(zip(low_events, high_events, strict=False)) if a != b),
         min(len(low.events), len(high.events)),
     )
     return (
-        f"the step at batch size {low.batch_size} and at {high.batch_size} differ: "
+        f"the steps at batch size {low.batch_size} and at {high.batch_size} differ: "
         f"{len(low.events)} vs {len(high.events)} events ({len(low.sizes)} vs {len(high.sizes)} "
         f"allocations), first different at event {where}"
     )
+
+
+def constant_timeline(timeline: Timeline) -> AffineTimeline:
+    """One batch size's timeline as an affine one valid at that size only (every slope 0).
+
+    ``b = 1`` takes its own path through the step, so it is measured on its own; this lets the
+    depth extrapolation (``probes.depth``) carry it as well.
+    """
+    return AffineTimeline(
+        granularity_bytes=timeline.granularity_bytes,
+        events=canonical_events(timeline.events),
+        intercepts=timeline.sizes,
+        slopes=(0,) * len(timeline.sizes),
+        min_batch_size=timeline.batch_size,
+        ops=tuple(timeline.op_of()),
+    )
+
+
+@dataclass(frozen=True)
+class PeakCurve:
+    """The counted peak at every batch size of one config: what the search would measure, predicted.
+
+    ``affine`` gives every ``b >= affine.min_batch_size`` (2); ``peak_at_one`` is the peak at
+    ``b = 1``, measured on its own (``None`` when it was not needed).
+    """
+
+    affine: AffineTimeline
+    peak_at_one: int | None = None
+
+    def peak(self, batch_size: int) -> int:
+        if batch_size == 1 and self.affine.min_batch_size > 1:
+            if self.peak_at_one is None:
+                raise ValueError("the peak at batch size 1 was not measured")
+            return self.peak_at_one
+        return self.affine.peak(batch_size)
+
+    def ladder_bracket(
+        self, capacity_bytes: int, *, upper_limit: int | None = None
+    ) -> tuple[int | None, int | None]:
+        """``(max_batch_size, first_failing_batch_size)`` on the ladder, as the exhaustive search finds them.
+
+        Fit is taken as monotone in the batch size, as the search takes it. ``ValueError`` when
+        the answer needs the peak at 1 and it was not measured.
+        """
+        low = self.affine.min_batch_size
+        cap = ladder_floor(upper_limit) if upper_limit is not None else None
+        if cap is not None and cap < low:
+            return self._below_base(capacity_bytes, cap)
+        largest = self.affine.max_fitting(capacity_bytes, upper_limit=cap if cap is not None else 1 << 20)
+        if largest is None:
+            return self._below_base(capacity_bytes, cap)
+        best = ladder_floor(largest)
+        following = ladder_next(best)
+        return best, None if cap is not None and following > cap else following
+
+    def _below_base(self, capacity_bytes: int, cap: int | None) -> tuple[int | None, int | None]:
+        fits_one = self.peak(1) <= capacity_bytes
+        if not fits_one:
+            return None, 1
+        return 1, None if cap == 1 else 2

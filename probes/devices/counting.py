@@ -53,7 +53,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_leaves
 
-from probes.timeline import ALLOC, Timeline
+from probes.timeline import ALLOC, LIVE_AT_START, Timeline
 from probes.units import format_bytes
 
 CUDA_ALLOCATOR_GRANULARITY_BYTES = 512
@@ -63,6 +63,10 @@ _NEW, _VIEW, _WRITE = 0, 1, 2
 _HOST_ALLOCATION_FAILED = re.compile(r"DefaultCPUAllocator: .*?you tried to allocate (\d+) bytes")
 _LIFT_FRESH = torch.ops.aten.lift_fresh.default
 _PLAIN = frozenset({torch.Tensor, torch.nn.Parameter, FakeTensor})
+REGISTERED = "(registered)"
+"""The op name a recording gives tensors counted by :meth:`CountingMode.register`."""
+RESIZED = "(UntypedStorage.resize_)"
+"""The op name a recording gives a storage's resize outside the dispatcher (FSDP2's unshard, reshard)."""
 
 
 def _op_kind(func: torch._ops.OpOverload) -> int:
@@ -161,7 +165,18 @@ class TimelineRecording:
         self.granularity_bytes = granularity_bytes
         self.sizes: list[int] = []
         self.events: list[int] = []
+        self.ops: list[int] = []
+        self.op_names: list[str] = [LIVE_AT_START]
+        self._op_index: dict[object, int] = {}
         self.open = True
+
+    def op_index(self, op: object) -> int:
+        """The index of ``op``'s name (an ``OpOverload`` or a label) in :attr:`op_names`."""
+        index = self._op_index.get(op)
+        if index is None:
+            index = self._op_index[op] = len(self.op_names)
+            self.op_names.append(str(op))
+        return index
 
     def timeline(self, batch_size: int) -> Timeline:
         """What was recorded, as the timeline of a trial at ``batch_size``."""
@@ -170,6 +185,8 @@ class TimelineRecording:
             granularity_bytes=self.granularity_bytes,
             sizes=tuple(self.sizes),
             events=tuple(self.events),
+            ops=tuple(self.ops),
+            op_names=tuple(self.op_names),
         )
 
 
@@ -221,7 +238,7 @@ class CountingMode(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch
     def _after_resize(self, storage: torch.UntypedStorage) -> None:
         key = id(storage)
         if key in self._counted:
-            self._resize(key, storage.nbytes())  # raw bytes: _resize rounds, and records them
+            self._resize(key, storage.nbytes(), RESIZED)  # raw bytes: _resize rounds, and records them
 
     @property
     def live_bytes(self) -> int:
@@ -272,11 +289,13 @@ class CountingMode(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch
     def _open_window(self, recording: TimelineRecording) -> None:
         recording.sizes.clear()
         recording.events.clear()
+        recording.ops.clear()
         recording.open = True
         for index, (key, (size, reference, raw, _)) in enumerate(list(self._counted.items())):
             self._counted[key] = (size, reference, raw, index)
             recording.sizes.append(raw)
             recording.events.append(ALLOC)
+            recording.ops.append(0)
 
     def size_of(self, nbytes: int) -> int:
         """``nbytes`` as the counter charges it: rounded up to the granularity."""
@@ -296,7 +315,7 @@ class CountingMode(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch
         request = sum(self.size_of(storage.nbytes()) for storage in fresh.values())
         self._check(request)
         for storage in fresh.values():
-            self._track(storage, storage.nbytes())
+            self._track(storage, storage.nbytes(), REGISTERED)
         return request
 
     def _check(self, request: int) -> None:
@@ -318,7 +337,7 @@ class CountingMode(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch
                 out_of_memory_message(request, self._live, self.limit_bytes, device_label=self.device_label)
             ) from None
 
-    def _track(self, storage: torch.UntypedStorage, raw: int) -> None:
+    def _track(self, storage: torch.UntypedStorage, raw: int, op: object) -> None:
         key = id(storage)
         size = self.size_of(raw)
         index = -1
@@ -327,6 +346,7 @@ class CountingMode(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch
             index = len(recording.sizes)
             recording.sizes.append(raw)
             recording.events.append(ALLOC)
+            recording.ops.append(recording.op_index(op))
         self._counted[key] = (size, weakref.ref(storage, self._forget(key)), raw, index)
         self._live += size
         self._peak = max(self._peak, self._live)
@@ -342,7 +362,7 @@ class CountingMode(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch
 
         return callback
 
-    def _resize(self, key: int, raw: int) -> None:
+    def _resize(self, key: int, raw: int, func: object) -> None:
         old, reference, _, old_index = self._counted[key]
         size = self.size_of(raw)
         index = -1
@@ -351,6 +371,7 @@ class CountingMode(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch
             index = len(recording.sizes)
             recording.sizes.append(raw)
             recording.events.append(-old_index - 2)
+            recording.ops.append(recording.op_index(func))
         self._counted[key] = (size, reference, raw, index)
         self._live += size - old
         self._peak = max(self._peak, self._live)
@@ -399,9 +420,9 @@ class CountingMode(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch
             del out, tensor, storage, fresh, grown
             self._check(request)
         for storage, raw in fresh.values():
-            self._track(storage, raw)
+            self._track(storage, raw, func)
         for key, (_, raw) in grown.items():
-            self._resize(key, raw)
+            self._resize(key, raw, func)
         return out
 
 
