@@ -35,6 +35,9 @@ What fake tensors change, and how it is handled:
   runs (so the counted bytes match too). It is on only inside the step context, and the exactness
   tests in ``tests/probes/test_predict.py`` fail loudly when a transformers upgrade changes the
   path.
+- Mixture-of-experts layers run ``aten._grouped_mm`` in the weights' dtype; its fake kernel
+  accepts bf16 only, the real ones fp32 too: :func:`~probes.devices.fake_kernels.grouped_mm_any_dtype`
+  gives fp32 calls the output the real kernels give (same counted bytes).
 - Times are CPU times of shape propagation, not GPU times (``timings_are_gpu_times`` is false).
 """
 
@@ -49,6 +52,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from probes.devices.base import trial_capacity_bytes
 from probes.devices.counting import CUDA_ALLOCATOR_GRANULARITY_BYTES, CountedMemory, CountingMode
+from probes.devices.fake_kernels import grouped_mm_any_dtype
 from probes.errors import ProbeInputError
 from probes.gpus import Gpu, check_limit_fits
 from probes.overhead import overhead_for
@@ -208,6 +212,7 @@ class PredictDevice(CountedMemory):
         stack = ExitStack()
         stack.enter_context(probe_batch_masks())
         stack.enter_context(self.fake_mode)
+        stack.enter_context(grouped_mm_any_dtype())  # MoE experts in fp32: see probes.devices.fake_kernels
         stack.enter_context(self.mode)  # innermost: counts what the fake mode returns
         return stack
 
