@@ -1,0 +1,166 @@
+"""Measure a config's whole peak curve on a counting device (``predict``, ``simulated``): few trials.
+
+What :func:`measure_curve` does, in the trial child (it runs models), for one config:
+
+1. If weights + gradients + optimizer state alone (``probes.search.training_state_bytes``) exceed
+   the capacity, no batch size fits: no trial runs.
+2. If the model type and config are covered by depth extrapolation (``probes.depth.depth_plan``),
+   the trials run on the same model cut to the three base depths (3, 4, 5 layers for a uniform
+   stack); otherwise on the model itself.
+3. At each depth, trials at batch sizes 2 and 3 record their timelines (``probes.timeline``); the
+   affine fit gives every ``b >= 2``; the depth extrapolation (where used) gives the real depth.
+4. When batch size 2 does not fit the capacity, batch size 1 (its own path through the step) is
+   measured the same way.
+
+The answer (``PeakCurve.ladder_bracket``) is what the exhaustive ladder search on the same device
+would find, to the byte of every peak — where the shapes agree. Where they do not (the steps at 2
+and 3 differ, the layers do not repeat, a trial did not run to the end), :class:`CurveOutcome`
+carries no curve and says why: the caller searches with trials as before.
+
+Phase 2 of issue 11 wires this into the engine; until then ``bench/depth_predict.py`` calls it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+
+from probes.depth import DepthPlan, depth_plan, extrapolate_depth, reduced_depth_overrides
+from probes.models import inspect_model, load_config
+from probes.search import training_state_bytes
+from probes.spec import ConfigTask, Outcome
+from probes.timeline import AffineTimeline, PeakCurve, ShapeMismatch, Timeline, constant_timeline, fit_affine
+from probes.trial import TrialSession
+
+BASE_BATCH_SIZES = (2, 3)
+"""The two batch sizes whose timelines give every other (``b = 1`` takes another path)."""
+
+
+@dataclass
+class CurveOutcome:
+    """A measured curve, or why there is none; and what it cost."""
+
+    curve: PeakCurve | None = None
+    reason: str | None = None
+    nothing_fits: bool = False
+    depths: tuple[int, ...] = ()
+    trials: int = 0
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+class _NoCurve(Exception):
+    """A trial or a fit that ends the measurement; the message is the outcome's reason."""
+
+
+def measure_curve(
+    task: ConfigTask,
+    *,
+    accumulation_steps: int = 2,
+    optimizer_steps: int = 2,
+    extrapolate_depth_allowed: bool = True,
+) -> CurveOutcome:
+    """The peak at every batch size of ``task``'s config, from a few timelines (see the module docstring)."""
+    started = time.perf_counter()
+    outcome = CurveOutcome()
+    config = load_config(task.model, allow_remote_code=task.allow_remote_code)
+    facts = inspect_model(task.model, task.seq_len, allow_remote_code=task.allow_remote_code)
+    floor = training_state_bytes(facts.parameter_count, task.precision, optimizer=task.optimizer)
+    with ExitStack() as stack:
+        probe = stack.enter_context(TrialSession(task))
+        capacity = probe.device.capacity_bytes
+        probe.close()
+        if floor is not None and floor > capacity:
+            outcome.nothing_fits = True
+            outcome.reason = (
+                f"weights, gradients and optimizer state alone take {floor} bytes, more than the "
+                f"{capacity} bytes a trial may use"
+            )
+            outcome.seconds = time.perf_counter() - started
+            return outcome
+        plan = depth_plan(str(config.model_type), config.to_dict()) if extrapolate_depth_allowed else None
+        if isinstance(plan, str):
+            outcome.notes.append(f"full depth: {plan}")
+        depths: tuple[int | None, ...] = plan.base_depths if isinstance(plan, DepthPlan) else (None,)
+        outcome.depths = tuple(d for d in depths if d is not None)
+        sessions = {
+            depth: stack.enter_context(TrialSession(_at_depth(task, config.to_dict(), depth)))
+            for depth in depths
+        }
+        try:
+            affine = _combine(
+                {
+                    depth: _fit(session, BASE_BATCH_SIZES, accumulation_steps, optimizer_steps, outcome)
+                    for depth, session in sessions.items()
+                },
+                plan,
+            )
+            curve = PeakCurve(affine=affine)
+            if curve.peak(BASE_BATCH_SIZES[0]) > capacity:
+                one = _combine(
+                    {
+                        depth: _fit(session, (1,), accumulation_steps, optimizer_steps, outcome)
+                        for depth, session in sessions.items()
+                    },
+                    plan,
+                )
+                curve = PeakCurve(affine=affine, peak_at_one=one.peak(1))
+            outcome.curve = curve
+        except _NoCurve as exc:
+            outcome.reason = str(exc)
+    outcome.seconds = time.perf_counter() - started
+    return outcome
+
+
+def _at_depth(task: ConfigTask, config: dict[str, object], depth: int | None) -> ConfigTask:
+    if depth is None:
+        return task
+    overrides = {**task.model.config, **reduced_depth_overrides(config, depth)}
+    return task.model_copy(update={"model": task.model.model_copy(update={"config": overrides})})
+
+
+def _fit(
+    session: TrialSession,
+    batch_sizes: tuple[int, ...],
+    accumulation_steps: int,
+    optimizer_steps: int,
+    outcome: CurveOutcome,
+) -> AffineTimeline:
+    timelines = list(_timelines(session, batch_sizes, accumulation_steps, optimizer_steps, outcome))
+    try:
+        return constant_timeline(timelines[0]) if len(timelines) == 1 else fit_affine(*timelines)
+    except ShapeMismatch as exc:
+        raise _NoCurve(str(exc)) from exc
+
+
+def _timelines(
+    session: TrialSession,
+    batch_sizes: tuple[int, ...],
+    accumulation_steps: int,
+    optimizer_steps: int,
+    outcome: CurveOutcome,
+) -> Iterator[Timeline]:
+    for batch_size in batch_sizes:
+        record, timeline = session.run_with_timeline(
+            batch_size, accumulation_steps=accumulation_steps, optimizer_steps=optimizer_steps
+        )
+        outcome.trials += 1
+        if record.outcome is not Outcome.FIT or timeline is None:
+            raise _NoCurve(
+                f"the trial at batch size {batch_size} ended in {record.outcome.value}"
+                + (f" ({record.message})" if record.message else "")
+            )
+        yield timeline
+
+
+def _combine(fits: dict[int | None, AffineTimeline], plan: DepthPlan | str | None) -> AffineTimeline:
+    if not isinstance(plan, DepthPlan):
+        return fits[None]
+    try:
+        return extrapolate_depth(
+            {depth: fit for depth, fit in fits.items() if depth is not None}, plan.layers
+        )
+    except ShapeMismatch as exc:
+        raise _NoCurve(str(exc)) from exc
