@@ -379,6 +379,7 @@ def matrix() -> dict[Case, list[tuple[int, int]]]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # the first test waits for the whole matrix
 @pytest.mark.parametrize("case", CASES, ids=[f"{d}-{a}-{p.value}-{c}" for d, a, p, c in CASES])
 def test_two_timelines_predict_the_peak_at_every_batch_size(
     matrix: dict[Case, list[tuple[int, int]]], case: Case
