@@ -213,6 +213,11 @@ class LadderSearch:
         return tuple(self._trials)
 
     @property
+    def upper_limit(self) -> int | None:
+        """The largest size the search may try (the limit floored onto the ladder), if any."""
+        return self._cap
+
+    @property
     def aborted_reason(self) -> str | None:
         """Why the search stopped early (an error, timeout or crash), else ``None``."""
         return self._aborted_reason
