@@ -30,6 +30,11 @@ HF ``Trainer`` with the emitted arguments uses:
 6. ``step_seconds``: mean wall time per optimizer step, the first excluded (the device synchronised).
    ``16-mixed`` reports ``loss_flag`` ``nan`` / ``inf`` / ``zero`` when a loss was NaN, infinite or 0.0.
 
+With ``lengths`` (a confirmation under dynamic padding, ``probes.confirmation``), micro-batch ``k``
+of the trial is padded to ``lengths[k]`` (``seq_len`` once the list ends) as a padding collator pads
+a batch to its longest sequence: one row at that length, the others shorter (seeded), their padding
+masked out in ``attention_mask`` and ignored in ``labels`` (-100).
+
 Afterwards (fit or not) gradients are dropped, garbage collected and the device's cache emptied, so
 the next trial in the process starts from the weights alone. An error that poisons the CUDA context
 sets :attr:`TrialSession.poisoned`: the parent must discard the process.
@@ -38,8 +43,9 @@ sets :attr:`TrialSession.poisoned`: the parent must discard the process.
 from __future__ import annotations
 
 import math
+import random
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -160,14 +166,25 @@ class TrialSession:
         assert self._recipe.model is not None
         return self._recipe.model
 
-    def run(self, batch_size: int, *, accumulation_steps: int, optimizer_steps: int) -> TrialRecord:
+    def run(
+        self,
+        batch_size: int,
+        *,
+        accumulation_steps: int,
+        optimizer_steps: int,
+        lengths: Sequence[int] | None = None,
+    ) -> TrialRecord:
         """One trial; the outcome is returned, never raised (except for bad arguments and bad input).
 
         An out-of-memory outcome carries ``needed_bytes``: the bytes in use plus the allocation that
-        failed, a lower bound of what the batch size needs.
+        failed, a lower bound of what the batch size needs. ``lengths``: the padded length of each
+        micro-batch, in order (dynamic padding; see the module docstring); ``None``: every
+        micro-batch at ``seq_len``.
         """
         if batch_size < 1 or accumulation_steps < 1 or optimizer_steps < 1:
             raise ValueError("batch_size, accumulation_steps and optimizer_steps must be at least 1")
+        if lengths is not None and not all(1 <= n <= self.task.seq_len for n in lengths):
+            raise ValueError(f"every length must be within 1..{self.task.seq_len}")
         if self._closed:
             raise RuntimeError("this TrialSession is closed")
 
@@ -201,7 +218,7 @@ class TrialSession:
         if failure is not None:
             return record(failure[0], failure[1], needed=self._build_need)
         try:
-            steps = self._steps(batch_size, accumulation_steps, optimizer_steps)
+            steps = self._steps(batch_size, accumulation_steps, optimizer_steps, lengths)
         except ProbeInputError:
             raise
         except Exception as exc:  # noqa: BLE001 - a trial reports every failure as its outcome
@@ -238,7 +255,13 @@ class TrialSession:
         ran = record.outcome in (Outcome.FIT, Outcome.OVER_HEADROOM)
         return record, recording.timeline(batch_size) if ran else None
 
-    def _steps(self, batch_size: int, accumulation_steps: int, optimizer_steps: int) -> _Steps:
+    def _steps(
+        self,
+        batch_size: int,
+        accumulation_steps: int,
+        optimizer_steps: int,
+        lengths: Sequence[int] | None = None,
+    ) -> _Steps:
         model = self._model
         assert model is not None
         device = self._device
@@ -265,7 +288,8 @@ class TrialSession:
                 started = time.perf_counter()
                 had_state = bool(optimizer.state)
                 step_losses: list[torch.Tensor] = []
-                batches = [self._batch(batch_size) for _ in range(accumulation_steps)]
+                first = steps_done * accumulation_steps
+                batches = [self._batch(batch_size, lengths, first + k) for k in range(accumulation_steps)]
                 for index, batch in enumerate(batches):
                     with recipe.micro_step(index, accumulation_steps):
                         with self._autocast(autocast_dtype):
@@ -313,15 +337,22 @@ class TrialSession:
             note=note,
         )
 
-    def _batch(self, batch_size: int) -> dict[str, torch.Tensor]:
-        shape = (batch_size, self.task.seq_len)
+    def _batch(
+        self, batch_size: int, lengths: Sequence[int] | None = None, index: int = 0
+    ) -> dict[str, torch.Tensor]:
+        padded = self.task.seq_len if lengths is None or index >= len(lengths) else lengths[index]
+        shape = (batch_size, padded)
         device = self._device.torch_device
         input_ids = torch.randint(0, self._vocab_size, shape, device=device)
-        return {
-            "input_ids": input_ids,
-            "attention_mask": torch.ones(shape, dtype=torch.long, device=device),
-            "labels": input_ids.clone(),
-        }
+        attention_mask = torch.ones(shape, dtype=torch.long, device=device)
+        labels = input_ids.clone()
+        if lengths is not None:
+            rows = random.Random(self.task.seed * 1_000_003 + index)
+            for row in range(1, batch_size):  # row 0 is the longest: the batch is padded to it
+                real = rows.randint(1, padded)
+                attention_mask[row, real:] = 0
+                labels[row, real:] = -100
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
     def _autocast(self, dtype: torch.dtype | None) -> AbstractContextManager[object]:
         return self._device.autocast(dtype) if dtype is not None else nullcontext()

@@ -374,3 +374,30 @@ def test_driver_version_through_nvml(
     monkeypatch.setitem(sys.modules, "pynvml", fake)
     assert nvidia_driver_version() == expected
     assert fake.calls == (["init"] if driver is None else ["init", "version", "shutdown"])
+
+
+# -- dynamic padding (a confirmation that varies the length) -----------------------------------
+
+
+def test_a_padded_batch_masks_and_ignores_the_padding_of_every_row_but_the_longest(
+    session: TrialSession,
+) -> None:
+    assert session.prepare() is None
+    batch = session._batch(4, [48], 0)
+    assert batch["input_ids"].shape == (4, 48)
+    assert bool(batch["attention_mask"][0].all())
+    padded = batch["attention_mask"] == 0
+    assert bool((batch["labels"][padded] == -100).all())
+    assert bool((batch["labels"][~padded] == batch["input_ids"][~padded]).all())
+    assert session._batch(4, [48], 1)["input_ids"].shape == (4, SEQ_LEN)
+    assert bool(session._batch(4)["attention_mask"].all())
+
+
+def test_a_trial_under_dynamic_padding_runs_its_steps_at_the_lengths_given(session: TrialSession) -> None:
+    lengths = [SEQ_LEN, SEQ_LEN, 8, 40, 24, 64, 16, SEQ_LEN]
+    record = session.run(2, accumulation_steps=2, optimizer_steps=4, lengths=lengths)
+    assert record.outcome is Outcome.FIT
+    assert record.optimizer_steps == 4
+    assert record.peak_bytes is not None
+    with pytest.raises(ValueError, match=r"within 1\.\.64"):
+        session.run(2, accumulation_steps=2, optimizer_steps=2, lengths=[SEQ_LEN + 1])
