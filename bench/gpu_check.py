@@ -25,7 +25,12 @@ and the next one runs; the report is rewritten after every part, so a killed run
    FSDP size (see the block near the end).
 8. host-memory ceilings on cuda (issue 12): one trial of the ~1B Llama in a trial child under
    ``RLIMIT_DATA`` of none, 16, 8, 4 and 2 GiB: does CUDA start and train under it, and what the
-   child's peak RSS is (what ``MAXBATCH_PROBE_CUDA_HOST_MEMORY_BYTES`` must leave room for).
+   child's peak RSS is (what ``MAXBATCH_PROBE_CUDA_HOST_MEMORY_BYTES`` must leave room for);
+9. (``--parts 9 10``, issue 11) a ~0.85B and a 7B Llama (bf16-mixed, checkpointing off and on)
+   searched on ``cuda:0`` by the trial loop with the plain search and with the predict-seeded one:
+   GPU trials, GPU-seconds, same answers;
+10. then :data:`SOAK_STEPS` optimizer steps under dynamic padding at every size part 9 returned,
+   with the recommended ``PYTORCH_CUDA_ALLOC_CONF``: no out-of-memory, reserved - allocated.
 
 Needs torch (CUDA), transformers and pydantic; Lightning and Accelerate for part 4. Never imports
 ``app`` (FastAPI is not needed). Without a GPU it says so and exits with code 3.
@@ -884,6 +889,223 @@ def _gib_text(value: int | None) -> str:
     return "-" if value is None else f"{value / GiB:.2f}"
 
 
+# == issue 11 (predict-seeded search, dynamic padding) =============================================
+# Parts 9 and 10. Part 9 drives
+# probes.search.LadderSearch and probes.seeding.SeededSearch itself, trial by trial, in one child
+# per shape and mode, so the GPU-seconds are the trials' own (no child start-up).
+
+SEED_SHAPES: dict[str, tuple[dict[str, Any], int]] = {
+    "llama-1b": (LLAMA_1B, 2048),
+    "llama-7b": (LLAMA_7B, 1024),
+}
+SEED_PRECISION = "bf16-mixed"
+SOAK_STEPS = 200
+
+
+def seeded_worker(shape: str, mode: str, memory: int, out: Path) -> None:
+    """Child mode: every config of ``shape`` searched on cuda:0 (``mode`` plain or seeded); JSON lines."""
+    from probes.curve import measure_curve
+    from probes.models import inspect_model
+    from probes.search import LadderSearch, training_state_bytes
+    from probes.seeding import PredictedBracket, SeededSearch
+    from probes.spec import ConfigTask, ModelSpec, Outcome, Precision
+    from probes.trial import TrialSession
+
+    config, seq_len = SEED_SHAPES[shape]
+    for checkpointing in (False, True):
+        task = ConfigTask(
+            model=ModelSpec(architecture="llama", config=config),
+            seq_len=seq_len,
+            precision=Precision(SEED_PRECISION),
+            gradient_checkpointing=checkpointing,
+            device="cuda:0",
+            memory_limit_bytes=memory,
+        )
+        facts = inspect_model(task.model, seq_len, allow_remote_code=False)
+        floor = training_state_bytes(facts.parameter_count, task.precision)
+        row: dict[str, Any] = {"shape": shape, "mode": mode, "checkpointing": checkpointing}
+        with TrialSession(task) as session:
+            capacity = session.device.capacity_bytes
+        search: LadderSearch | SeededSearch
+        if mode == "seeded":
+            started = time.monotonic()
+            predict_task = task.model_copy(update={"device": "predict", "memory_limit_bytes": capacity})
+            curve = measure_curve(predict_task)
+            row["predict_cpu_seconds"] = round(time.monotonic() - started, 1)
+            if curve.curve is not None:
+                bracket = PredictedBracket(*curve.curve.ladder_bracket(capacity))
+            else:
+                bracket = PredictedBracket(None, 1)
+            row["predicted"] = [bracket.max_batch_size, bracket.first_failing_batch_size]
+            search = SeededSearch(bracket, capacity_bytes=capacity, floor_bytes=floor)
+        else:
+            search = LadderSearch(capacity_bytes=capacity, floor_bytes=floor)
+        sizes, gpu_seconds = [], 0.0
+        while (size := search.next_size()) is not None:
+            started = time.monotonic()
+            with TrialSession(task) as session:  # a fresh model per trial, as the engine's fresh children
+                trial = session.run(size, accumulation_steps=2, optimizer_steps=2)
+            gpu_seconds += time.monotonic() - started
+            sizes.append(f"{size}{'' if trial.outcome is Outcome.FIT else 'x'}")
+            search.record(trial)
+        row.update(
+            sizes=sizes,
+            gpu_trials=len(sizes),
+            gpu_seconds=round(gpu_seconds, 1),
+            answer=[search.max_batch_size, search.first_failing_batch_size],
+            prediction_right=getattr(search, "prediction_right", None),
+            aborted=search.aborted_reason,
+        )
+        with out.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row) + "\n")
+
+
+def part_seeded(timeout: float, memory: int, log: Path, work: Path) -> Part:
+    part = Part(
+        f"9. predict-seeded search vs the plain search on cuda:0 (issue 11), {SEED_PRECISION}, "
+        f"memory limit {memory / GiB:g} GiB"
+    )
+    rows_file = work / "seeded.jsonl"
+    started = time.monotonic()
+    statuses = []
+    for shape in SEED_SHAPES:
+        for mode in ("plain", "seeded"):
+            left = timeout - (time.monotonic() - started)
+            if left < 10:
+                statuses.append(f"{shape} {mode}: no time left")
+                continue
+            command = [
+                sys.executable,
+                "-m",
+                "bench.gpu_check",
+                "_seeded",
+                shape,
+                mode,
+                str(memory),
+                str(rows_file),
+            ]
+            ran = run_streaming(command, left, log)
+            statuses.append(
+                f"{shape} {mode}: "
+                + (
+                    "timed out"
+                    if ran.timed_out
+                    else ("ok" if ran.returncode == 0 else f"exit {ran.returncode}")
+                )
+            )
+    part.seconds = time.monotonic() - started
+    part.status = "; ".join(statuses)
+    rows = _read_rows(rows_file)
+    part.lines = [
+        f"- {part.status}; {part.seconds:.0f} s",
+        "",
+        "| shape | ckpt | mode | predicted | GPU sizes | GPU trials | GPU s | predict CPU s | answer "
+        "| right |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        part.lines.append(
+            f"| {row['shape']} | {'on' if row['checkpointing'] else 'off'} | {row['mode']} | "
+            f"{row.get('predicted', '-')} | {' '.join(row['sizes'])} | {row['gpu_trials']} | "
+            f"{row['gpu_seconds']} | {row.get('predict_cpu_seconds', '-')} | {row['answer']} | "
+            f"{row.get('prediction_right', '-')} |"
+        )
+    answers: dict[tuple[str, bool], set[str]] = {}
+    for row in rows:
+        answers.setdefault((row["shape"], row["checkpointing"]), set()).add(json.dumps(row["answer"]))
+    part.lines.append("")
+    part.lines.append(
+        "- same answers seeded and plain: "
+        + ("yes" if all(len(a) == 1 for a in answers.values()) else f"NO: {answers}")
+    )
+    part.data = rows
+    return part
+
+
+def soak_worker(memory: int, out: Path, answers_file: Path) -> None:
+    """Child mode: SOAK_STEPS optimizer steps under dynamic padding at every answer of part 9."""
+    import torch
+
+    from probes.confirmation import dynamic_padding_lengths
+    from probes.spec import ConfigTask, ModelSpec, Precision
+    from probes.trial import TrialSession
+
+    answers = {
+        (r["shape"], r["checkpointing"]): r["answer"][0] for r in _read_rows(answers_file) if r["answer"][0]
+    }
+    for (shape, checkpointing), batch in sorted(answers.items()):
+        config, seq_len = SEED_SHAPES[shape]
+        task = ConfigTask(
+            model=ModelSpec(architecture="llama", config=config),
+            seq_len=seq_len,
+            precision=Precision(SEED_PRECISION),
+            gradient_checkpointing=checkpointing,
+            device="cuda:0",
+            memory_limit_bytes=memory,
+        )
+        lengths = dynamic_padding_lengths(seq_len, SOAK_STEPS, worst_case_steps=2)
+        started = time.monotonic()
+        with TrialSession(task) as session:
+            trial = session.run(batch, accumulation_steps=1, optimizer_steps=SOAK_STEPS, lengths=lengths)
+            gap = torch.cuda.max_memory_reserved() - torch.cuda.max_memory_allocated()
+        row = {
+            "shape": shape,
+            "checkpointing": checkpointing,
+            "batch_size": batch,
+            "outcome": trial.outcome.value,
+            "steps": trial.optimizer_steps,
+            "reserved": trial.peak_reserved_bytes,
+            "allocated": trial.peak_allocated_bytes,
+            "reserved_minus_allocated": int(gap),
+            "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
+            "message": trial.message,
+            "seconds": round(time.monotonic() - started, 1),
+        }
+        with out.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row) + "\n")
+
+
+def part_soak(timeout: float, memory: int, log: Path, work: Path) -> Part:
+    from probes.confirmation import ALLOC_CONF_VARIABLE, allocator_settings
+
+    part = Part(
+        f"10. {SOAK_STEPS} optimizer steps under dynamic padding at every size part 9 returned "
+        f"(issue 11), PYTORCH_CUDA_ALLOC_CONF with the advice"
+    )
+    rows_file = work / "soak.jsonl"
+    env = {**os.environ, ALLOC_CONF_VARIABLE: allocator_settings(os.environ.get(ALLOC_CONF_VARIABLE))}
+    command = [
+        sys.executable,
+        "-m",
+        "bench.gpu_check",
+        "_soak",
+        str(memory),
+        str(rows_file),
+        str(work / "seeded.jsonl"),
+    ]
+    ran = run_streaming(command, timeout, log, env=env)
+    part.seconds = ran.seconds
+    part.status = (
+        "timed out" if ran.timed_out else ("ok" if ran.returncode == 0 else f"exit {ran.returncode}")
+    )
+    part.lines = [
+        f"- {part.status}; {part.seconds:.0f} s; {ALLOC_CONF_VARIABLE}={env[ALLOC_CONF_VARIABLE]}",
+        "",
+        "| shape | ckpt | batch | outcome | steps | reserved GiB | allocated GiB "
+        "| reserved - allocated MiB | s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in _read_rows(rows_file):
+        reserved, allocated = row.get("reserved") or 0, row.get("allocated") or 0
+        part.lines.append(
+            f"| {row['shape']} | {'on' if row['checkpointing'] else 'off'} | {row['batch_size']} | "
+            f"{row['outcome']} | {row['steps']} | {reserved / GiB:.2f} | {allocated / GiB:.2f} | "
+            f"{row['reserved_minus_allocated'] / 2**20:.0f} | {row['seconds']} |"
+        )
+    part.data = _read_rows(rows_file)
+    return part
+
+
 # -- the driver ------------------------------------------------------------------------------------
 
 
@@ -907,13 +1129,19 @@ def main(argv: list[str] | None = None) -> int:
     if args_list[:1] == ["_distributed"]:
         distributed_worker(int(args_list[1]), Path(args_list[2]))
         return 0
+    if args_list[:1] == ["_seeded"]:
+        seeded_worker(args_list[1], args_list[2], int(args_list[3]), Path(args_list[4]))
+        return 0
+    if args_list[:1] == ["_soak"]:
+        soak_worker(int(args_list[1]), Path(args_list[2]), Path(args_list[3]))
+        return 0
     if args_list[:1] == ["_ceiling"]:
         ceiling_worker(Path(args_list[1]))
         return 0
     parser = argparse.ArgumentParser(description="Every GPU check in one time-boxed run.")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "bench/results/gpu"))
     default_parts = [1, 2, 3, 4, 5, 7, 8]
-    parser.add_argument("--parts", nargs="*", type=int, default=default_parts, help="which parts (1-8)")
+    parser.add_argument("--parts", nargs="*", type=int, default=default_parts, help="which parts (1-10)")
     parser.add_argument("--probe-memory-gib", type=float, default=32.0)
     parser.add_argument("--peak-memory-gib", type=float, default=0.0, help="0: the whole card")
     parser.add_argument("--compare-budget", type=float, default=70.0)
@@ -953,6 +1181,8 @@ def main(argv: list[str] | None = None) -> int:
             6: lambda: part_ray(180, min(probe_memory, 16 * GiB), log, work),
             7: lambda: part_distributed(DISTRIBUTED_LIMIT_SECONDS, probe_memory, log, work),
             8: lambda: part_cuda_ceiling(120, log, work),
+            9: lambda: part_seeded(300, probe_memory, log, work),
+            10: lambda: part_soak(240, probe_memory, log, work),
         }
         for number in args.parts:
             print(f"gpu_check: part {number} ...", file=sys.stderr, flush=True)
