@@ -67,10 +67,11 @@ EXACT_FAMILIES: frozenset[str] = frozenset(
 )
 """Model types whose extrapolated steps equal the full-depth steps in the tests, event for event.
 
-``tests/probes/test_depth.py`` checks each (12 layers from 3, 4 and 5; Gemma 2 from 4, 6 and 8);
-``bench/depth_families.py`` ran every precision with and without checkpointing for all of them.
-Not here, so run at full depth: Gemma 3 (its attention pattern repeats every 6 layers), SmolLM3
-(RoPE off every 4th layer; not tested deep enough), and every type not tested.
+``tests/probes/test_depth.py`` checks each (8 layers from 3, 4 and 5 — GPT-2, Llama, Mistral and
+Qwen2 in every precision with and without checkpointing, the others in ``bf16-mixed`` with it;
+Gemma 2 at 10 layers from 4, 6 and 8); ``bench/depth_families.py`` runs any family in every config
+at any depth. Not here, so run at full depth: Gemma 3 (its attention pattern repeats every 6
+layers), SmolLM3 (RoPE off every 4th layer; not tested deep enough), and every type not tested.
 """
 
 DEPTH_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
