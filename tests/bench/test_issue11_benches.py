@@ -16,3 +16,13 @@ def test_replay_floor_keeps_every_answer_and_does_not_cost_trials(capsys: pytest
     }
     assert set(means) == {"shipped", "floor"}
     assert means["floor"] <= means["shipped"]
+
+
+@pytest.mark.slow  # one case: predict's curve and two simulated trials, in a worker process
+def test_seeded_search_confirms_with_two_device_trials(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench import seeded_search
+
+    assert seeded_search.main(["--cases", "1", "--parallel", "1"]) == 0
+    summary = capsys.readouterr().out.splitlines()[-1]
+    assert "device trials 2.00 per config" in summary
+    assert "answers equal to the truth 1/1" in summary
