@@ -32,7 +32,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from probes.spec import Precision
+from probes.spec import ConfigResult, Precision
 
 TERA = 10**12
 GIGA = 10**9
@@ -199,3 +199,51 @@ def estimate_step(
         flops_per_token=flops_per_token,
         utilisation=share,
     )
+
+
+def rank_configs(
+    configs: list[ConfigResult],
+    shape: ModelShape,
+    card: CardThroughput,
+    *,
+    seq_len: int,
+) -> list[tuple[ConfigResult, StepEstimate]]:
+    """Configs with a plan, fastest estimated optimizer step first (ties: as given).
+
+    Configs without a plan, and bf16 configs on a card without bf16, are left out.
+    """
+    ranked = []
+    for config in configs:
+        plan = config.plan
+        if plan is None or (config.precision.needs_bf16 and card.bf16_tflops is None):
+            continue
+        estimate = estimate_step(
+            shape,
+            card,
+            seq_len=seq_len,
+            precision=config.precision,
+            gradient_checkpointing=config.gradient_checkpointing,
+            micro_batch_size=plan.per_device_train_batch_size,
+            accumulation_steps=plan.gradient_accumulation_steps,
+        )
+        ranked.append((config, estimate))
+    return sorted(ranked, key=lambda pair: pair[1].seconds)
+
+
+def ranking_reason(ranked: list[tuple[ConfigResult, StepEstimate]], card: CardThroughput) -> str:
+    """The ``why`` of a recommendation chosen by :func:`rank_configs` (its first entry)."""
+    best, estimate = ranked[0]
+    reason = (
+        f"fastest estimated optimizer step on {card.name} ({estimate.seconds:.3g} s, "
+        f"~{estimate.tokens_per_second:,.0f} tokens/s) from the model's FLOPs"
+        f"{' (recomputation counted)' if best.gradient_checkpointing else ''}, the card's "
+        f"{'fp32' if best.precision is Precision.FP32 else 'tensor-core'} throughput and the micro batch's "
+        "utilisation: an estimate for ranking, not a measurement"
+    )
+    if len(ranked) > 1:
+        runner_up, other = ranked[1]
+        reason += (
+            f"; next: {runner_up.precision.value}"
+            f"{' with checkpointing' if runner_up.gradient_checkpointing else ''} at {other.seconds:.3g} s"
+        )
+    return reason

@@ -5,13 +5,15 @@ from __future__ import annotations
 import pytest
 
 from probes.gpus import GPUS
-from probes.spec import Precision
+from probes.spec import ConfigResult, ConfigStatus, Plan, Precision
 from probes.step_time import (
     CARD_THROUGHPUT,
     MAX_UTILISATION,
     ModelShape,
     card_throughput,
     estimate_step,
+    rank_configs,
+    ranking_reason,
     training_flops_per_token,
     utilisation,
 )
@@ -135,3 +137,48 @@ def test_shape_from_a_config_counts_only_the_chosen_experts() -> None:
     assert ModelShape.from_config({"n_layer": 12, "n_embd": 768}, 124_000_000).layers == 12
     with pytest.raises(ValueError, match="no depth"):
         ModelShape.from_config({"hidden_size": 64}, 1000)
+
+
+def planned(precision: Precision, checkpointing: bool, micro: int, accumulation: int) -> ConfigResult:
+    return ConfigResult(
+        precision=precision,
+        gradient_checkpointing=checkpointing,
+        status=ConfigStatus.OK,
+        max_batch_size=micro,
+        plan=Plan(
+            per_device_train_batch_size=micro,
+            gradient_accumulation_steps=accumulation,
+            world_size=1,
+            effective_batch_size=micro * accumulation,
+            exact=True,
+        ),
+    )
+
+
+def test_ranking_puts_no_checkpointing_first_and_says_why() -> None:
+    tiny = ModelShape(active_parameter_count=4_300_000, parameter_count=4_300_000, layers=2, hidden_size=64)
+    card = card_throughput("H100-80GB")
+    assert card is not None
+    configs = [
+        planned(Precision.BF16_MIXED, True, 64, 4),
+        planned(Precision.BF16_MIXED, False, 32, 8),
+        planned(Precision.FP32, False, 16, 16),
+        ConfigResult(precision=Precision.BF16_TRUE, gradient_checkpointing=False, status=ConfigStatus.FAILED),
+    ]
+    ranked = rank_configs(configs, tiny, card, seq_len=64)
+    assert [(c.precision, c.gradient_checkpointing) for c, _ in ranked] == [
+        (Precision.BF16_MIXED, False),
+        (Precision.BF16_MIXED, True),
+        (Precision.FP32, False),
+    ]
+    why = ranking_reason(ranked, card)
+    assert why.startswith("fastest estimated optimizer step on H100-80GB")
+    assert "next: bf16-mixed with checkpointing" in why
+
+
+def test_ranking_leaves_out_bf16_on_a_card_without_it() -> None:
+    card = card_throughput("T4-16GB")
+    assert card is not None
+    configs = [planned(Precision.BF16_MIXED, False, 4, 4), planned(Precision.FP16_MIXED, False, 4, 4)]
+    ranked = rank_configs(configs, LLAMA_7B, card, seq_len=512)
+    assert [c.precision for c, _ in ranked] == [Precision.FP16_MIXED]
