@@ -22,7 +22,18 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("app", "probes")
 HEAVY = frozenset({"torch", "transformers"})
-PURE_MODULES = ("probes.search", "probes.plan", "probes.spec", "probes.protocol", "probes.errors")
+PURE_MODULES = (
+    "probes.search",
+    "probes.plan",
+    "probes.spec",
+    "probes.protocol",
+    "probes.errors",
+    "probes.seeding",
+    "probes.step_time",
+    "probes.confirmation",
+    "probes.timeline",
+    "probes.depth",
+)
 """Modules the service and the search use: no torch even in a function body."""
 PROCESS_MODULES = frozenset(
     {"subprocess", "multiprocessing", "multiprocessing.context", "multiprocessing.process"}
