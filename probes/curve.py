@@ -45,7 +45,11 @@ class CurveOutcome:
     curve: PeakCurve | None = None
     reason: str | None = None
     nothing_fits: bool = False
+    #: the peak a passing trial may reach on the task's device (what the bracket is for)
+    capacity_bytes: int | None = None
     depths: tuple[int, ...] = ()
+    #: ``(max_batch_size, first_failing_batch_size)`` on the ladder for ``capacity_bytes``
+    bracket: tuple[int | None, int | None] | None = None
     trials: int = 0
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
@@ -61,8 +65,12 @@ def measure_curve(
     accumulation_steps: int = 2,
     optimizer_steps: int = 2,
     extrapolate_depth_allowed: bool = True,
+    upper_limit: int | None = None,
 ) -> CurveOutcome:
-    """The peak at every batch size of ``task``'s config, from a few timelines (see the module docstring)."""
+    """The peak at every batch size of ``task``'s config, from a few timelines (see the module docstring).
+
+    ``bracket`` is the curve's ladder answer for the device's capacity, within ``upper_limit``.
+    """
     started = time.perf_counter()
     outcome = CurveOutcome()
     config = load_config(task.model, allow_remote_code=task.allow_remote_code)
@@ -71,9 +79,11 @@ def measure_curve(
     with ExitStack() as stack:
         probe = stack.enter_context(TrialSession(task))
         capacity = probe.device.capacity_bytes
+        outcome.capacity_bytes = capacity
         probe.close()
         if floor is not None and floor > capacity:
             outcome.nothing_fits = True
+            outcome.bracket = (None, 1)
             outcome.reason = (
                 f"weights, gradients and optimizer state alone take {floor} bytes, more than the "
                 f"{capacity} bytes a trial may use"
@@ -108,6 +118,7 @@ def measure_curve(
                 )
                 curve = PeakCurve(affine=affine, peak_at_one=one.peak(1))
             outcome.curve = curve
+            outcome.bracket = curve.ladder_bracket(capacity, upper_limit=upper_limit)
         except _NoCurve as exc:
             outcome.reason = str(exc)
     outcome.seconds = time.perf_counter() - started

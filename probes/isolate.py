@@ -33,6 +33,8 @@ from multiprocessing.process import BaseProcess
 from probes.errors import ProbeError, ProbeFailed
 from probes.hostmem import HostMemoryPolicy
 from probes.protocol import (
+    CurveReply,
+    CurveRequest,
     ErrorReply,
     InfoReply,
     InfoRequest,
@@ -145,7 +147,7 @@ class TrialChild:
         self.spent = False
 
     def request(
-        self, message: InfoRequest | TrialRequest, *, timeout_seconds: float
+        self, message: InfoRequest | TrialRequest | CurveRequest, *, timeout_seconds: float
     ) -> TrialServerReply | ChildDied:
         """Send one request and wait for its reply, the child's death, the deadline or a cancel.
 
@@ -227,14 +229,25 @@ def trial_from_reply(batch_size: int, reply: TrialServerReply | ChildDied) -> tu
     return TrialRecord(batch_size=batch_size, outcome=Outcome.ERROR, message=message), True
 
 
+def curve_from_reply(reply: TrialServerReply | ChildDied) -> CurveReply:
+    """The curve a reply carries; a death, an error or a wrong reply becomes a curve without a bracket."""
+    if isinstance(reply, CurveReply):
+        return reply
+    if isinstance(reply, ChildDied):
+        return CurveReply(reason=f"{reply.outcome.value}: {reply.reason}")
+    if isinstance(reply, ErrorReply):
+        return CurveReply(reason=reply.error.message)
+    return CurveReply(reason=f"the child answered a curve request with {reply.reply}")
+
+
 def info_from_reply(reply: TrialServerReply | ChildDied) -> InfoReply:
     """The info a reply carries, or its error raised as the matching :mod:`probes.errors` class."""
     if isinstance(reply, ChildDied):
         raise ProbeFailed(f"{reply.outcome.value}: {reply.reason}")
     if isinstance(reply, ErrorReply):
         raise reply.error.to_exception()
-    if isinstance(reply, TrialReply):
-        raise ProbeFailed("the child answered an info request with a trial")
+    if not isinstance(reply, InfoReply):
+        raise ProbeFailed(f"the child answered an info request with {reply.reply}")
     return reply
 
 

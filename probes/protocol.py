@@ -105,6 +105,18 @@ class TrialRequest(Message):
     batch_size: int = Field(gt=0)
     accumulation_steps: int = Field(gt=0)
     optimizer_steps: int = Field(gt=0)
+    #: each micro-batch's padded length (dynamic padding, ``probes.confirmation``); none: ``seq_len``
+    lengths: tuple[int, ...] | None = None
+
+
+class CurveRequest(Message):
+    """Measure the config's whole peak curve on a counting device (``probes.curve``): no model is kept."""
+
+    op: Literal["curve"] = "curve"
+    accumulation_steps: int = Field(gt=0)
+    optimizer_steps: int = Field(gt=0)
+    #: the request's ``max_batch_size_limit``: the bracket stays within it
+    upper_limit: int | None = Field(default=None, gt=0)
 
 
 class StopRequest(Message):
@@ -113,7 +125,9 @@ class StopRequest(Message):
     op: Literal["stop"] = "stop"
 
 
-TrialServerRequest = Annotated[InfoRequest | TrialRequest | StopRequest, Field(discriminator="op")]
+TrialServerRequest = Annotated[
+    InfoRequest | TrialRequest | CurveRequest | StopRequest, Field(discriminator="op")
+]
 
 
 class InfoReply(Message):
@@ -134,6 +148,29 @@ class TrialReply(Message):
     poisoned: bool = False
 
 
+class CurveReply(Message):
+    """The curve's answer for the child's device: a ladder bracket, or why there is none."""
+
+    reply: Literal["curve"] = "curve"
+    #: the ladder bracket for ``capacity_bytes`` (``None``: no curve, ``reason`` says why)
+    max_batch_size: int | None = None
+    first_failing_batch_size: int | None = None
+    #: weights, gradients and optimizer state alone exceed the capacity: no trial ran
+    nothing_fits: bool = False
+    capacity_bytes: int | None = None
+    reason: str | None = None
+    #: trials run (at the base depths), wall seconds, the depths measured
+    trials: int = 0
+    seconds: float = 0.0
+    depths: tuple[int, ...] = ()
+    #: ``probes.timeline.PeakCurve.to_wire()``: any other capacity's bracket, in the parent
+    curve: dict[str, Any] | None = None
+
+    @property
+    def has_bracket(self) -> bool:
+        return self.max_batch_size is not None or self.first_failing_batch_size is not None
+
+
 class ErrorReply(Message):
     """The request failed (a bad config is an input error, anything else ``probe-error``)."""
 
@@ -141,7 +178,7 @@ class ErrorReply(Message):
     error: ErrorInfo
 
 
-TrialServerReply = Annotated[InfoReply | TrialReply | ErrorReply, Field(discriminator="reply")]
+TrialServerReply = Annotated[InfoReply | TrialReply | CurveReply | ErrorReply, Field(discriminator="reply")]
 
 
 # --- probe child ---------------------------------------------------------------------------------

@@ -526,6 +526,20 @@ class PeakCurve:
             return self.peak_at_one
         return self.affine.peak(batch_size)
 
+    def to_wire(self) -> dict[str, Any]:
+        """A JSON-ready form: the affine timeline's wire form and the peak at 1."""
+        return {"affine": self.affine.to_wire(), "peak_at_one": self.peak_at_one}
+
+    @classmethod
+    def from_wire(cls, wire: dict[str, Any]) -> PeakCurve:
+        """The curve :meth:`to_wire` wrote; ``ValueError`` for anything else."""
+        peak_at_one = wire.get("peak_at_one")
+        if not isinstance(wire.get("affine"), dict) or not (
+            peak_at_one is None or (isinstance(peak_at_one, int) and peak_at_one >= 0)
+        ):
+            raise ValueError("not a peak curve's wire form")
+        return cls(affine=AffineTimeline.from_wire(wire["affine"]), peak_at_one=peak_at_one)
+
     def ladder_bracket(
         self, capacity_bytes: int, *, upper_limit: int | None = None
     ) -> tuple[int | None, int | None]:

@@ -6,6 +6,8 @@ document per pipe message:
 - ``InfoRequest`` → ``InfoReply`` (device, versions, model, transformers' API, what the recipe
   can run here) — validates the model (an input error comes back as an ``ErrorReply``);
 - ``TrialRequest`` → ``TrialReply`` (the trial record, and whether the CUDA context is poisoned);
+- ``CurveRequest`` → ``CurveReply`` (``probes.curve.measure_curve`` on the task: the ladder bracket
+  for the device's capacity and the curve itself; it builds its own models and keeps none);
 - ``StopRequest`` → the process exits.
 
 A request that fails, or cannot be read, is answered with an ``ErrorReply``, never a dead pipe.
@@ -26,11 +28,14 @@ from multiprocessing.connection import Connection
 import torch
 import transformers
 
+from probes.curve import measure_curve
 from probes.environment import collect_versions
 from probes.hf_support import training_arguments_support
 from probes.hostmem import explain_host_failure
 from probes.models import inspect_model, load_config
 from probes.protocol import (
+    CurveReply,
+    CurveRequest,
     ErrorInfo,
     ErrorReply,
     InfoReply,
@@ -77,10 +82,32 @@ def _answer(task: ConfigTask, session: TrialSession, request: InfoRequest | Tria
         request.batch_size,
         accumulation_steps=request.accumulation_steps,
         optimizer_steps=request.optimizer_steps,
+        lengths=request.lengths,
     )
     if trial.message is not None:
         trial = trial.model_copy(update={"message": explain_host_failure(trial.message)})
     return TrialReply(trial=trial, poisoned=session.poisoned)
+
+
+def _curve(task: ConfigTask, request: CurveRequest) -> CurveReply:
+    outcome = measure_curve(
+        task,
+        accumulation_steps=request.accumulation_steps,
+        optimizer_steps=request.optimizer_steps,
+        upper_limit=request.upper_limit,
+    )
+    largest, failing = outcome.bracket if outcome.bracket is not None else (None, None)
+    return CurveReply(
+        max_batch_size=largest,
+        first_failing_batch_size=failing,
+        nothing_fits=outcome.nothing_fits,
+        capacity_bytes=outcome.capacity_bytes,
+        reason=outcome.reason,
+        trials=outcome.trials,
+        seconds=outcome.seconds,
+        depths=outcome.depths,
+        curve=outcome.curve.to_wire() if outcome.curve is not None else None,
+    )
 
 
 def serve(conn: Connection, task_json: str) -> None:
@@ -103,6 +130,9 @@ def serve(conn: Connection, task_json: str) -> None:
                 request = parse_trial_request(raw)
                 if isinstance(request, StopRequest):
                     return
+                if isinstance(request, CurveRequest):
+                    conn.send_bytes(_curve(task, request).model_dump_json().encode())
+                    continue
                 if session is None:
                     # Built on the first request, so that a bad config is a reply, not a dead child.
                     session = TrialSession(task)

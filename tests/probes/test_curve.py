@@ -101,3 +101,44 @@ def test_a_bracket_from_a_curve_respects_the_upper_limit(roomy_curve: PeakCurve)
     assert measured_one.ladder_bracket(capacity, upper_limit=1) == (1, None)
     assert measured_one.ladder_bracket(roomy_curve.peak(2) - 1) == (1, 2)
     assert measured_one.ladder_bracket(roomy_curve.peak(2) - 2) == (None, 1)
+
+
+@pytest.mark.slow
+def test_a_trial_child_measures_the_curve_and_sends_it_whole(roomy_curve: PeakCurve) -> None:
+    """The trial server's curve exchange: the bracket for the child's capacity, and the curve itself."""
+    from probes.isolate import curve_from_reply, trial_child
+    from probes.protocol import CurveRequest, TrialReply, TrialRequest
+
+    capacity = roomy_curve.peak(24)  # 24 fits to the byte, 32 does not
+    with trial_child(task(capacity)) as child:
+        reply = curve_from_reply(
+            child.request(CurveRequest(accumulation_steps=2, optimizer_steps=2), timeout_seconds=600)
+        )
+        assert reply.reason is None
+        assert (reply.max_batch_size, reply.first_failing_batch_size) == (24, 32)
+        assert reply.capacity_bytes == capacity
+        assert reply.trials == 6
+        assert reply.depths == (3, 4, 5)
+        assert reply.curve is not None
+        sent = PeakCurve.from_wire(reply.curve)
+        assert [sent.peak(b) for b in (2, 3, 24, 64)] == [roomy_curve.peak(b) for b in (2, 3, 24, 64)]
+        limited = curve_from_reply(
+            child.request(
+                CurveRequest(accumulation_steps=2, optimizer_steps=2, upper_limit=16), timeout_seconds=600
+            )
+        )
+        assert (limited.max_batch_size, limited.first_failing_batch_size) == (16, None)
+        # the same child still runs trials, dynamic padding included
+        served = child.request(
+            TrialRequest(batch_size=2, accumulation_steps=2, optimizer_steps=2, lengths=(32, 32, 8, 32)),
+            timeout_seconds=600,
+        )
+        assert isinstance(served, TrialReply)
+        assert served.trial.outcome is Outcome.FIT
+
+
+def test_a_curve_wire_form_that_is_not_one_is_refused() -> None:
+    with pytest.raises(ValueError, match="not a peak curve"):
+        PeakCurve.from_wire({"affine": None})
+    with pytest.raises(ValueError, match="not a peak curve"):
+        PeakCurve.from_wire({"affine": {}, "peak_at_one": -1})

@@ -13,8 +13,10 @@ import pytest
 
 from probes.__main__ import _inspect_server
 from probes.errors import ProbeFailed, ProbeInputError, SequenceTooLong
-from probes.isolate import ChildDied, info_from_reply, trial_child, trial_from_reply
+from probes.isolate import ChildDied, curve_from_reply, info_from_reply, trial_child, trial_from_reply
 from probes.protocol import (
+    CurveReply,
+    CurveRequest,
     ErrorDocument,
     ErrorInfo,
     ErrorReply,
@@ -115,6 +117,24 @@ def test_exit_codes_keep_their_numbers() -> None:
     [
         (InfoRequest(), parse_trial_request),
         (TrialRequest(batch_size=8, accumulation_steps=2, optimizer_steps=4), parse_trial_request),
+        (
+            TrialRequest(batch_size=8, accumulation_steps=2, optimizer_steps=2, lengths=(64, 64, 16, 64)),
+            parse_trial_request,
+        ),
+        (CurveRequest(accumulation_steps=2, optimizer_steps=2, upper_limit=64), parse_trial_request),
+        (
+            CurveReply(
+                max_batch_size=8,
+                first_failing_batch_size=16,
+                capacity_bytes=64 * MiB,
+                trials=6,
+                seconds=1.5,
+                depths=(3, 4, 5),
+                curve={"affine": {"packed": "eJw"}, "peak_at_one": None},
+            ),
+            parse_trial_reply,
+        ),
+        (CurveReply(nothing_fits=True, first_failing_batch_size=1, reason="too big"), parse_trial_reply),
         (StopRequest(), parse_trial_request),
         (INFO, parse_trial_reply),
         (TrialReply(trial=TRIAL, poisoned=True), parse_trial_reply),
@@ -314,3 +334,13 @@ def test_a_malformed_trial_reply_is_raised_with_the_line_and_the_child_is_ended(
         assert child.spent
         real.close()
         theirs.close()
+
+
+def test_a_curve_request_that_died_or_failed_is_a_curve_without_a_bracket() -> None:
+    died = curve_from_reply(ChildDied(Outcome.CRASH, "killed by SIGKILL"))
+    assert died.reason == "crash: killed by SIGKILL"
+    assert not died.has_bracket
+    failed = curve_from_reply(ErrorReply(error=ErrorInfo(code="probe-error", message="boom")))
+    assert failed.reason == "boom"
+    assert "trial" in (curve_from_reply(TrialReply(trial=TRIAL)).reason or "")
+    assert curve_from_reply(CurveReply(max_batch_size=1, first_failing_batch_size=2)).has_bracket
