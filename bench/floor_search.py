@@ -60,7 +60,7 @@ def main() -> int:
             while (size := search.next_size()) is not None:
                 record = session.run(size, accumulation_steps=2, optimizer_steps=2)
                 if not use_bounds:
-                    record = record.model_copy(update={"oom_lower_bound_bytes": None})
+                    record = record.model_copy(update={"needed_bytes": None})
                 search.record(record)
             seconds = time.perf_counter() - started
             sizes = [t.batch_size for t in search.trials]

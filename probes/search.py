@@ -17,7 +17,7 @@ How the next size is chosen:
 3. when a failure is already known and the line offers nothing inside the bracket (it
    overshot, or there is no line), the search interpolates between the bracket ends when the
    failure carries a peak (it ran, but over the headroom) or a lower bound of one (an
-   out-of-memory trial's bytes in use plus bytes requested, ``oom_lower_bound_bytes``), steps
+   out-of-memory trial's bytes in use plus bytes requested, ``needed_bytes``), steps
    one size down after a rejected confirmation, and otherwise bisects the ladder between the
    bracket ends.
 
@@ -386,7 +386,7 @@ class LadderSearch:
         elif trial.outcome in _FAIL:
             self._first_failing = n
             self._failure_peaks[n] = trial.peak_bytes
-            self._failure_bounds[n] = trial.oom_lower_bound_bytes
+            self._failure_bounds[n] = trial.needed_bytes
         else:
             detail = f": {trial.message}" if trial.message else ""
             self._aborted_reason = f"the trial at batch size {n} ended in {trial.outcome.value}{detail}"
@@ -405,7 +405,7 @@ class LadderSearch:
         if self._first_failing is None or batch_size < self._first_failing:
             self._first_failing = batch_size
             self._failure_peaks[batch_size] = trial.peak_bytes
-            self._failure_bounds[batch_size] = trial.oom_lower_bound_bytes
+            self._failure_bounds[batch_size] = trial.needed_bytes
             self._rejected = batch_size
 
     def _check_open(self, n: int) -> None:

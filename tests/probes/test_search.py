@@ -107,7 +107,7 @@ def trial_for(
     if bound_share is not None:
         crossed = (limit if limit is not None else capacity) + 1
         bound = min(peak, crossed + int(bound_share * max(peak - crossed, 0)))
-    return TrialRecord(batch_size=n, outcome=Outcome.OOM, oom_lower_bound_bytes=bound)
+    return TrialRecord(batch_size=n, outcome=Outcome.OOM, needed_bytes=bound)
 
 
 def drive(
@@ -349,7 +349,7 @@ def drive_named(*, floor: int | None, bounds: bool) -> list[int]:
             search.record(TrialRecord(batch_size=n, outcome=Outcome.FIT, peak_reserved_bytes=peak))
         else:
             bound = NAMED_BOUNDS[n] if bounds else None
-            search.record(TrialRecord(batch_size=n, outcome=Outcome.OOM, oom_lower_bound_bytes=bound))
+            search.record(TrialRecord(batch_size=n, outcome=Outcome.OOM, needed_bytes=bound))
     assert (search.max_batch_size, search.first_failing_batch_size) == (8, 16)
     return [t.batch_size for t in search.trials]
 
