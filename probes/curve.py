@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from probes.depth import DepthPlan, depth_plan, extrapolate_depth, reduced_depth_overrides
 from probes.models import inspect_model, load_config
 from probes.search import training_state_bytes
-from probes.spec import ConfigTask, Outcome
+from probes.spec import ConfigTask, Outcome, Strategy
 from probes.timeline import AffineTimeline, PeakCurve, ShapeMismatch, Timeline, constant_timeline, fit_affine
 from probes.trial import TrialSession
 
@@ -75,7 +75,9 @@ def measure_curve(
     outcome = CurveOutcome()
     config = load_config(task.model, allow_remote_code=task.allow_remote_code)
     facts = inspect_model(task.model, task.seq_len, allow_remote_code=task.allow_remote_code)
-    floor = training_state_bytes(facts.parameter_count, task.precision, optimizer=task.optimizer)
+    floor = training_state_bytes(
+        _rank_parameters(task, facts.parameter_count), task.precision, optimizer=task.optimizer
+    )
     with ExitStack() as stack:
         probe = stack.enter_context(TrialSession(task))
         capacity = probe.device.capacity_bytes
@@ -123,6 +125,13 @@ def measure_curve(
             outcome.reason = str(exc)
     outcome.seconds = time.perf_counter() - started
     return outcome
+
+
+def _rank_parameters(task: ConfigTask, parameter_count: int) -> int:
+    """The parameters one rank keeps: all of them, or its FSDP shard (at least ``count // ranks``)."""
+    if task.strategy is Strategy.FSDP:
+        return parameter_count // task.world_size
+    return parameter_count
 
 
 def _at_depth(task: ConfigTask, config: dict[str, object], depth: int | None) -> ConfigTask:

@@ -39,6 +39,7 @@ search stops only when no ladder size lies strictly between the two bracket ends
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from fractions import Fraction
 
 from probes.spec import Outcome, Precision, TrialRecord
@@ -132,19 +133,24 @@ def training_state_bytes(
     precision: Precision,
     *,
     trainable_parameter_count: int | None = None,
-    optimizer: str = "adamw",
+    optimizer: str = "adamw_torch",
 ) -> int | None:
     """Weights, gradients and optimizer state: a floor for :class:`LadderSearch`, or ``None``.
 
-    Every trainable parameter has a gradient and (``adamw``) two moments in the weight's dtype:
-    fp32 weights (``32-true``, ``16-mixed``, ``bf16-mixed``: 4 bytes, mixed precision keeps fp32
-    master weights and gradients) or bf16 (``bf16-true``: 2 bytes). With accumulation >= 2 all of
-    it is live during the second micro-step's forward and backward from the second optimizer step
-    on, where the activation peak is, so it is a lower bound of that peak's batch-free part. Raw
-    sizes, without the allocator's rounding: the bound stays a bound. ``None`` for an optimizer
-    whose state this does not know (the search then works without a floor).
+    Every trainable parameter has a gradient in the weight's dtype: fp32 weights (``32-true``,
+    ``16-mixed``, ``bf16-mixed``: 4 bytes, mixed precision keeps fp32 master weights and
+    gradients) or bf16 (``bf16-true``: 2 bytes). The optimizer's state per trainable parameter,
+    ``optimizer`` in HF ``optim`` names: torch's AdamW (``adamw_torch``, ``adamw_torch_fused``) two
+    moments in the weight's dtype; bitsandbytes' 8-bit AdamW two 1-byte moments (at least: it keeps
+    some in 32 bits); SGD without momentum and Adafactor's factored moments are counted as none —
+    the floor must stay a lower bound. With accumulation >= 2 all of it is live during the second
+    micro-step's forward and backward from the second optimizer step on, where the activation peak
+    is, so it is a lower bound of that peak's batch-free part. Raw sizes, without the allocator's
+    rounding: the bound stays a bound. ``None`` for an optimizer this does not know (the search then
+    works without a floor).
     """
-    if optimizer != "adamw":
+    state = _STATE_BYTES.get(str(optimizer))
+    if state is None:
         return None
     if parameter_count < 0:
         raise ValueError(f"parameter_count must be at least 0, got {parameter_count}")
@@ -152,7 +158,18 @@ def training_state_bytes(
     if not 0 <= trainable <= parameter_count:
         raise ValueError(f"trainable_parameter_count must be within 0..{parameter_count}, got {trainable}")
     weight_bytes = 2 if precision is Precision.BF16_TRUE else 4
-    return weight_bytes * (parameter_count + trainable * (1 + ADAMW_STATE_BYTES_PER_WEIGHT_BYTE))
+    return weight_bytes * (parameter_count + trainable) + trainable * state(weight_bytes)
+
+
+_STATE_BYTES: dict[str, Callable[[int], int]] = {
+    "adamw": lambda weight: ADAMW_STATE_BYTES_PER_WEIGHT_BYTE * weight,
+    "adamw_torch": lambda weight: ADAMW_STATE_BYTES_PER_WEIGHT_BYTE * weight,
+    "adamw_torch_fused": lambda weight: ADAMW_STATE_BYTES_PER_WEIGHT_BYTE * weight,
+    "adamw_bnb_8bit": lambda _: 2,
+    "sgd": lambda _: 0,
+    "adafactor": lambda _: 0,
+}
+"""Optimizer state bytes per trainable parameter, given the weight's bytes (a lower bound)."""
 
 
 class LadderSearch:

@@ -373,7 +373,11 @@ def test_training_state_bytes() -> None:
     assert training_state_bytes(1000, Precision.BF16_TRUE) == 8_000
     # LoRA: every weight, but gradients and moments only for the adapters.
     assert training_state_bytes(1000, Precision.FP32, trainable_parameter_count=10) == 4_000 + 120
-    assert training_state_bytes(1000, Precision.FP32, optimizer="sgd") is None
+    assert training_state_bytes(1000, Precision.FP32, optimizer="adamw_torch_fused") == 16_000
+    assert training_state_bytes(1000, Precision.FP32, optimizer="adamw_bnb_8bit") == 10_000
+    assert training_state_bytes(1000, Precision.FP32, optimizer="sgd") == 8_000
+    assert training_state_bytes(1000, Precision.BF16_TRUE, optimizer="adafactor") == 4_000
+    assert training_state_bytes(1000, Precision.FP32, optimizer="lion") is None
     with pytest.raises(ValueError, match="trainable_parameter_count"):
         training_state_bytes(10, Precision.FP32, trainable_parameter_count=11)
     with pytest.raises(ValueError, match="floor_bytes"):
