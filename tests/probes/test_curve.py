@@ -49,6 +49,7 @@ def roomy_curve() -> PeakCurve:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # the first test waits for the module's curve, then runs the exhaustive ladder
 def test_the_curve_gives_the_exhaustive_answer_and_its_peaks(roomy_curve: PeakCurve) -> None:
     capacity = roomy_curve.peak(20)  # 20 fits, 21 does not: the ladder answer is 16, 24 fails
     walked = list(exhaustive(task(capacity)))
@@ -82,6 +83,7 @@ def test_when_the_training_state_alone_does_not_fit_no_trial_runs() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # the 8-layer model's own timelines: minutes on a loaded 2-core machine
 def test_without_depth_extrapolation_the_model_itself_runs() -> None:
     outcome = measure_curve(task(1024 * MiB, layers=3), extrapolate_depth_allowed=True)
     assert outcome.depths == ()  # 3 layers: no deeper than the base depths
