@@ -1,6 +1,6 @@
 """Predict-seeded search on compare_finders' cases: trials on the device, answers against the truth.
 
-``python -m bench.seeded_search [--parallel 2] [--json PATH] [TRUTH_JSON]``
+``python -m bench.seeded_search [--engine] [--parallel 2] [--json PATH] [TRUTH_JSON]``
 
 For each of the 24 cases of ``compare_finders --profile cpu`` (tiny GPT-2, Llama, Qwen2; seq 64
 and 128; ``32-true`` and ``bf16-mixed``; checkpointing off and on; 40 MiB ``simulated``):
@@ -13,6 +13,10 @@ and 128; ``32-true`` and ``bf16-mixed``; checkpointing off and on; 40 MiB ``simu
    fresh session, ``confirm_optimizer_steps`` = 4 optimizer steps), every other trial as a search
    trial (a fresh session, 2 optimizer steps, accumulation 2, as the engine's defaults). When the
    answer was not backed by a 4-step run, its confirmation runs too and counts.
+
+``--engine`` runs each case through the engine instead (``probes.engine.run_probe`` with
+``predict_seeding``, one config per probe: the predict child's curve, then the device's trials in
+fresh children, exactly as a service probe runs): the device trials are the config's ``trials``.
 
 Printed per case: the predicted bracket, the sizes the device ran, whether the prediction was
 right, the answer and the exhaustive truth recorded in ``TRUTH_JSON`` (default
@@ -114,6 +118,43 @@ def _one_case(label: str) -> dict[str, Any]:
     }
 
 
+def _one_case_through_the_engine(label: str) -> dict[str, Any]:
+    from bench.compare_finders import PROFILES, Case
+    from probes.engine import run_probe
+    from probes.spec import Outcome
+
+    profile = PROFILES["cpu"]
+    case = next(
+        c
+        for name, (arch, config) in profile.models.items()
+        for seq in profile.seq_lens
+        for precision in profile.precisions
+        for ckpt in profile.checkpointing
+        if (
+            c := Case(name, arch, config, seq, precision, ckpt, profile.device, profile.memory_limit_bytes)
+        ).label
+        == label
+    )
+    started = time.perf_counter()
+    config = run_probe(case.spec(), max_concurrent_configs=1).configs[0]
+    seeding = config.seeding
+    assert seeding is not None
+    return {
+        "case": label,
+        "predicted": [seeding.predicted_max_batch_size, seeding.predicted_first_failing_batch_size],
+        "predict_trials": seeding.predict_trials,
+        "device_sizes": [
+            f"{t.batch_size}{'' if t.outcome is Outcome.FIT else 'x'}"
+            f"{'c' if t.optimizer_steps >= case.spec().confirm_optimizer_steps else ''}"
+            for t in config.trials
+        ],
+        "device_trials": len(config.trials),
+        "device_seconds": round(time.perf_counter() - started, 2),
+        "prediction_right": seeding.prediction_right,
+        "answer": [config.max_batch_size, config.first_failing_batch_size],
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.seeded_search", description=__doc__.splitlines()[0]
@@ -122,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--cases", type=int, default=None, help="only the first N cases")
+    parser.add_argument("--engine", action="store_true", help="through probes.engine.run_probe")
     args = parser.parse_args(argv)
 
     from probes.isolate import child_context
@@ -133,10 +175,13 @@ def main(argv: list[str] | None = None) -> int:
     labels = list(truth)[: args.cases]
     print(f"$ python -m bench.seeded_search {' '.join(argv if argv is not None else sys.argv[1:])}")
     started = time.monotonic()
-    with concurrent.futures.ProcessPoolExecutor(
-        max_workers=args.parallel, mp_context=child_context()
-    ) as pool:
-        results = list(pool.map(_one_case, labels))
+    pool: concurrent.futures.Executor
+    if args.engine:  # the engine starts its own children: threads drive it
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=args.parallel)
+    else:
+        pool = concurrent.futures.ProcessPoolExecutor(max_workers=args.parallel, mp_context=child_context())
+    with pool:
+        results = list(pool.map(_one_case_through_the_engine if args.engine else _one_case, labels))
     wall = time.monotonic() - started
     print(f"{'case':<30} {'predicted':>10} {'right':>5}  {'device sizes':<22} {'answer':>6} {'truth':>5}")
     wrong = 0

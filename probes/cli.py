@@ -85,6 +85,7 @@ def build_spec(
     trial_timeout: float,
     confirm_steps: int,
     gpu_type: str | None = None,
+    predict_seeding: bool = True,
 ) -> ProbeSpec:
     """The spec the flags describe; every problem ends in :func:`fail_input`."""
     overrides: object = {}
@@ -121,6 +122,7 @@ def build_spec(
         "trial_timeout_seconds": trial_timeout,
         "confirm_optimizer_steps": confirm_steps,
         "gpu_type": gpu_type,
+        "predict_seeding": predict_seeding,
     }
     if precision:
         fields["precisions"] = precision
@@ -349,6 +351,13 @@ def probe(
     ] = False,
     trial_timeout: Annotated[float, typer.Option("--trial-timeout", help="seconds per trial")] = 600.0,
     confirm_steps: Annotated[int, typer.Option("--confirm-steps", help="optimizer steps")] = 4,
+    predict_seeding: Annotated[
+        bool,
+        typer.Option(
+            "--predict-seeding/--no-predict-seeding",
+            help="cuda/simulated: predict each config on the CPU first; the device confirms it",
+        ),
+    ] = True,
     as_json: Annotated[bool, typer.Option("--json", help="print the result JSON only")] = False,
 ) -> None:
     """Find the largest batch size per precision × checkpointing, and the accumulation plan."""
@@ -380,6 +389,7 @@ def probe(
         warmup_ratio=warmup_ratio,
         trial_timeout=trial_timeout,
         confirm_steps=confirm_steps,
+        predict_seeding=predict_seeding,
     )
     from probes.engine import run_probe  # loaded after the flags are checked: `--help` stays fast
 

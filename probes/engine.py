@@ -1,12 +1,18 @@
 """Run a whole probe: every config's search in trial children, confirmation, plans, recommendation.
 
 This is the parent side and imports no torch, so the service and the CLI can call it directly.
-Per config the pure :class:`probes.search.LadderSearch` proposes batch sizes; each trial runs in
-a :class:`probes.isolate.TrialChild` that keeps the model built between passing trials and is
-replaced after any other outcome (an OOM can leave the allocator fragmented; an error can leave
-a CUDA context poisoned). The chosen size is then re-run in a fresh child for
-``confirm_optimizer_steps`` optimizer steps before it is reported as safe; a failed confirmation
-reopens the search below it.
+Per config the pure :class:`probes.search.LadderSearch` proposes batch sizes (aimed by the floor:
+weights, gradients and optimizer state); each trial runs in a :class:`probes.isolate.TrialChild`
+that keeps the model built between passing trials and is replaced after any other outcome (an OOM
+can leave the allocator fragmented; an error can leave a CUDA context poisoned). The chosen size is
+then re-run in a fresh child for ``confirm_optimizer_steps`` optimizer steps before it is reported
+as safe; a failed confirmation reopens the search below it.
+
+With ``predict_seeding`` on ``cuda`` and ``simulated``, each config is first measured on
+``predict`` for the device's capacity (``probes.curve`` in a CPU child: timelines at 2 and 3, the
+whole curve); :class:`probes.seeding.SeededSearch` then asks the device for the predicted max (as
+the confirmation: fresh child, confirmation steps) and the next ladder size, and falls back to the
+ladder search where the device disagrees. The result reports both devices' trials.
 """
 
 from __future__ import annotations
@@ -20,12 +26,13 @@ from dataclasses import dataclass, field
 
 from probes.errors import DeviceUnavailable
 from probes.finetuning_spec import memory_floor_bytes
-from probes.isolate import ProbeCancelled, TrialChild, info_from_reply, trial_from_reply
+from probes.isolate import ProbeCancelled, TrialChild, curve_from_reply, info_from_reply, trial_from_reply
 from probes.plan import make_plan
-from probes.protocol import InfoReply, InfoRequest, TrialRequest
+from probes.protocol import CurveRequest, InfoReply, InfoRequest, TrialRequest
 from probes.recipe.support import skip_reason
 from probes.recommend import recommend
 from probes.search import LadderSearch
+from probes.seeding import PredictedBracket, SeededSearch
 from probes.shortfall import explain_shortfalls, min_batch_need, single_rank_warning
 from probes.spec import (
     FLEET_DEVICE,
@@ -41,6 +48,7 @@ from probes.spec import (
     ProbeEvent,
     ProbeResult,
     ProbeSpec,
+    Seeding,
     Strategy,
     TrialRecord,
 )
@@ -122,6 +130,10 @@ class ConfigRun:
     confirm: bool = True
     child: TrialChild | None = None
     all_trials: list[TrialRecord] = field(default_factory=list)
+    #: weights + gradients + optimizer state (``probes.search.training_state_bytes``), if known
+    floor_bytes: int | None = None
+    #: ``predict``'s bracket for this device: the search confirms it first
+    seed: PredictedBracket | None = None
 
     def _trial(self, batch_size: int, optimizer_steps: int, phase: Phase, *, fresh: bool) -> TrialRecord:
         """One trial; a child that died without reporting (``crash``) is replaced and the trial
@@ -157,22 +169,37 @@ class ConfigRun:
             self.child = None
         return trial
 
-    def run(self) -> tuple[LadderSearch, TrialRecord | None]:
+    def run(self) -> tuple[LadderSearch | SeededSearch, TrialRecord | None]:
         """Search, then confirm; returns the search and the passing trial that backs the answer.
 
         Every search trial after the first two runs *speculatively as a confirmation*: in a fresh
         child for ``confirm_optimizer_steps``. When the search closes on such a trial, it is the
         confirmation and nothing is re-run (on the CPU benchmark this saved one trial in most
         configs); otherwise the answer is re-run in a fresh child. When ``confirm`` is off, the
-        search's own trial at the answer backs it.
+        search's own trial at the answer backs it. With a ``seed``, its predicted max is the first
+        trial and runs as the confirmation.
         """
         spec = self.spec
-        search = LadderSearch(capacity_bytes=self.capacity_bytes, upper_limit=spec.max_batch_size_limit)
+        search: LadderSearch | SeededSearch
+        if self.seed is not None:
+            search = SeededSearch(
+                self.seed,
+                capacity_bytes=self.capacity_bytes,
+                upper_limit=spec.max_batch_size_limit,
+                floor_bytes=self.floor_bytes,
+            )
+        else:
+            search = LadderSearch(
+                capacity_bytes=self.capacity_bytes,
+                upper_limit=spec.max_batch_size_limit,
+                floor_bytes=self.floor_bytes,
+            )
+        seeded_max = self.seed.max_batch_size if self.seed is not None else None
         confirming: dict[int, TrialRecord] = {}
         try:
             for _ in range(MAX_CONFIRMATION_ROUNDS):
                 while (size := search.next_size()) is not None:
-                    speculative = self.confirm and len(search.trials) >= 2
+                    speculative = self.confirm and (len(search.trials) >= 2 or size == seeded_max)
                     steps = spec.confirm_optimizer_steps if speculative else spec.trial_optimizer_steps
                     trial = self._trial(size, steps, "search", fresh=speculative)
                     if speculative and trial.outcome is Outcome.FIT:
@@ -207,13 +234,14 @@ def _config_result(
     precision: Precision,
     checkpointing: bool,
     strategy: Strategy,
-    search: LadderSearch,
+    search: LadderSearch | SeededSearch,
     backing: TrialRecord | None,
     trials: list[TrialRecord],
     *,
     confirmed: bool,
     capacity_bytes: int | None,
     floor_bytes: int | None = None,
+    seeding: Seeding | None = None,
 ) -> ConfigResult:
     common = {
         "precision": precision,
@@ -222,6 +250,7 @@ def _config_result(
         "trials": tuple(trials),
         "first_failing_batch_size": search.first_failing_batch_size,
         "warnings": _fp16_warnings(trials) + single_rank_warning(strategy, spec.world_size),
+        "seeding": seeding,
     }
     if search.aborted_reason is not None:
         return ConfigResult(status=ConfigStatus.FAILED, reason=search.aborted_reason, **common)
@@ -258,6 +287,88 @@ def _config_result(
             max_batch_size=best, target=spec.target_effective_batch_size, world_size=spec.world_size
         ),
         **common,
+    )
+
+
+CURVE_TRIALS_AT_MOST = 9
+"""Trials a curve runs at most (2 and 3, and 1 where 2 does not fit, at three base depths)."""
+
+
+def _predict_seed(
+    spec: ProbeSpec, task: ConfigTask, capacity: int, cancel: threading.Event | None
+) -> tuple[PredictedBracket | None, Seeding]:
+    """``predict``'s bracket for ``task`` at the device's ``capacity``, from its curve (a CPU child)."""
+    predict_task = task.model_copy(
+        update={"device": "predict", "memory_limit_bytes": capacity, "headroom_bytes": 0, "gpu": None}
+    )
+    child = TrialChild(predict_task, cancel=cancel)
+    try:
+        request = CurveRequest(
+            accumulation_steps=spec.trial_accumulation_steps,
+            optimizer_steps=spec.trial_optimizer_steps,
+            upper_limit=spec.max_batch_size_limit,
+        )
+        reply = curve_from_reply(
+            child.request(request, timeout_seconds=spec.trial_timeout_seconds * CURVE_TRIALS_AT_MOST)
+        )
+    finally:
+        child.close()
+    seeding = Seeding(
+        predicted_max_batch_size=reply.max_batch_size,
+        predicted_first_failing_batch_size=reply.first_failing_batch_size,
+        predict_trials=reply.trials,
+        reason=reply.reason if not reply.has_bracket else None,
+    )
+    if not reply.has_bracket:
+        return None, seeding
+    try:
+        return PredictedBracket(reply.max_batch_size, reply.first_failing_batch_size), seeding
+    except ValueError as exc:
+        return None, seeding.model_copy(update={"reason": f"unusable prediction: {exc}"})
+
+
+def _search_config(
+    spec: ProbeSpec,
+    task: ConfigTask,
+    context: InfoReply,
+    emit: Callable[[EventKind, TrialRecord | None, ConfigResult | None, Phase | None], None],
+    stop: threading.Event,
+) -> ConfigResult:
+    """One config that is not skipped: seeded by ``predict`` where asked, searched, confirmed."""
+    device = context.device
+    capacity = device.capacity_bytes  # the device computed it, in the child
+    confirm = not device.predicted
+    seed: PredictedBracket | None = None
+    seeding: Seeding | None = None
+    if spec.predict_seeding and not device.predicted and capacity is not None:
+        seed, seeding = _predict_seed(spec, task, capacity, stop)
+    floor = _memory_floor(spec, task.precision, task.strategy, context)
+    run = ConfigRun(
+        spec=spec,
+        task=task,
+        capacity_bytes=capacity,
+        emit=emit,
+        cancel=stop,
+        confirm=confirm,
+        floor_bytes=floor or None,
+        seed=seed,
+    )
+    search, backing = run.run()
+    if seeding is not None:
+        right = search.prediction_right if isinstance(search, SeededSearch) else None
+        seeding = seeding.model_copy(update={"device_trials": len(run.all_trials), "prediction_right": right})
+    return _config_result(
+        spec,
+        task.precision,
+        task.gradient_checkpointing,
+        task.strategy,
+        search,
+        backing,
+        run.all_trials,
+        confirmed=confirm,
+        capacity_bytes=capacity,
+        floor_bytes=floor,
+        seeding=seeding,
     )
 
 
@@ -307,7 +418,6 @@ def run_probe(
     first = ConfigTask.for_config(spec, *configs[0], allow_remote_code=allow_remote_code)
     context = _inspect(first, cancel)
     device = context.device
-    capacity = device.capacity_bytes  # the device computed it, in the child
     stop = threading.Event()
     event_lock = threading.Lock()
 
@@ -347,28 +457,7 @@ def run_probe(
             task = ConfigTask.for_config(
                 spec, precision, checkpointing, strategy, allow_remote_code=allow_remote_code
             )
-            confirm = not device.predicted
-            run = ConfigRun(
-                spec=spec,
-                task=task,
-                capacity_bytes=capacity,
-                emit=emit,
-                cancel=stop,
-                confirm=confirm,
-            )
-            search, backing = run.run()
-            result = _config_result(
-                spec,
-                precision,
-                checkpointing,
-                strategy,
-                search,
-                backing,
-                run.all_trials,
-                confirmed=confirm,
-                capacity_bytes=capacity,
-                floor_bytes=_memory_floor(spec, precision, strategy, context),
-            )
+            result = _search_config(spec, task, context, emit, stop)
         emit(EventKind.CONFIG_DONE, None, result, None)
         return result
 

@@ -36,6 +36,7 @@ from probes.errors import (
     UnknownArchitecture,
 )
 from probes.spec import ModelFacts, ModelSpec, Precision
+from probes.step_time import ModelShape
 
 try:  # huggingface_hub >= 1.0 validates config fields strictly
     from huggingface_hub.errors import StrictDataclassError as _StrictDataclassError
@@ -273,6 +274,10 @@ def inspect_model(model: ModelSpec, seq_len: int, *, allow_remote_code: bool) ->
             "(override max_position_embeddings / n_positions if the model allows longer sequences)"
         )
     count = count_weights(config, dtype=torch.float32, allow_remote_code=allow_remote_code)
+    try:
+        shape: ModelShape | None = ModelShape.from_config(config.to_dict(), count.parameters)
+    except ValueError:
+        shape = None  # no depth or width in the config: no FLOPs estimate
     return ModelFacts(
         model_type=str(config.model_type),
         architecture_class=architecture_class(config),
@@ -280,6 +285,9 @@ def inspect_model(model: ModelSpec, seq_len: int, *, allow_remote_code: bool) ->
         max_positions=limit,
         vocab_size=vocab_size(config),
         decoder_layer_classes=list(count.layer_classes),
+        layers=shape.layers if shape else None,
+        hidden_size=shape.hidden_size if shape else None,
+        active_parameter_count=shape.active_parameter_count if shape else None,
     )
 
 

@@ -47,6 +47,7 @@ from probes.spec import (
     Recommendation,
     Strategy,
 )
+from probes.step_time import ModelShape, card_throughput, rank_configs, ranking_reason
 
 
 class TrainingArgumentsSupport(Frozen):
@@ -198,6 +199,28 @@ def _rank_without_timings(config: ConfigResult, world_size: int) -> tuple[int, i
     )
 
 
+def _estimated_ranking(
+    pool: list[ConfigResult], spec: ProbeSpec, device: DeviceInfo, model: ModelFacts | None
+) -> tuple[ConfigResult, str] | None:
+    """On ``predict`` for a named card: the config with the fastest estimated optimizer step
+    (``probes.step_time``: FLOPs with recomputation, the card's throughput, the micro batch's
+    utilisation), ties by the rule; ``None`` without a card, a throughput figure or the model's shape."""
+    card = card_throughput(spec.gpu) if device.predicted and spec.gpu is not None else None
+    if card is None or model is None or model.layers is None or model.hidden_size is None:
+        return None
+    shape = ModelShape(
+        active_parameter_count=model.active_parameter_count or model.parameter_count,
+        parameter_count=model.parameter_count,
+        layers=model.layers,
+        hidden_size=model.hidden_size,
+    )
+    ranked = rank_configs(pool, shape, card, seq_len=spec.seq_len)
+    if not ranked:
+        return None
+    ranked.sort(key=lambda pair: (pair[1].seconds, _rank_without_timings(pair[0], spec.world_size)))
+    return ranked[0][0], ranking_reason(ranked, card)
+
+
 def recommend(
     configs: tuple[ConfigResult, ...] | list[ConfigResult],
     *,
@@ -210,11 +233,13 @@ def recommend(
     """The configuration to use, or None when no configuration has a plan.
 
     On a real GPU: the highest measured throughput among configurations whose plan reaches the
-    target exactly (or, if none does, among all planned ones). Elsewhere the times are CPU times,
-    so a rule stands in for them: exact plans first, then fewer accumulation steps, then no
-    checkpointing (recomputation costs ~20-30 % of the step), then the strategy (DDP before FSDP;
-    ``single`` first for one rank, last for more), then bf16-mixed, fp16-mixed, fp32, bf16-true, then
-    the larger micro batch. Configurations with warnings (an fp16 loss that overflowed; ``single``
+    target exactly (or, if none does, among all planned ones). On ``predict`` for a named card:
+    the fastest optimizer step that ``probes.step_time`` estimates from the model's FLOPs.
+    Elsewhere the times are CPU times, so a rule stands in for them: exact plans first, then
+    fewer accumulation steps, then no checkpointing (recomputation costs ~20-30 % of the step),
+    then the strategy (DDP before FSDP; ``single`` first for one rank, last for more), then
+    bf16-mixed, fp16-mixed, fp32, bf16-true, then the larger micro batch. Configurations with
+    warnings (an fp16 loss that overflowed; ``single``
     for a multi-rank job) are left out while others have a plan.
     """
     candidates = [
@@ -234,6 +259,8 @@ def recommend(
         )
         if best.strategy is not Strategy.SINGLE:
             why += " (one rank's compute: the fake process group does not communicate)"
+    elif (estimated := _estimated_ranking(pool, spec, device, model)) is not None:
+        best, why = estimated
     else:
         best = min(pool, key=lambda c: _rank_without_timings(c, spec.world_size))
         why = (

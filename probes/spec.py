@@ -517,6 +517,11 @@ class ProbeSpec(Frozen):
     )
     trial_timeout_seconds: Float = Field(default=600.0, gt=0, le=86_400)
     seed: Int = Field(default=0, ge=0, le=MAX_SEED, description="torch.manual_seed in every trial")
+    predict_seeding: Bool = Field(
+        default=True,
+        description="on cuda and simulated: predict each config first (CPU, no GPU held) and let the "
+        "device confirm the predicted bracket; the ordinary search takes over where it disagrees",
+    )
 
     @field_validator(
         "seq_len",
@@ -721,6 +726,21 @@ class Plan(Frozen):
     note: str | None = None
 
 
+class Seeding(Frozen):
+    """How a config's search on the device was seeded by ``predict`` (``predict_seeding``)."""
+
+    #: the bracket ``predict`` found for the device's capacity (``None``, ``None``: none, see ``reason``)
+    predicted_max_batch_size: int | None = None
+    predicted_first_failing_batch_size: int | None = None
+    #: the device agreed with the prediction (``None``: no prediction, or the search was aborted)
+    prediction_right: bool | None = None
+    #: trials on ``predict`` (CPU) and on the device, the confirmation included
+    predict_trials: int = 0
+    device_trials: int = 0
+    #: why there was no prediction to seed with
+    reason: str | None = None
+
+
 class ConfigResult(Frozen):
     """The search result for one (precision, checkpointing, strategy)."""
 
@@ -748,6 +768,9 @@ class ConfigResult(Frozen):
         default=(),
         description="when batch size 1 does not fit: the probed strategies with the same precision and "
         "checkpointing where it does",
+    )
+    seeding: Seeding | None = Field(
+        default=None, description="on cuda and simulated with predict_seeding: the prediction and the trials"
     )
 
 
@@ -901,4 +924,9 @@ class ModelFacts(Frozen):
     vocab_size: int
     decoder_layer_classes: list[str] = Field(
         default_factory=list, description="the model's _no_split_modules: what FSDP wraps one unit each"
+    )
+    layers: int | None = Field(default=None, description="decoder layers (for the FLOPs estimate)")
+    hidden_size: int | None = None
+    active_parameter_count: int | None = Field(
+        default=None, description="parameters a token passes through (mixture-of-experts: the chosen experts)"
     )

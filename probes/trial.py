@@ -59,8 +59,8 @@ from probes.models import load_config, vocab_size
 from probes.oom import classify, one_line, poisons_context
 from probes.recipe.build import ModelBuilder, Recipe
 from probes.spec import ConfigTask, DeviceInfo, Outcome, Precision, TrialRecord
-from probes.weights_fit import WeightsFloor, check_weights, finetuning_weights_floor
 from probes.timeline import Timeline
+from probes.weights_fit import WeightsFloor, check_weights, finetuning_weights_floor
 
 MAX_EXTRA_STEPS = 16
 """Extra optimizer steps allowed when the fp16 scaler skipped every step (2**16 halves to 1 in 16)."""

@@ -305,3 +305,44 @@ def test_cancel_stops_every_running_config() -> None:
     while _trial_children() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _trial_children() == []
+
+
+@pytest.mark.slow  # 4 configs probed twice, with and without seeding
+def test_predict_seeding_confirms_the_prediction_with_two_trials_and_the_same_answers() -> None:
+    spec = tiny_spec("llama", precisions=["32-true", "bf16-mixed"])
+    seeded = run_probe(spec)
+    plain = run_probe(spec.model_copy(update={"predict_seeding": False}))
+    for with_seed, without in zip(seeded.configs, plain.configs, strict=True):
+        assert (with_seed.max_batch_size, with_seed.first_failing_batch_size) == (
+            without.max_batch_size,
+            without.first_failing_batch_size,
+        )
+        assert without.seeding is None
+        seeding = with_seed.seeding
+        assert seeding is not None
+        assert seeding.reason is None
+        assert (seeding.predicted_max_batch_size, seeding.predicted_first_failing_batch_size) == (
+            with_seed.max_batch_size,
+            with_seed.first_failing_batch_size,
+        )
+        assert seeding.prediction_right is True
+        assert seeding.predict_trials >= 2
+        # the predicted max ran as the confirmation (fresh child, its length), then the next size
+        assert seeding.device_trials == len(with_seed.trials) == 2
+        first, second = with_seed.trials
+        assert (first.batch_size, first.outcome) == (with_seed.max_batch_size, Outcome.FIT)
+        assert first.optimizer_steps >= spec.confirm_optimizer_steps
+        assert second.outcome is not Outcome.FIT
+        assert with_seed.confirmed
+    assert sum(len(c.trials) for c in seeded.configs) < sum(len(c.trials) for c in plain.configs)
+
+
+def test_a_prediction_that_cannot_be_made_leaves_the_ordinary_search() -> None:
+    spec = tiny_spec(
+        "gpt2", precisions=["32-true"], gradient_checkpointing=[False], trial_timeout_seconds=0.01
+    )
+    config = run_probe(spec).configs[0]
+    assert config.seeding is not None
+    assert config.seeding.prediction_right is None
+    assert config.seeding.reason is not None
+    assert "timeout" in config.seeding.reason

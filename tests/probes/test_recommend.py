@@ -13,6 +13,7 @@ from probes.spec import (
     ConfigResult,
     ConfigStatus,
     DeviceInfo,
+    ModelFacts,
     ModelSpec,
     Plan,
     Precision,
@@ -252,3 +253,44 @@ def test_the_rule_prefers_ddp_then_fsdp_and_says_how_to_load(support: TrainingAr
     )
     assert rec.model_init_kwargs == {"attn_implementation": "eager", "dtype": "bfloat16"}
     assert rec.training_arguments["fsdp"] is True
+
+
+def test_predict_for_a_card_ranks_by_the_estimated_step_and_says_so(
+    support: TrainingArgumentsSupport,
+) -> None:
+    """Issue 11's case: tiny Llama, 64 MiB; the rule took 64 x 4 with checkpointing over 32 x 8 without."""
+    predicted = DeviceInfo(
+        kind="predict",
+        name="predict: H100-80GB",
+        total_memory_bytes=80 << 30,
+        bf16_supported=True,
+        predicted=True,
+    )
+    tiny = ModelFacts(
+        model_type="llama",
+        architecture_class="LlamaForCausalLM",
+        parameter_count=4_300_000,
+        max_positions=2048,
+        vocab_size=32000,
+        layers=2,
+        hidden_size=64,
+        active_parameter_count=4_300_000,
+    )
+    configs = [
+        _config(Precision.BF16_MIXED, True, _plan(64, 4)),
+        _config(Precision.BF16_MIXED, False, _plan(32, 8)),
+    ]
+    spec = _spec(device="predict", gpu="H100-80GB")
+    by_rule = recommend(configs, spec=_spec(), device=SIMULATED, support=support)
+    assert by_rule is not None
+    assert by_rule.gradient_checkpointing
+    rec = recommend(configs, spec=spec, device=predicted, support=support, model=tiny)
+    assert rec is not None
+    assert not rec.gradient_checkpointing
+    assert rec.plan.per_device_train_batch_size == 32
+    assert rec.why.startswith("fastest estimated optimizer step on H100-80GB")
+    # without the model's shape (or a card) the rule still decides
+    unshaped = tiny.model_copy(update={"layers": None})
+    fallback = recommend(configs, spec=spec, device=predicted, support=support, model=unshaped)
+    assert fallback is not None
+    assert fallback.why.startswith("times on this device are not GPU times")
