@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     from probes.spec import ConfigTask, ModelSpec
     from probes.timeline import AffineTimeline, ShapeMismatch, fit_affine
     from probes.trial import TrialSession
-    from tests.probes.tiny_families import FAMILIES, tiny
+    from tests.probes.tiny_families import FAMILIES, attn_implementation, tiny
 
     torch.set_num_threads(1)
 
@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
             seq_len=32,
             precision=precision,
             gradient_checkpointing=checkpointing,
+            attn_implementation=attn_implementation(family),
             device=args.device,
             memory_limit_bytes=2**34,
         )

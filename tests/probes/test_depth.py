@@ -32,7 +32,7 @@ from probes.models import load_config
 from probes.spec import ConfigTask, ModelSpec, Precision
 from probes.timeline import ALLOC, AffineTimeline, fit_affine
 from probes.trial import TrialSession
-from tests.probes.tiny_families import FAMILIES, tiny
+from tests.probes.tiny_families import FAMILIES, attn_implementation, tiny
 
 # -- toy steps ----------------------------------------------------------------------------------
 
@@ -251,6 +251,7 @@ def affine_at(
         seq_len=32,
         precision=precision,
         gradient_checkpointing=checkpointing,
+        attn_implementation=attn_implementation(family),
         device=device,
         memory_limit_bytes=2**34,
     )

@@ -19,7 +19,7 @@ import torch
 from probes.isolate import child_context
 from probes.spec import ConfigTask, ModelSpec, Precision
 from probes.trial import TrialSession
-from tests.probes.tiny_families import FAMILIES, MOE_FAMILIES, tiny
+from tests.probes.tiny_families import FAMILIES, MOE_FAMILIES, attn_implementation, tiny
 
 COVERED_ELSEWHERE = ("gpt2", "llama", "mistral", "qwen2")
 Case = tuple[str, Precision, bool]
@@ -47,6 +47,7 @@ def both_devices(case: Case) -> tuple[Case, dict[str, Peak]]:
             seq_len=32,
             precision=precision,
             gradient_checkpointing=checkpointing,
+            attn_implementation=attn_implementation(family),
             device=device,
             memory_limit_bytes=256 * 2**20,
         )

@@ -80,6 +80,15 @@ MOE_FAMILIES = ("mixtral", "qwen3_moe", "qwen2_moe")
 DEPTH_KEY = {"gpt2": "n_layer"}
 """The layer-count key where it is not ``num_hidden_layers``."""
 
+EAGER_ONLY = frozenset({"gemma2"})
+"""Families transformers builds without an SDPA path ("does not support an attention implementation
+through torch.nn.functional.scaled_dot_product_attention yet"): they run with ``eager``."""
+
+
+def attn_implementation(model_type: str) -> str:
+    """The attention kernel a family's tiny model is probed with: ``sdpa`` (the default) where it exists."""
+    return "eager" if model_type in EAGER_ONLY else "sdpa"
+
 
 def tiny(model_type: str, *, layers: int | None = None) -> dict[str, Any]:
     """The tiny overrides of ``model_type``, optionally ``layers`` deep."""
