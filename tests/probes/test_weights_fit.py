@@ -197,6 +197,18 @@ def device(
     )
 
 
+def simulated_device(limit: int) -> DeviceInfo:
+    """A simulated device whose whole memory is ``limit`` bytes."""
+    return DeviceInfo(
+        kind="simulated",
+        name="simulated",
+        total_memory_bytes=limit,
+        memory_limit_bytes=limit,
+        bf16_supported=True,
+        capacity_bytes=limit,
+    )
+
+
 def counted(total: int, *, exact: bool = True) -> WeightCount:
     return WeightCount(
         parameters=total // 4,
@@ -246,14 +258,7 @@ def test_bf16_true_weights_fit_where_fp32_weights_do_not() -> None:
     fp32 = count_weights(cfg, dtype=torch.float32)
     limit = fp32.total_bytes - 1
     assert weights_floor_bytes(fp32, task(Precision.FP32, limit)) == fp32.total_bytes
-    simulated = DeviceInfo(
-        kind="simulated",
-        name="simulated",
-        total_memory_bytes=limit,
-        memory_limit_bytes=limit,
-        bf16_supported=True,
-        capacity_bytes=limit,
-    )
+    simulated = simulated_device(limit)
     verdict = check_weights(cfg, task(Precision.FP32, limit), simulated)
     assert verdict is not None
     assert verdict[0] is Outcome.OOM
@@ -295,14 +300,7 @@ def test_an_fsdp_rank_is_checked_against_its_share_of_the_parameters() -> None:
     cfg = config("gpt2")
     count = count_weights(cfg, dtype=torch.float32)
     limit = count.total_bytes // 2
-    simulated = DeviceInfo(
-        kind="simulated",
-        name="simulated",
-        total_memory_bytes=limit,
-        memory_limit_bytes=limit,
-        bf16_supported=True,
-        capacity_bytes=limit,
-    )
+    simulated = simulated_device(limit)
 
     def ranks(strategy: Strategy, world_size: int) -> ConfigTask:
         return task(Precision.FP32, limit).model_copy(update={"strategy": strategy, "world_size": world_size})
