@@ -11,6 +11,11 @@ and prints the answer on stdout:
 - ``--format env``: ``export MAXBATCH_…=…`` lines for ``eval "$(maxbatch plan … --format env)"``;
 - ``--format json``: the job id, the device the plan is for and the recommendation.
 
+A launch runs on one kind of card: with ``--gpu`` repeated (a multi-card ``predict``), ``args`` and
+``env`` are refused before anything is submitted (exit 2, one line), and ``json`` prints one entry
+per card (``cards``: the card, its device and its recommendation, ``null`` where none); exit 0 when
+some card has a plan, 4 when none has.
+
 Exit codes (:data:`EXIT_CODES`): 0 a plan; 2 bad input (a flag, or the service refused the
 request); 3 the probe failed or was cancelled; 4 the probe finished and no configuration reaches
 the target (no plan); 5 no answer (the service is unreachable, or ``--timeout`` passed).
@@ -35,7 +40,7 @@ from typing import Annotated, Any
 import typer
 
 import probes.cli
-from probes.cli import build_spec
+from probes.cli import build_spec, fail_input
 from probes.spec import ProbeSpec
 
 EXIT_OK = 0
@@ -230,6 +235,15 @@ def render(job: dict[str, Any], output: Format) -> str:
     if output is Format.ENV:
         return "\n".join(env_lines(job, recommendation))
     answer = {"job_id": job["id"], "device": job["result"]["device"], "recommendation": recommendation}
+    cards = job["result"].get("cards")
+    if cards:
+        answer = {
+            "job_id": job["id"],
+            "cards": [
+                {"gpu": card["gpu"], "device": card["device"], "recommendation": card.get("recommendation")}
+                for card in cards
+            ],
+        }
     return json.dumps(answer, indent=2)
 
 
@@ -253,8 +267,11 @@ def plan_job(job: dict[str, Any], output: Format) -> tuple[int, str]:
                 ": "
             ),
         )
-    if not (job.get("result") or {}).get("recommendation"):
-        raise _Exit(EXIT_NO_PLAN, f"no plan reaches the target: {_no_plan_reason(job.get('result') or {})}")
+    result = job.get("result") or {}
+    cards = result.get("cards") or [result]
+    if not any(card.get("recommendation") for card in cards):
+        reasons = "; ".join(_no_plan_reason(card) for card in cards)
+        raise _Exit(EXIT_NO_PLAN, f"no plan reaches the target: {reasons}")
     return EXIT_OK, render(job, output)
 
 
@@ -319,6 +336,11 @@ def plan(**flags: Any) -> None:
     Exit codes: 0 a plan, 2 bad input, 3 the probe failed, 4 no plan reaches the target, 5 no answer.
     """
     spec = _spec_from(flags)
+    if spec.cards and Format(flags["output"]) is not Format.JSON:
+        fail_input(
+            f"a launch plan is for one card, and --gpu names {len(spec.cards)} "
+            f"({', '.join(spec.cards)}): give --gpu once, or compare them with --format json"
+        )
     service = Service(flags["server"], flags.get("token"))
     deadline = time.monotonic() + float(flags["timeout"])
     try:

@@ -85,7 +85,7 @@ def _run(
 
     limit_data(host_memory.allowance_bytes, final=False)  # this process and the forkserver it starts
     use_host_memory_policy(host_memory)
-    from probes.engine import run_probe
+    from probes.cards import run_request
 
     try:
         spec = ProbeSpec.model_validate_json(spec_path.read_text(encoding="utf-8"))
@@ -109,7 +109,7 @@ def _run(
             sys.stdout.flush()
 
     try:
-        result = run_probe(spec, on_event=on_event, cancel=cancel, allow_remote_code=allow_remote_code)
+        result = run_request(spec, on_event=on_event, cancel=cancel, allow_remote_code=allow_remote_code)
     except ProbeCancelled as exc:
         _write_error(result_path, ErrorInfo.from_exception(exc))
         return ExitCode.CANCELLED

@@ -21,7 +21,15 @@ from rich.table import Table
 from probes.errors import ProbeError, ProbeInputError
 from probes.gpus import check_card_request
 from probes.protocol import ExitCode
-from probes.spec import ConfigResult, ConfigStatus, EventKind, ProbeEvent, ProbeResult, ProbeSpec
+from probes.spec import (
+    CardResult,
+    ConfigResult,
+    ConfigStatus,
+    EventKind,
+    ProbeEvent,
+    ProbeResult,
+    ProbeSpec,
+)
 from probes.units import format_bytes, parse_bytes
 
 
@@ -76,7 +84,7 @@ def build_spec(
     world_size: int,
     device: str,
     memory: str | None,
-    gpu: str | None,
+    gpu: str | list[str] | None,
     headroom: str | None,
     max_batch_size: int | None,
     dataset_size: int | None,
@@ -113,7 +121,7 @@ def build_spec(
         "world_size": world_size,
         "device": device,
         "memory_limit_bytes": memory_bytes,
-        "gpu": gpu,
+        "gpu": _cards(gpu),
         "headroom_bytes": headroom_bytes,
         "max_batch_size_limit": max_batch_size,
         "dataset_size": dataset_size,
@@ -146,12 +154,21 @@ def build_spec(
         spec = ProbeSpec.model_validate(fields)
     except ValidationError as exc:
         fail_input(_validation_message(exc))
-    if spec.gpu is not None:
+    for card in spec.cards or ([spec.card] if spec.card is not None else []):
         try:
-            check_card_request(spec.gpu, spec.memory_limit_bytes)
+            check_card_request(card, spec.memory_limit_bytes)
         except ProbeInputError as exc:
             fail_input(exc.message + _known(exc))
     return spec
+
+
+def _cards(gpu: str | list[str] | None) -> str | list[str] | None:
+    """``--gpu`` once is the one-card request (a string); repeated, the cards to compare (a list)."""
+    if isinstance(gpu, list):
+        if not gpu:
+            return None
+        return gpu[0] if len(gpu) == 1 else gpu
+    return gpu
 
 
 class _ProgressView:
@@ -217,8 +234,19 @@ def _peak_cell(config: ConfigResult) -> str:
 
 
 def render_table(result: ProbeResult, console: Console) -> None:
-    """A human summary of a result: one row per config, then the recommendation."""
-    spec = result.spec
+    """A human summary of a result: one table per card (one row per config), each with its
+    recommendation."""
+    if result.cards is None:
+        _render_card(result.spec, result.card_results()[0], console)
+        return
+    for card in result.cards:
+        _render_card(result.spec, card, console)
+        reuse = f", {card.trials_reused} reused from a card with the same kernels" * bool(card.trials_reused)
+        console.print(f"[dim]{card.gpu}: {card.trials_run} trials run{reuse}[/]")
+        console.print()
+
+
+def _render_card(spec: ProbeSpec, result: CardResult, console: Console) -> None:
     title = f"{spec.model.label} · seq {spec.seq_len} · {result.device.name}"
     if spec.finetuning_spec.uses_adapters:
         title += f" · {spec.finetuning.value} r={spec.lora_r}"
@@ -337,7 +365,12 @@ def probe(
     memory: Annotated[
         str | None, typer.Option("--memory", help="memory for tensors, e.g. 320MiB, 80GiB")
     ] = None,
-    gpu: Annotated[str | None, typer.Option("--gpu", help="predict for this card, e.g. H100-80GB")] = None,
+    gpu: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--gpu", help="predict for this card, e.g. H100-80GB; repeat to compare cards (one table each)"
+        ),
+    ] = None,
     headroom: Annotated[
         str | None, typer.Option("--headroom", help="memory a passing trial must leave free")
     ] = None,
@@ -391,10 +424,14 @@ def probe(
         confirm_steps=confirm_steps,
         predict_seeding=predict_seeding,
     )
-    from probes.engine import run_probe  # loaded after the flags are checked: `--help` stays fast
+    from probes.cards import run_request  # loaded after the flags are checked: `--help` stays fast
 
     console = Console(stderr=True)
-    labels = [_label(p.value, c, s.value) for p, c, s in spec.configs()]
+    labels = [
+        f"{card + ' ' if card else ''}{_label(p.value, c, s.value)}"
+        for card in spec.cards or ("",)
+        for p, c, s in spec.configs()
+    ]
     progress = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -407,7 +444,7 @@ def probe(
     )
     view = _ProgressView(progress, labels)
     try:
-        result = run_probe(spec, on_event=view, allow_remote_code=allow_remote_code)
+        result = run_request(spec, on_event=view, allow_remote_code=allow_remote_code)
     except ProbeInputError as exc:
         view.stop()
         fail_input(exc.message + _known(exc))

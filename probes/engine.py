@@ -24,7 +24,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
-from probes.errors import DeviceUnavailable
+from probes.errors import DeviceUnavailable, ProbeInputError
 from probes.finetuning_spec import memory_floor_bytes
 from probes.isolate import ProbeCancelled, TrialChild, curve_from_reply, info_from_reply, trial_from_reply
 from probes.plan import make_plan
@@ -52,6 +52,7 @@ from probes.spec import (
     Strategy,
     TrialRecord,
 )
+from probes.trial_memo import TrialMemo
 
 EventSink = Callable[[ProbeEvent], None]
 
@@ -134,6 +135,8 @@ class ConfigRun:
     floor_bytes: int | None = None
     #: ``predict``'s bracket for this device: the search confirms it first
     seed: PredictedBracket | None = None
+    #: fits lent between the cards of a multi-card ``predict`` request (``probes.cards``)
+    memo: TrialMemo | None = None
 
     def _trial(self, batch_size: int, optimizer_steps: int, phase: Phase, *, fresh: bool) -> TrialRecord:
         """One trial; a child that died without reporting (``crash``) is replaced and the trial
@@ -150,23 +153,25 @@ class ConfigRun:
         self.emit(EventKind.TRIAL, trial, None, phase)
 
     def _run_trial(self, batch_size: int, optimizer_steps: int, *, fresh: bool) -> TrialRecord:
+        request = TrialRequest(
+            batch_size=batch_size,
+            accumulation_steps=self.spec.trial_accumulation_steps,
+            optimizer_steps=optimizer_steps,
+        )
+        if self.memo is not None and (lent := self.memo.recall(self.task, request, self.capacity_bytes)):
+            return lent
         if fresh and self.child is not None:
             self.child.close()
             self.child = None
         if self.child is None:
             self.child = TrialChild(self.task, cancel=self.cancel)
-        reply = self.child.request(
-            TrialRequest(
-                batch_size=batch_size,
-                accumulation_steps=self.spec.trial_accumulation_steps,
-                optimizer_steps=optimizer_steps,
-            ),
-            timeout_seconds=self.spec.trial_timeout_seconds,
-        )
+        reply = self.child.request(request, timeout_seconds=self.spec.trial_timeout_seconds)
         trial, discard = trial_from_reply(batch_size, reply)
         if discard:
             self.child.close()
             self.child = None
+        if self.memo is not None:
+            self.memo.remember(self.task, request, trial)
         return trial
 
     def run(self) -> tuple[LadderSearch | SeededSearch, TrialRecord | None]:
@@ -333,6 +338,7 @@ def _search_config(
     context: InfoReply,
     emit: Callable[[EventKind, TrialRecord | None, ConfigResult | None, Phase | None], None],
     stop: threading.Event,
+    memo: TrialMemo | None = None,
 ) -> ConfigResult:
     """One config that is not skipped: seeded by ``predict`` where asked, searched, confirmed."""
     device = context.device
@@ -352,6 +358,7 @@ def _search_config(
         confirm=confirm,
         floor_bytes=floor or None,
         seed=seed,
+        memo=memo,
     )
     search, backing = run.run()
     if seeding is not None:
@@ -390,6 +397,17 @@ def concurrent_configs(device: DeviceInfo) -> int:
     return max(1, min(2, os.cpu_count() or 1))
 
 
+def _refuse_elsewhere(spec: ProbeSpec) -> None:
+    """A request this function does not run: fleet placement, a comparison of cards."""
+    if spec.cards:
+        raise ProbeInputError("a request that compares cards runs through probes.cards.run_request")
+    if spec.device == FLEET_DEVICE:
+        raise DeviceUnavailable(
+            "device 'gpu' (with gpu_type) asks a maxbatch service to place the probe on a kind of GPU; "
+            "to run it on this machine, name the GPU: cuda:N"
+        )
+
+
 def run_probe(
     spec: ProbeSpec,
     *,
@@ -397,6 +415,7 @@ def run_probe(
     cancel: threading.Event | None = None,
     allow_remote_code: bool = False,
     max_concurrent_configs: int | None = None,
+    trial_memo: TrialMemo | None = None,
 ) -> ProbeResult:
     """Probe every config of ``spec``; raises :mod:`probes.errors` for bad input.
 
@@ -407,12 +426,10 @@ def run_probe(
     Setting ``cancel`` kills the running children and raises :class:`probes.isolate.ProbeCancelled`.
     On ``predict`` the answer is not re-run in a fresh process: fake tensors give the same bytes
     every time, so a confirmation would only repeat the search's trial (``confirmed`` stays false).
+    ``trial_memo`` lends fits between the cards of a multi-card request (:mod:`probes.cards` runs
+    those, one ``run_probe`` per card; a spec with a list of cards is refused here).
     """
-    if spec.device == FLEET_DEVICE:
-        raise DeviceUnavailable(
-            "device 'gpu' (with gpu_type) asks a maxbatch service to place the probe on a kind of GPU; "
-            "to run it on this machine, name the GPU: cuda:N"
-        )
+    _refuse_elsewhere(spec)
     started = time.monotonic()
     configs = spec.configs()
     first = ConfigTask.for_config(spec, *configs[0], allow_remote_code=allow_remote_code)
@@ -457,7 +474,7 @@ def run_probe(
             task = ConfigTask.for_config(
                 spec, precision, checkpointing, strategy, allow_remote_code=allow_remote_code
             )
-            result = _search_config(spec, task, context, emit, stop)
+            result = _search_config(spec, task, context, emit, stop, trial_memo)
         emit(EventKind.CONFIG_DONE, None, result, None)
         return result
 

@@ -86,6 +86,18 @@ def _key(name: str) -> str:
 _BY_KEY: dict[str, Gpu] = {_key(gpu.name): gpu for gpu in GPUS}
 
 
+def card_key(name: str) -> str:
+    """What two spellings of one card share (``h100_80gb`` and ``H100-80GB``)."""
+    return _key(name)
+
+
+def canonical_gpu_name(name: str) -> str:
+    """The table's spelling of ``name`` where the table knows it; else ``name`` without the
+    surrounding spaces (left for :func:`lookup_gpu` to refuse with the known names)."""
+    gpu = _BY_KEY.get(_key(name))
+    return gpu.name if gpu is not None else name.strip()
+
+
 def known_gpu_names() -> list[str]:
     """The canonical names, as the table lists them."""
     return [gpu.name for gpu in GPUS]

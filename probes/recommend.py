@@ -205,7 +205,7 @@ def _estimated_ranking(
     """On ``predict`` for a named card: the config with the fastest estimated optimizer step
     (``probes.step_time``: FLOPs with recomputation, the card's throughput, the micro batch's
     utilisation), ties by the rule; ``None`` without a card, a throughput figure or the model's shape."""
-    card = card_throughput(spec.gpu) if device.predicted and spec.gpu is not None else None
+    card = card_throughput(spec.card) if device.predicted and spec.card is not None else None
     if card is None or model is None or model.layers is None or model.hidden_size is None:
         return None
     shape = ModelShape(

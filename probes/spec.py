@@ -37,6 +37,7 @@ from probes.finetuning_spec import (
     parse_target_modules,
 )
 from probes.gpu_types import normalise_gpu_type
+from probes.gpus import canonical_gpu_name, card_key
 
 JsonValue = Any
 """A value that ``json.dumps`` accepts (kept loose: model configs nest freely)."""
@@ -338,6 +339,11 @@ class ModelSpec(Frozen):
 
 PositiveInt = Annotated[int, Field(gt=0)]
 
+MAX_CARDS = 16
+"""Cards one ``predict`` request may compare: more than the predict table's 11 (every distinct card
+fits, with room for the table to grow); a job runs them one after another."""
+GpuName = Annotated[str, Field(min_length=1, max_length=64)]
+
 
 def _dedupe(values: list[Any]) -> tuple[Any, ...]:
     """Drop repeats, keep order; unhashable items are left for the type check to reject. Items of
@@ -405,6 +411,15 @@ def _request_schema(schema: dict[str, Any]) -> None:
     properties["gradient_checkpointing"] = {
         **{k: v for k, v in properties["gradient_checkpointing"].items() if k not in ("items", "type")},
         "anyOf": [{"type": "array", "items": boolean, "minItems": 1}, boolean],
+    }
+    name = {"type": "string", "minLength": 1, "maxLength": 64}
+    properties["gpu"] = {
+        **{k: v for k, v in properties["gpu"].items() if k not in ("anyOf", "type")},
+        "anyOf": [
+            name,
+            {"type": "array", "items": name, "minItems": 1, "maxItems": MAX_CARDS},
+            {"type": "null"},
+        ],
     }
     schema["allOf"] = [
         {"if": _device("simulated"), "then": _given("memory_limit_bytes")},
@@ -487,10 +502,11 @@ class ProbeSpec(Frozen):
         default=None,
         description="memory for tensors; required for simulated and predict, optional on cuda",
     )
-    gpu: str | None = Field(
+    gpu: GpuName | tuple[GpuName, ...] | None = Field(
         default=None,
-        max_length=64,
-        description="a GPU name from the predict table, e.g. H100-80GB",
+        description="predict: a GPU name from the predict table, e.g. H100-80GB; or a list of them "
+        f"(1 to {MAX_CARDS}, repeats merged) to compare cards in one job: the result then carries one "
+        "full result per card in `cards`",
     )
     gpu_type: str | None = Field(
         default=None,
@@ -633,6 +649,25 @@ class ProbeSpec(Frozen):
             raise ValueError("gradient_checkpointing must list at least one of false, true")
         return value
 
+    @field_validator("gpu", mode="before")
+    @classmethod
+    def _parse_cards(cls, value: object) -> object:
+        """A list of cards: repeats merged (the same card however it is spelled, first spelling
+        kept), known names in their canonical spelling; empty or too long is refused. One name
+        stays a string: that request, and its result, are exactly the one-card ones."""
+        if not isinstance(value, list | tuple):
+            return value
+        if not value:
+            raise ValueError("gpu must name at least one card (or give one name as a string)")
+        if len(value) > MAX_CARDS:
+            raise ValueError(f"gpu lists {len(value)} cards; compare at most {MAX_CARDS} in one request")
+        if not all(isinstance(item, str) for item in value):
+            return value  # the type check names the item
+        merged: dict[str, str] = {}
+        for name in value:
+            merged.setdefault(card_key(name), canonical_gpu_name(name))
+        return tuple(merged.values())
+
     @field_validator("gpu_type")
     @classmethod
     def _canonical_gpu_type(cls, value: str | None) -> str | None:
@@ -656,6 +691,23 @@ class ProbeSpec(Frozen):
         if self.memory_limit_bytes is not None and self.headroom_bytes >= self.memory_limit_bytes:
             raise ValueError("headroom_bytes must be smaller than memory_limit_bytes")
         return self
+
+    @property
+    def cards(self) -> tuple[str, ...]:
+        """The cards a multi-card ``predict`` request compares (``gpu`` given as a list); ``()`` for
+        every other request, a one-card one included."""
+        return self.gpu if isinstance(self.gpu, tuple) else ()
+
+    @property
+    def card(self) -> str | None:
+        """The one card ``gpu`` names as a string (``None``: no card, or a list of cards)."""
+        return self.gpu if isinstance(self.gpu, str) else None
+
+    def for_card(self, card: str) -> ProbeSpec:
+        """This request for one of its :attr:`cards`: the one-card request it stands for."""
+        if card not in self.cards:
+            raise ValueError(f"{card!r} is not one of this request's cards: {', '.join(self.cards)}")
+        return self.model_copy(update={"gpu": card})
 
     @property
     def device_kind(self) -> Literal["cuda", "gpu", "simulated", "predict"]:
@@ -829,6 +881,24 @@ class Versions(Frozen):
     driver: str | None = None
 
 
+class CardResult(Frozen):
+    """One card of a multi-card ``predict`` request: everything a one-card request for it returns
+    (its configs equal that request's), and what it took from the other cards' measurements."""
+
+    gpu: str = Field(description="the card, as the predict table spells it")
+    device: DeviceInfo
+    configs: tuple[ConfigResult, ...]
+    recommendation: Recommendation | None = None
+    elapsed_seconds: float
+    timing_note: str | None = None
+    trials_run: int = Field(default=0, description="trials run for this card")
+    trials_reused: int = Field(
+        default=0,
+        description="trials taken from another card with the same compute capability (same kernels, "
+        "same counted bytes) whose peak fits this card: the same run, not run twice",
+    )
+
+
 class ProbeResult(Frozen):
     spec: ProbeSpec
     device: DeviceInfo
@@ -837,6 +907,31 @@ class ProbeResult(Frozen):
     versions: Versions
     elapsed_seconds: float
     timing_note: str | None = None
+    cards: tuple[CardResult, ...] | None = Field(
+        default=None,
+        description="a request whose gpu is a list: one full result per card, in the request's order; "
+        "device, configs and recommendation above are then the first card's (for clients that read one "
+        "card). Absent (null) for every other request",
+    )
+
+    def card_results(self) -> tuple[CardResult, ...]:
+        """Every card's result: :attr:`cards`, or the one result as a card (any request)."""
+        if self.cards is not None:
+            return self.cards
+        card = CardResult(
+            gpu=self.spec.card or self.device.name,
+            device=self.device,
+            configs=self.configs,
+            recommendation=self.recommendation,
+            elapsed_seconds=self.elapsed_seconds,
+            timing_note=self.timing_note,
+            trials_run=sum(len(c.trials) for c in self.configs),
+        )
+        return (card,)
+
+    def all_configs(self) -> tuple[ConfigResult, ...]:
+        """The configs of every card (the configs for a one-card request)."""
+        return tuple(config for card in self.card_results() for config in card.configs)
 
 
 Phase = Literal["search", "confirm"]
@@ -864,6 +959,11 @@ class ProbeEvent(Frozen):
     trial: TrialRecord | None = None
     config: ConfigResult | None = None
     phase: Phase | None = None
+    gpu: str | None = Field(
+        default=None,
+        description="a multi-card request: the card this event is for (config_index then counts "
+        "across cards: card k's configs are k * configs + 0, 1, ...)",
+    )
 
 
 class ConfigTask(Frozen):
@@ -908,7 +1008,7 @@ class ConfigTask(Frozen):
             device=spec.device,
             memory_limit_bytes=spec.memory_limit_bytes,
             headroom_bytes=spec.headroom_bytes,
-            gpu=spec.gpu,
+            gpu=spec.card,
             seed=spec.seed,
             allow_remote_code=allow_remote_code,
         )

@@ -53,10 +53,12 @@ def config_reasons(configs: tuple[ConfigResult, ...] | list[ConfigResult]) -> st
 
 
 def judge(result: ProbeResult) -> Verdict:
-    """The verdict on ``result`` (see the module docstring)."""
-    configs = result.configs
+    """The verdict on ``result`` (see the module docstring); a multi-card result is judged on every
+    card's configs (``fit`` when any card has a plan)."""
+    configs = result.all_configs()
     if any(c.status is ConfigStatus.OK and c.max_batch_size is not None for c in configs):
         return Verdict(Answer.FIT)
+    where = " or ".join(card.gpu for card in result.cards) if result.cards else result.device.name
     failed = [c for c in configs if c.status is ConfigStatus.FAILED]
     ran = [c for c in configs if c.status is not ConfigStatus.SKIPPED]
     if failed:
@@ -70,6 +72,6 @@ def judge(result: ProbeResult) -> Verdict:
         return Verdict(
             None,
             "configs-skipped",
-            f"none of the {len(configs)} configs can run on {result.device.name}:\n{config_reasons(configs)}",
+            f"none of the {len(configs)} configs can run on {where}:\n{config_reasons(configs)}",
         )
     return Verdict(Answer.NO_FIT)

@@ -110,8 +110,9 @@ def admit(
                 "allow_busy_device=true to probe what is left",
                 pids=[p.pid for p in gpu.processes if p.pid not in own_pids],
             )
-    if spec.device_kind == "predict" and spec.gpu is not None:
-        check_card_request(spec.gpu, spec.memory_limit_bytes)  # an unknown card: 422 listing the known ones
+    if spec.device_kind == "predict":
+        for card in spec.cards or ([spec.card] if spec.card is not None else []):
+            check_card_request(card, spec.memory_limit_bytes)  # an unknown card: 422 listing the known ones
     if spec.device_kind == "simulated":
         limit = spec.memory_limit_bytes or 0
         if limit > settings.simulated_memory_bytes:

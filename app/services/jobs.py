@@ -136,7 +136,7 @@ class JobService:
                 spec_json=spec.model_dump_json(),
                 cache_key=key,
                 allow_remote_code=self.settings.allow_remote_code,
-                configs_total=len(spec.configs()),
+                configs_total=len(spec.configs()) * max(1, len(spec.cards)),
                 model_facts_json=facts.model_dump_json() if facts else None,
             ),
             idempotency_key=options.idempotency_key,

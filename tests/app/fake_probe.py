@@ -38,6 +38,7 @@ from probes.protocol import (
     parse_inspect_request,
 )
 from probes.spec import (
+    CardResult,
     ConfigResult,
     ConfigStatus,
     DeviceInfo,
@@ -101,91 +102,112 @@ def run(spec_path: Path, result_path: Path) -> None:
         Path(cfg["fake_pidfile"]).write_text(str(os.getpid()))
     configs = spec.configs()
     _before_the_first_event(behaviour, result_path)
-    results = []
-    for index, (precision, checkpointing, strategy) in enumerate(configs):
-        common = {
-            "precision": precision,
-            "gradient_checkpointing": checkpointing,
-            "strategy": strategy,
-            "config_index": index,
-            "config_count": len(configs),
-        }
-        _emit(ProbeEvent(kind=EventKind.CONFIG_STARTED, phase="search", **common), delay)
-        if behaviour in ("sleep", "spawn"):
-            if behaviour == "spawn":
-                child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
-                Path(cfg["fake_grandchild_pidfile"]).write_text(str(child.pid))
-            time.sleep(float(cfg.get("fake_seconds", 3600)))
-        trials: list[TrialRecord] = []
-        for size in (1, 2, 4, 8) if behaviour not in ("configs_fail", "configs_skip") else ():
-            fits = size <= largest
-            trial = TrialRecord(
-                batch_size=size,
-                outcome=Outcome.FIT if fits else Outcome.OOM,
-                peak_allocated_bytes=1000 * size,
-                step_seconds=0.01,
-                accumulation_steps=2,
-                optimizer_steps=2,
-            )
-            trials.append(trial)
-            _emit(ProbeEvent(kind=EventKind.TRIAL, trial=trial, phase="search", **common), delay)
-            if behaviour == "sigkill":
-                os.kill(os.getpid(), signal.SIGKILL)
-            if behaviour == "stall":
+    cards = spec.cards or (None,)
+    per_card: list[list[ConfigResult]] = []
+    for position, card in enumerate(cards):
+        offset = position * len(configs)
+        if card is not None:  # a multi-card predict: every card after the first fits twice as much
+            largest = int(cfg.get("fake_max", 4)) * 2**position
+        results: list[ConfigResult] = []
+        per_card.append(results)
+        for index, (precision, checkpointing, strategy) in enumerate(configs):
+            common = {
+                "precision": precision,
+                "gradient_checkpointing": checkpointing,
+                "strategy": strategy,
+                "config_index": offset + index,
+                "config_count": len(configs) * len(cards),
+                "gpu": card,
+            }
+            _emit(ProbeEvent(kind=EventKind.CONFIG_STARTED, phase="search", **common), delay)
+            if behaviour in ("sleep", "spawn"):
+                if behaviour == "spawn":
+                    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
+                    Path(cfg["fake_grandchild_pidfile"]).write_text(str(child.pid))
                 time.sleep(float(cfg.get("fake_seconds", 3600)))
-            if not fits:
-                break
-        if behaviour in ("configs_fail", "configs_skip"):
-            config = _unanswered(behaviour, precision, checkpointing)
-            results.append(config)
-            _emit(ProbeEvent(kind=EventKind.CONFIG_DONE, config=config, **common), delay)
-            continue
-        if largest < 1:
+            trials: list[TrialRecord] = []
+            for size in (1, 2, 4, 8) if behaviour not in ("configs_fail", "configs_skip") else ():
+                fits = size <= largest
+                trial = TrialRecord(
+                    batch_size=size,
+                    outcome=Outcome.FIT if fits else Outcome.OOM,
+                    peak_allocated_bytes=1000 * size,
+                    step_seconds=0.01,
+                    accumulation_steps=2,
+                    optimizer_steps=2,
+                )
+                trials.append(trial)
+                _emit(ProbeEvent(kind=EventKind.TRIAL, trial=trial, phase="search", **common), delay)
+                if behaviour == "sigkill":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if behaviour == "stall":
+                    time.sleep(float(cfg.get("fake_seconds", 3600)))
+                if not fits:
+                    break
+            if behaviour in ("configs_fail", "configs_skip"):
+                config = _unanswered(behaviour, precision, checkpointing)
+                results.append(config)
+                _emit(ProbeEvent(kind=EventKind.CONFIG_DONE, config=config, **common), delay)
+                continue
+            if largest < 1:
+                config = ConfigResult(
+                    precision=precision,
+                    gradient_checkpointing=checkpointing,
+                    status=ConfigStatus.OK,
+                    reason="batch size 1 does not fit: no batch size trains here",
+                    first_failing_batch_size=1,
+                    trials=tuple(trials),
+                )
+                results.append(config)
+                _emit(ProbeEvent(kind=EventKind.CONFIG_DONE, config=config, **common), delay)
+                continue
+            best = max(t.batch_size for t in trials if t.outcome is Outcome.FIT)
+            accumulation = max(1, spec.target_effective_batch_size // (best * spec.world_size))
             config = ConfigResult(
                 precision=precision,
                 gradient_checkpointing=checkpointing,
+                strategy=strategy,
                 status=ConfigStatus.OK,
-                reason="batch size 1 does not fit: no batch size trains here",
-                first_failing_batch_size=1,
+                max_batch_size=best,
+                first_failing_batch_size=next(
+                    (t.batch_size for t in trials if t.outcome is not Outcome.FIT), None
+                ),
+                peak_memory_bytes=1000 * best,
                 trials=tuple(trials),
+                plan=Plan(
+                    per_device_train_batch_size=best,
+                    gradient_accumulation_steps=accumulation,
+                    world_size=spec.world_size,
+                    effective_batch_size=best * accumulation * spec.world_size,
+                    exact=best * accumulation * spec.world_size == spec.target_effective_batch_size,
+                ),
             )
             results.append(config)
             _emit(ProbeEvent(kind=EventKind.CONFIG_DONE, config=config, **common), delay)
-            continue
-        best = max(t.batch_size for t in trials if t.outcome is Outcome.FIT)
-        accumulation = max(1, spec.target_effective_batch_size // (best * spec.world_size))
-        config = ConfigResult(
-            precision=precision,
-            gradient_checkpointing=checkpointing,
-            strategy=strategy,
-            status=ConfigStatus.OK,
-            max_batch_size=best,
-            first_failing_batch_size=next(
-                (t.batch_size for t in trials if t.outcome is not Outcome.FIT), None
-            ),
-            peak_memory_bytes=1000 * best,
-            trials=tuple(trials),
-            plan=Plan(
-                per_device_train_batch_size=best,
-                gradient_accumulation_steps=accumulation,
-                world_size=spec.world_size,
-                effective_batch_size=best * accumulation * spec.world_size,
-                exact=best * accumulation * spec.world_size == spec.target_effective_batch_size,
-            ),
-        )
-        results.append(config)
-        _emit(ProbeEvent(kind=EventKind.CONFIG_DONE, config=config, **common), delay)
+    device = DeviceInfo(
+        kind="simulated",
+        name="fake",
+        total_memory_bytes=spec.memory_limit_bytes or 1,
+        bf16_supported=False,
+    )
     result = ProbeResult(
         spec=spec,
-        device=DeviceInfo(
-            kind="simulated",
-            name="fake",
-            total_memory_bytes=spec.memory_limit_bytes or 1,
-            bf16_supported=False,
-        ),
-        configs=tuple(results),
+        device=device,
+        configs=tuple(per_card[0]),
         versions=Versions(maxbatch="0", python=sys.version.split()[0]),
         elapsed_seconds=0.01,
+        cards=tuple(
+            CardResult(
+                gpu=card,
+                device=device.model_copy(update={"name": f"fake {card}"}),
+                configs=tuple(results),
+                elapsed_seconds=0.01,
+                trials_run=sum(len(c.trials) for c in results),
+            )
+            for card, results in zip(spec.cards, per_card, strict=True)
+        )
+        if spec.cards
+        else None,
     )
     result_path.write_text(result.model_dump_json())
 
