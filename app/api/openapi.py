@@ -29,7 +29,7 @@ from app.api.responses import PROBLEM_STATUSES
 from app.middleware import guarded
 from app.settings import Settings
 from probes.gpus import GPUS
-from probes.spec import FLEET_DEVICE
+from probes.spec import FLEET_DEVICE, MAX_CARDS
 
 PROBLEM = "application/problem+json"
 BEARER = "bearerAuth"
@@ -103,7 +103,11 @@ def _this_service(schema: dict[str, Any], settings: Settings, gpus: list[str], *
     request["properties"]["device"]["pattern"] = "^(" + "|".join(re.escape(n) for n in names) + ")$"
     request["properties"]["gpu"] = {
         **{k: v for k, v in request["properties"]["gpu"].items() if k != "anyOf"},
-        "anyOf": [{"enum": [card.name for card in GPUS]}, {"type": "null"}],
+        "anyOf": [
+            cards := {"enum": [card.name for card in GPUS]},
+            {"type": "array", "items": cards, "minItems": 1, "maxItems": MAX_CARDS},
+            {"type": "null"},
+        ],
     }
     request["allOf"].append(
         {

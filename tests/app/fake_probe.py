@@ -105,91 +105,106 @@ def run(spec_path: Path, result_path: Path) -> None:
     cards = spec.cards or (None,)
     per_card: list[list[ConfigResult]] = []
     for position, card in enumerate(cards):
-        offset = position * len(configs)
-        if card is not None:  # a multi-card predict: every card after the first fits twice as much
-            largest = int(cfg.get("fake_max", 4)) * 2**position
-        results: list[ConfigResult] = []
-        per_card.append(results)
-        for index, (precision, checkpointing, strategy) in enumerate(configs):
-            common = {
-                "precision": precision,
-                "gradient_checkpointing": checkpointing,
-                "strategy": strategy,
-                "config_index": offset + index,
-                "config_count": len(configs) * len(cards),
-                "gpu": card,
-            }
-            _emit(ProbeEvent(kind=EventKind.CONFIG_STARTED, phase="search", **common), delay)
-            if behaviour in ("sleep", "spawn"):
-                if behaviour == "spawn":
-                    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
-                    Path(cfg["fake_grandchild_pidfile"]).write_text(str(child.pid))
+        # a multi-card predict: every card after the first fits twice as much
+        fits = largest * 2**position if card is not None else largest
+        per_card.append(_run_card(spec, card, position * len(configs), len(cards), fits, delay))
+    _write_result(spec, per_card, result_path)
+
+
+def _run_card(
+    spec: ProbeSpec, card: str | None, offset: int, card_count: int, largest: int, delay: float
+) -> list[ConfigResult]:
+    """One card's configs (the request's only card when ``card`` is ``None``)."""
+    cfg = spec.model.config
+    behaviour = str(cfg.get("fake", "ok"))
+    configs = spec.configs()
+    results: list[ConfigResult] = []
+    for index, (precision, checkpointing, strategy) in enumerate(configs):
+        common = {
+            "precision": precision,
+            "gradient_checkpointing": checkpointing,
+            "strategy": strategy,
+            "config_index": offset + index,
+            "config_count": len(configs) * card_count,
+            "gpu": card,
+        }
+        _emit(ProbeEvent(kind=EventKind.CONFIG_STARTED, phase="search", **common), delay)
+        if behaviour in ("sleep", "spawn"):
+            if behaviour == "spawn":
+                child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
+                Path(cfg["fake_grandchild_pidfile"]).write_text(str(child.pid))
+            time.sleep(float(cfg.get("fake_seconds", 3600)))
+        trials: list[TrialRecord] = []
+        for size in (1, 2, 4, 8) if behaviour not in ("configs_fail", "configs_skip") else ():
+            fits = size <= largest
+            trial = TrialRecord(
+                batch_size=size,
+                outcome=Outcome.FIT if fits else Outcome.OOM,
+                peak_allocated_bytes=1000 * size,
+                step_seconds=0.01,
+                accumulation_steps=2,
+                optimizer_steps=2,
+            )
+            trials.append(trial)
+            _emit(ProbeEvent(kind=EventKind.TRIAL, trial=trial, phase="search", **common), delay)
+            if behaviour == "sigkill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            if behaviour == "stall":
                 time.sleep(float(cfg.get("fake_seconds", 3600)))
-            trials: list[TrialRecord] = []
-            for size in (1, 2, 4, 8) if behaviour not in ("configs_fail", "configs_skip") else ():
-                fits = size <= largest
-                trial = TrialRecord(
-                    batch_size=size,
-                    outcome=Outcome.FIT if fits else Outcome.OOM,
-                    peak_allocated_bytes=1000 * size,
-                    step_seconds=0.01,
-                    accumulation_steps=2,
-                    optimizer_steps=2,
-                )
-                trials.append(trial)
-                _emit(ProbeEvent(kind=EventKind.TRIAL, trial=trial, phase="search", **common), delay)
-                if behaviour == "sigkill":
-                    os.kill(os.getpid(), signal.SIGKILL)
-                if behaviour == "stall":
-                    time.sleep(float(cfg.get("fake_seconds", 3600)))
-                if not fits:
-                    break
-            if behaviour in ("configs_fail", "configs_skip"):
-                config = _unanswered(behaviour, precision, checkpointing)
-                results.append(config)
-                _emit(ProbeEvent(kind=EventKind.CONFIG_DONE, config=config, **common), delay)
-                continue
-            if largest < 1:
-                config = ConfigResult(
-                    precision=precision,
-                    gradient_checkpointing=checkpointing,
-                    status=ConfigStatus.OK,
-                    reason="batch size 1 does not fit: no batch size trains here",
-                    first_failing_batch_size=1,
-                    trials=tuple(trials),
-                )
-                results.append(config)
-                _emit(ProbeEvent(kind=EventKind.CONFIG_DONE, config=config, **common), delay)
-                continue
-            best = max(t.batch_size for t in trials if t.outcome is Outcome.FIT)
-            accumulation = max(1, spec.target_effective_batch_size // (best * spec.world_size))
+            if not fits:
+                break
+        if behaviour in ("configs_fail", "configs_skip"):
+            config = _unanswered(behaviour, precision, checkpointing)
+            results.append(config)
+            _emit(ProbeEvent(kind=EventKind.CONFIG_DONE, config=config, **common), delay)
+            continue
+        if largest < 1:
             config = ConfigResult(
                 precision=precision,
                 gradient_checkpointing=checkpointing,
-                strategy=strategy,
                 status=ConfigStatus.OK,
-                max_batch_size=best,
-                first_failing_batch_size=next(
-                    (t.batch_size for t in trials if t.outcome is not Outcome.FIT), None
-                ),
-                peak_memory_bytes=1000 * best,
+                reason="batch size 1 does not fit: no batch size trains here",
+                first_failing_batch_size=1,
                 trials=tuple(trials),
-                plan=Plan(
-                    per_device_train_batch_size=best,
-                    gradient_accumulation_steps=accumulation,
-                    world_size=spec.world_size,
-                    effective_batch_size=best * accumulation * spec.world_size,
-                    exact=best * accumulation * spec.world_size == spec.target_effective_batch_size,
-                ),
             )
             results.append(config)
             _emit(ProbeEvent(kind=EventKind.CONFIG_DONE, config=config, **common), delay)
+            continue
+        best = max(t.batch_size for t in trials if t.outcome is Outcome.FIT)
+        accumulation = max(1, spec.target_effective_batch_size // (best * spec.world_size))
+        config = ConfigResult(
+            precision=precision,
+            gradient_checkpointing=checkpointing,
+            strategy=strategy,
+            status=ConfigStatus.OK,
+            max_batch_size=best,
+            first_failing_batch_size=next(
+                (t.batch_size for t in trials if t.outcome is not Outcome.FIT), None
+            ),
+            peak_memory_bytes=1000 * best,
+            trials=tuple(trials),
+            plan=Plan(
+                per_device_train_batch_size=best,
+                gradient_accumulation_steps=accumulation,
+                world_size=spec.world_size,
+                effective_batch_size=best * accumulation * spec.world_size,
+                exact=best * accumulation * spec.world_size == spec.target_effective_batch_size,
+            ),
+        )
+        results.append(config)
+        _emit(ProbeEvent(kind=EventKind.CONFIG_DONE, config=config, **common), delay)
+    return results
+
+
+def _write_result(spec: ProbeSpec, per_card: list[list[ConfigResult]], result_path: Path) -> None:
     device = DeviceInfo(
         kind="simulated",
         name="fake",
         total_memory_bytes=spec.memory_limit_bytes or 1,
         bf16_supported=False,
     )
+    if spec.cards:  # as probes.cards: the top level is the first card's
+        device = device.model_copy(update={"name": f"fake {spec.cards[0]}"})
     result = ProbeResult(
         spec=spec,
         device=device,
