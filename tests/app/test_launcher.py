@@ -19,7 +19,7 @@ import pytest
 import typer.main
 
 from app.cli import cli
-from app.launcher import EXIT_CODES, PROBE_ONLY_FLAGS, Format, training_flags
+from app.launcher import EXIT_CODES, PROBE_ONLY_FLAGS, Format, plan_job, training_flags
 from tests.app.conftest import FAKE_PROBE
 from tests.app.live_server import ROOT, LiveServer, free_port
 
@@ -302,3 +302,47 @@ def test_no_plan_names_each_config_with_its_strategy() -> None:
     message = stopped.value.message
     assert "bf16-mixed ckpt on ddp: batch size 1 needs 90 GiB" in message
     assert "bf16-mixed ckpt on single: ok" in message
+
+
+CARDS = ["--device", "predict", "--gpu", "A100-80GB", "--gpu", "H100-80GB"]
+
+
+def test_a_launch_plan_for_several_cards_is_refused_before_any_request() -> None:
+    nobody = f"http://127.0.0.1:{free_port()}"
+    for output in ("args", "env"):
+        done = plan(nobody, *_request(TINY_GPT2, *CARDS, "--format", output))
+        assert done.returncode == 2, done.stderr
+        assert done.stdout == ""
+        assert done.stderr.count("\n") == 1
+        assert "a launch plan is for one card" in done.stderr
+        assert "A100-80GB, H100-80GB" in done.stderr
+
+
+def test_several_cards_without_a_plan_exit_4_naming_every_card_s_configs(fake_server: str) -> None:
+    done = _fake(fake_server, {"fake": "ok"}, *CARDS, "--format", "json")  # the fake recommends nothing
+    assert done.returncode == 4, done.stderr
+    assert done.stderr.count("32-true ckpt off single") == 2
+
+
+def test_json_for_several_cards_prints_each_card_s_recommendation() -> None:
+    recommendation = {"precision": "bf16-mixed", "plan": {"per_device_train_batch_size": 8}}
+    cards = [
+        {"gpu": "T4-16GB", "device": {"name": "predict: T4-16GB"}, "configs": [], "recommendation": None},
+        {
+            "gpu": "H100-80GB",
+            "device": {"name": "predict: H100-80GB"},
+            "configs": [],
+            "recommendation": recommendation,
+        },
+    ]
+    job = {"id": "j1", "status": "succeeded", "result": {**cards[0], "cards": cards}}
+    code, text = plan_job(job, Format.JSON)
+    assert code == 0
+    answer = json.loads(text)
+    assert answer == {
+        "job_id": "j1",
+        "cards": [
+            {"gpu": "T4-16GB", "device": {"name": "predict: T4-16GB"}, "recommendation": None},
+            {"gpu": "H100-80GB", "device": {"name": "H100"}, "recommendation": recommendation},
+        ],
+    }
