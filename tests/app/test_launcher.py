@@ -326,7 +326,7 @@ def test_several_cards_without_a_plan_exit_4_naming_every_card_s_configs(fake_se
 
 def test_json_for_several_cards_prints_each_card_s_recommendation() -> None:
     recommendation = {"precision": "bf16-mixed", "plan": {"per_device_train_batch_size": 8}}
-    cards = [
+    cards: list[dict[str, Any]] = [
         {"gpu": "T4-16GB", "device": {"name": "predict: T4-16GB"}, "configs": [], "recommendation": None},
         {
             "gpu": "H100-80GB",
@@ -343,6 +343,6 @@ def test_json_for_several_cards_prints_each_card_s_recommendation() -> None:
         "job_id": "j1",
         "cards": [
             {"gpu": "T4-16GB", "device": {"name": "predict: T4-16GB"}, "recommendation": None},
-            {"gpu": "H100-80GB", "device": {"name": "H100"}, "recommendation": recommendation},
+            {"gpu": "H100-80GB", "device": {"name": "predict: H100-80GB"}, "recommendation": recommendation},
         ],
     }
