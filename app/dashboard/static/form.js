@@ -12,6 +12,11 @@ const PRECISIONS = [
   ["bf16-mixed", "bf16 mixed"],
   ["bf16-true", "pure bf16"],
 ];
+const STRATEGIES = [["single", "single (one process)"], ["ddp", "DDP"], ["fsdp", "FSDP2 (full shard)"]];
+const OPTIMIZERS = ["adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adamw_bnb_8bit"];
+const ATTENTION = [["sdpa", "sdpa (torch's kernels)"], ["eager", "eager"], ["flash_attention_2", "flash_attention_2 (CUDA, flash-attn)"]];
+const FINETUNING = [["full", "full — every weight"], ["lora", "LoRA — adapters on a frozen base"],
+  ["qlora", "QLoRA — adapters on a 4-bit base (bitsandbytes)"]];
 const ARCHITECTURES = ["gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt_neox", "opt", "falcon"];
 
 const DEFAULTS = {
@@ -45,6 +50,9 @@ const MENTIONS = [
   ["precisions", "precisions"], ["gradient_checkpointing", "gradient_checkpointing"], ["seq_len", "seq_len"],
   ["world_size", "world_size"], ["target_effective_batch_size", "target_effective_batch_size"],
   ["warmup_ratio", "warmup_ratio"], ["num_train_epochs", "num_train_epochs"], ["dataset_size", "dataset_size"],
+  ["strategies", "strategies"], ["lora_target_modules", "lora_target_modules"], ["lora_alpha", "lora_alpha"],
+  ["lora_r", "lora_r"], ["finetuning", "finetuning"], ["optimizer", "optimizer"], ["attn_implementation", "attn_implementation"],
+  ["strategy", "strategies"],
 ];
 
 function newKey() {
@@ -87,6 +95,21 @@ function textInput(name, value, attrs = {}) {
   return h("input", { type: "text", name, value: value ?? "", autocomplete: "off", spellcheck: "false", ...attrs });
 }
 
+function selectInput(name, options, value) {
+  const select = h("select", { name }, options.map(([v, text]) => h("option", { value: v }, text)));
+  select.value = value;
+  return select;
+}
+
+/** The cards the predict table knows, from the service's own OpenAPI document (its gpu enum). */
+async function knownCards(signal) {
+  const response = await fetch(new URL("openapi.json", document.baseURI), { signal });
+  if (!response.ok) return [];
+  const gpu = (await response.json())?.components?.schemas?.ProbeSpec?.properties?.gpu;
+  const named = (gpu?.anyOf || []).find((branch) => Array.isArray(branch.enum));
+  return named ? named.enum : [];
+}
+
 function loadDraft() {
   const text = sessionStorage.getItem(SPEC_DRAFT_KEY);
   if (!text) return null;
@@ -127,8 +150,19 @@ export function formView(root, query) {
   const trustField = h("label", { class: "check", "data-field": "model.trust_remote_code" },
     h("input", { type: "checkbox", name: "model.trust_remote_code", id: fieldId("model.trust_remote_code"), checked: Boolean(model.trust_remote_code) }),
     "Trust remote code", h("p", { class: "field-error", id: `${fieldId("model.trust_remote_code")}-error`, hidden: true }));
-  const gpuField = field("gpu", "GPU to predict for", textInput("gpu", start.gpu, { placeholder: "H100-80GB" }),
-    "A card from the predict table; or give a memory limit instead");
+  const startCards = start.gpu ? [].concat(start.gpu) : [];
+  const gpuSelect = h("select", { name: "gpu", multiple: true, class: "gpu-select", size: 6 },
+    startCards.map((card) => h("option", { value: card, selected: true }, card)));
+  const gpuField = field("gpu", "GPUs to predict for", gpuSelect,
+    "A card from the predict table, or several to compare them side by side (Ctrl/⌘-click); or give a memory limit instead");
+  const finetuningSelect = selectInput("finetuning", FINETUNING, start.finetuning || "full");
+  const loraFields = h("div", { class: "grid-3", id: "lora-fields" },
+    field("lora_r", "LoRA rank (r)", numberInput("lora_r", start.lora_r ?? 16, { min: 1 })),
+    field("lora_alpha", "LoRA alpha", numberInput("lora_alpha", start.lora_alpha ?? 32, { min: 1 }), "scaling = alpha / r"),
+    field("lora_target_modules", "Target modules",
+      textInput("lora_target_modules", Array.isArray(start.lora_target_modules) ? start.lora_target_modules.join(", ")
+        : start.lora_target_modules || "all-linear"),
+      "all-linear, or module names separated by commas, e.g. q_proj, v_proj"));
   const deviceHint = h("span", {}, "simulated: CPU tensors under a memory cap; predict: shapes only. GPUs found by NVML are listed too.");
   const memoryHint = h("span", {}, "How much memory the probe may use, e.g. 64MiB, 24GB. Optional on a GPU.");
   const memoryField = field("memory_limit_bytes", "Memory limit",
@@ -159,6 +193,17 @@ export function formView(root, query) {
           "bf16 is skipped on GPUs without native bf16"),
         checkGroup("gradient_checkpointing", "Gradient checkpointing", [[false, "off"], [true, "on"]],
           start.gradient_checkpointing || [false, true]))),
+    h("section", { class: "card", id: "job-fields" },
+      h("h2", {}, "Training job"),
+      h("div", { class: "grid-3" },
+        checkGroup("strategies", "Strategies", STRATEGIES, start.strategies || [],
+          "None checked: single for one GPU, ddp and fsdp above. One process measures one rank."),
+        field("optimizer", "Optimizer", selectInput("optimizer", OPTIMIZERS.map((o) => [o, o]), start.optimizer || "adamw_torch"),
+          "An HF optim name"),
+        field("attn_implementation", "Attention kernel",
+          selectInput("attn_implementation", ATTENTION, start.attn_implementation || "sdpa"))),
+      h("div", { class: "grid-3" }, field("finetuning", "Fine-tuning", finetuningSelect)),
+      loraFields),
     h("section", { class: "card" },
       h("h2", {}, "Device"),
       h("div", { class: "grid-3" },
@@ -187,7 +232,9 @@ export function formView(root, query) {
     form.querySelector("#arch-fields").hidden = byName;
     form.querySelector("#name-fields").hidden = !byName;
     gpuField.hidden = deviceSelect.value !== "predict";
+    loraFields.hidden = finetuningSelect.value === "full";
   }
+  finetuningSelect.addEventListener("change", syncVisibility);
   sourceArch.addEventListener("change", syncVisibility);
   sourceName.addEventListener("change", syncVisibility);
   deviceSelect.addEventListener("change", () => { syncVisibility(); describeDevice(); });
@@ -211,6 +258,11 @@ export function formView(root, query) {
     syncVisibility();
     describeDevice();
   }).catch(() => { /* the two built-in devices stay */ });
+  knownCards(controller.signal).then((cards) => {
+    const chosen = new Set([...gpuSelect.selectedOptions].map((option) => option.value));
+    const names = [...cards, ...[...chosen].filter((card) => !cards.includes(card))];
+    gpuSelect.replaceChildren(...names.map((card) => h("option", { value: card, selected: chosen.has(card) }, card)));
+  }).catch(() => { /* the draft's cards stay */ });
 
   function clearErrors() {
     formError.hidden = true;
@@ -311,6 +363,17 @@ export function formView(root, query) {
     };
     for (const name of ["seq_len", "target_effective_batch_size", "world_size", "max_batch_size_limit", "dataset_size",
       "num_train_epochs", "warmup_ratio", "trial_timeout_seconds", "seed"]) integer(name);
+    const strategies = [...form.querySelectorAll("input[name=strategies]:checked")].map((box) => box.value);
+    if (strategies.length) spec.strategies = strategies; // none: the service's default for the world size
+    spec.optimizer = get("optimizer").value;
+    spec.attn_implementation = get("attn_implementation").value;
+    spec.finetuning = finetuningSelect.value;
+    if (spec.finetuning !== "full") {
+      integer("lora_r");
+      integer("lora_alpha");
+      const targets = get("lora_target_modules").value.trim();
+      if (targets) spec.lora_target_modules = targets;
+    }
     spec.precisions = [...form.querySelectorAll("input[name=precisions]:checked")].map((box) => box.value);
     spec.gradient_checkpointing = [...form.querySelectorAll("input[name=gradient_checkpointing]:checked")]
       .map((box) => box.value === "true");
@@ -324,7 +387,9 @@ export function formView(root, query) {
       if (!text || (name === "headroom_bytes" && text === "0")) continue;
       try { spec[name] = parseBytes(text); } catch (error) { local.push([name, error.message]); }
     }
-    if (spec.device === "predict" && get("gpu").value.trim()) spec.gpu = get("gpu").value.trim();
+    const cards = [...gpuSelect.selectedOptions].map((option) => option.value);
+    // one card is the one-card request (a string); several are compared (a list)
+    if (spec.device === "predict" && cards.length) spec.gpu = cards.length === 1 ? cards[0] : cards;
     return spec;
   }
 

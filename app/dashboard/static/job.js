@@ -1,6 +1,7 @@
 // The job page: status and progress, the recommendation, the config table and the peak-memory chart.
 
 import { api, apiUrl, followEvents, getToken, TERMINAL } from "./api.js";
+import { cardComparison, cardPicker, cardResult, requestCards } from "./cards.js";
 import { peakChart } from "./chart.js";
 import { announce, copyBlock, h } from "./dom.js";
 import {
@@ -190,6 +191,7 @@ function facts(job, result) {
     ["Sequence length", spec.seq_len],
     ["Target effective batch", `${spec.target_effective_batch_size} on ${spec.world_size} GPU${spec.world_size === 1 ? "" : "s"}`],
     ["Device", result ? (device.name.includes(device.kind) ? device.name : `${device.name} (${device.kind})`) : job.device || spec.device],
+    ...(Array.isArray(spec.gpu) ? [["Cards", spec.gpu.join(", ")]] : []),
     ["Strategies", (spec.strategies || ["single"]).join(", ")],
     ["Fine-tuning", finetuningLabel(spec)],
     ...(spec.gpu_type ? [["GPU type", spec.gpu_type]] : []),
@@ -210,13 +212,18 @@ function facts(job, result) {
   return h("dl", { class: "facts" }, rows.flatMap(([term, value]) => [h("dt", {}, term), h("dd", {}, value ?? "–")]));
 }
 
-/** ConfigResult-shaped entries from the live events, for the chart while the probe runs. */
-function liveConfigs(spec, trialsByKey) {
+/** The live trials' key: the config's, and the card's in a multi-card job (its events name the card). */
+function liveKey(card, key) {
+  return card ? `${card}|${key}` : key;
+}
+
+/** ConfigResult-shaped entries from the live events (of `card`, in a multi-card job), for the chart while the probe runs. */
+function liveConfigs(spec, trialsByKey, card = null) {
   const configs = [];
   for (const precision of spec.precisions || []) {
     for (const checkpointing of spec.gradient_checkpointing || []) {
       for (const strategy of spec.strategies || ["single"]) {
-        const trials = trialsByKey.get(configKey(precision, checkpointing, strategy)) || [];
+        const trials = trialsByKey.get(liveKey(card, configKey(precision, checkpointing, strategy))) || [];
         const fits = trials.filter((t) => t.outcome === "fit").map((t) => t.batch_size);
         configs.push({ precision, gradient_checkpointing: checkpointing, strategy, trials,
           max_batch_size: fits.length ? Math.max(...fits) : null });
@@ -236,6 +243,7 @@ export function jobView(root, id) {
   let lastFollow = 0;
   let stopped = false;
   let renderedTerminal = false;
+  let selectedCard = null; // a multi-card job: the card shown below the comparison
   const liveTrials = new Map();
 
   root.replaceChildren(h("p", { class: "empty" }, "Loading probe…"));
@@ -283,8 +291,11 @@ export function jobView(root, id) {
       : focused && focused.dataset && focused.dataset.series ? `button[data-series="${focused.dataset.series}"]` : null;
     chart?.destroy();
     chart = null;
-    const result = job.result;
     const spec = jobSpec(job) || {};
+    const cards = requestCards(spec);
+    if (cards && !cards.includes(selectedCard)) selectedCard = cards[0];
+    const fullResult = job.result;
+    const result = cards && fullResult && fullResult.cards ? cardResult(fullResult, selectedCard) : fullResult;
     const progress = progressOf(job);
     const active = !TERMINAL.has(job.status);
     const head = h("div", { class: "page-head" },
@@ -315,20 +326,28 @@ export function jobView(root, id) {
     if (job.status === "cancelled") {
       parts.push(h("p", { class: "card muted" }, "This probe was cancelled before it finished."));
     }
+    if (cards) {
+      const pick = (gpu) => { selectedCard = gpu; render(); };
+      parts.push(h("section", { class: "card", id: "cards" },
+        h("h2", {}, `${cards.length} cards compared`),
+        fullResult && fullResult.cards ? cardComparison(fullResult, selectedCard) : "",
+        h("p", { class: "muted small" }, "Below: the recommendation, the curves and the configs of one card."),
+        cardPicker(cards, selectedCard, pick)));
+    }
     if (result) parts.push(recommendationCard(job, result));
 
     const figure = h("figure", { class: "chart-figure", id: "peak-chart" });
     const chartData = result
       ? { configs: result.configs, limitBytes: limitOf(result), headroomBytes: result.spec.headroom_bytes,
         recommendedKey: result.recommendation ? keyOf(result.recommendation) : null, finetuning: result.spec.finetuning }
-      : { configs: liveConfigs(spec, liveTrials), limitBytes: spec.memory_limit_bytes, headroomBytes: spec.headroom_bytes, recommendedKey: null,
+      : { configs: liveConfigs(spec, liveTrials, cards ? selectedCard : null), limitBytes: spec.memory_limit_bytes, headroomBytes: spec.headroom_bytes, recommendedKey: null,
         finetuning: spec.finetuning };
     const hasTrials = chartData.configs.some((c) => (c.trials || []).length);
-    parts.push(h("section", { class: "card" }, h("h2", {}, "Peak memory by batch size"),
+    parts.push(h("section", { class: "card" }, h("h2", {}, cards ? `Peak memory by batch size · ${selectedCard}` : "Peak memory by batch size"),
       hasTrials ? figure : h("p", { class: "muted", id: "chart-empty" }, active ? "Trials appear here as they finish." : "No trials ran.")));
     if (result) {
       const gpuTimes = result.device && result.device.timings_are_gpu_times;
-      parts.push(h("section", { class: "card" }, h("h2", {}, "Configs"), configTable(result),
+      parts.push(h("section", { class: "card" }, h("h2", {}, cards ? `Configs · ${selectedCard}` : "Configs"), configTable(result),
         gpuTimes ? "" : h("p", { class: "muted small" }, "† ", sentence(result.timing_note || "times on this device are not GPU times."))));
     }
     parts.push(h("section", { class: "card" }, h("h2", {}, "Request"), facts(job, result)));
@@ -380,7 +399,7 @@ export function jobView(root, id) {
       return;
     }
     if (data && typeof data === "object" && data.trial && data.precision) {
-      const key = keyOf(data);
+      const key = liveKey(data.gpu, keyOf(data));
       const list = liveTrials.get(key) || [];
       list.push(data.trial);
       liveTrials.set(key, list);
