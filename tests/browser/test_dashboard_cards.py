@@ -8,6 +8,7 @@ compared with the API's JSON. A second test: the form shows the service's refusa
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import pytest
@@ -117,14 +118,14 @@ def test_the_cards_stand_side_by_side_and_the_picker_shows_each(
     browser.get(f"{service.url}/#/jobs/{cards_job['id']}")
     browser.wait_for("the comparison", lambda: browser.find_all("#card-compare"))
     cards = cards_job["result"]["cards"]
+
+    def picked(gpu: str) -> bool:
+        return _shown(browser)["pressed"] == [gpu] and bool(browser.find_all("#peak-chart svg"))
+
     for card in cards:
         browser.click_on(f"#card-picker button[data-card='{card['gpu']}']")
-        browser.wait_for(
-            f"{card['gpu']} picked",
-            lambda gpu=card["gpu"]: (
-                _shown(browser)["pressed"] == [gpu] and browser.find_all("#peak-chart svg")
-            ),
-        )
+        gpu: str = card["gpu"]
+        browser.wait_for(f"{gpu} picked", partial(picked, gpu))
         seen = _shown(browser)
         assert seen["heads"] == CARDS
         key = "32-true/off/fsdp"
