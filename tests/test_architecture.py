@@ -33,6 +33,7 @@ PURE_MODULES = (
     "probes.confirmation",
     "probes.timeline",
     "probes.depth",
+    "probes.trial_memo",
 )
 """Modules the service and the search use: no torch even in a function body."""
 PROCESS_MODULES = frozenset(
