@@ -6,6 +6,8 @@ Public API (torch-free to import; trials run in child processes)::
     result = run_probe(ProbeSpec(model=ModelSpec(architecture="gpt2", config={"n_layer": 2}),
                                  seq_len=128, target_effective_batch_size=256,
                                  device="simulated", memory_limit_bytes=320 << 20))
+
+``run_request`` takes any request, one that compares cards on ``predict`` (``gpu`` a list) too.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from probes.spec import (
 )
 
 if TYPE_CHECKING:
+    from probes.cards import run_request
     from probes.engine import run_probe
 
 drop_optional_kernel_notices()  # before anything here imports transformers (and through it bitsandbytes)
@@ -51,6 +54,7 @@ __all__ = [
     "Recommendation",
     "TrialRecord",
     "run_probe",
+    "run_request",
 ]
 
 
@@ -60,4 +64,8 @@ def __getattr__(name: str) -> Any:
         from probes.engine import run_probe
 
         return run_probe
+    if name == "run_request":
+        from probes.cards import run_request
+
+        return run_request
     raise AttributeError(f"module 'probes' has no attribute {name!r}")
