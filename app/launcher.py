@@ -8,8 +8,10 @@ and prints the answer on stdout:
 - ``--format args``: ``--per_device_train_batch_size 16 --gradient_accumulation_steps 4 …``, the
   recommendation's ``training_arguments`` as flags for an ``HfArgumentParser`` script
   (``output_dir`` is left to the script);
-- ``--format env``: ``export MAXBATCH_…=…`` lines for ``eval "$(maxbatch plan … --format env)"``;
-- ``--format json``: the job id, the device the plan is for and the recommendation.
+- ``--format env``: ``export MAXBATCH_…=…`` lines for ``eval "$(maxbatch plan … --format env)"``,
+  then the recommendation's ``env`` as it is (``export PYTORCH_CUDA_ALLOC_CONF=…``);
+- ``--format json``: the job id, the device the plan is for and the recommendation (its ``env``
+  included); with ``--format args`` the ``env`` advice goes to stderr, since flags cannot carry it.
 
 A launch runs on one kind of card: with ``--gpu`` repeated (a multi-card ``predict``), ``args`` and
 ``env`` are refused before anything is submitted (exit 2, one line), and ``json`` prints one entry
@@ -224,6 +226,8 @@ def env_lines(job: dict[str, Any], recommendation: dict[str, Any]) -> list[str]:
         "MAXBATCH_GRADIENT_CHECKPOINTING": str(recommendation["gradient_checkpointing"]).lower(),
         "MAXBATCH_STRATEGY": recommendation.get("strategy", "single"),
         "MAXBATCH_TRAINING_ARGS": shlex.join(training_flags(recommendation["training_arguments"])),
+        # the job's own environment, as the confirmation ran with it (PYTORCH_CUDA_ALLOC_CONF)
+        **(recommendation.get("env") or {}),
     }
     return [f"export {name}={shlex.quote(str(value))}" for name, value in values.items()]
 
@@ -231,6 +235,8 @@ def env_lines(job: dict[str, Any], recommendation: dict[str, Any]) -> list[str]:
 def render(job: dict[str, Any], output: Format) -> str:
     recommendation = job["result"]["recommendation"]
     if output is Format.ARGS:
+        for name, value in (recommendation.get("env") or {}).items():
+            _say(f"run the job with {name}={shlex.quote(str(value))} in its environment (it was measured so)")
         return shlex.join(training_flags(recommendation["training_arguments"]))
     if output is Format.ENV:
         return "\n".join(env_lines(job, recommendation))

@@ -23,17 +23,32 @@ the engine and the trial child:
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from probes.spec import DEFAULT_CUDA_ALLOC_CONF, Confirmation, Outcome, ProbeSpec, TrialRecord
+from probes.units import format_bytes
 
 MiB = 2**20
 
 ALLOCATOR_GRANULARITY_BYTES = 2 * MiB
 """CUDA's caching allocator rounds large segments to 2 MiB."""
 
-ALLOCATOR_ADVICE = "expandable_segments:True"
+ALLOCATOR_ADVICE = DEFAULT_CUDA_ALLOC_CONF
 """What the recommendation adds to ``PYTORCH_CUDA_ALLOC_CONF`` (torch's own advice in its OOM message)."""
 
 ALLOC_CONF_VARIABLE = "PYTORCH_CUDA_ALLOC_CONF"
+
+VARIED_OPTIMIZER_STEPS: dict[str, int] = {"cuda": 16, "simulated": 2}
+"""Optimizer steps at varying lengths after a confirmation's worst-case steps, unless the request says
+(``confirm_varied_steps``). ``cuda``: 16, about the GPU time of 8 worst-case steps (the lengths average
+half of ``seq_len``) and 32 new shapes at the default accumulation of 2 — a soak of 200 steps is
+``bench/gpu_check.py`` part 10's job. ``simulated``: 2, since a counting device has no cache to
+fragment; they check that no shorter shape needs more than the worst case, and keep the path tested.
+``predict`` has no confirmation (fake tensors give the same bytes every time)."""
+
+DERIVED_HEADROOM_NOTE = "the derived headroom"
+"""Opens the message of a confirmation that ran but left less free than its measured margin."""
 
 WORST_CASE_STEPS = 2
 """Micro steps at ``seq_len`` before the lengths vary: at least one optimizer step's worth, so that
@@ -50,8 +65,9 @@ def dynamic_padding_lengths(
 ) -> list[int]:
     """Sequence lengths for ``micro_steps`` micro steps: ``seq_len`` first, varying lengths, ``seq_len`` last.
 
-    The varying lengths are drawn uniformly from ``1..seq_len`` by a generator seeded with ``seed``
-    (the same list every time) and rounded up to ``pad_to_multiple_of``, never above ``seq_len``.
+    The varying lengths are drawn by a generator seeded with ``seed`` (the same list every time),
+    alternately from the short half ``1..seq_len // 2`` and the long half up to ``seq_len``, and
+    rounded up to ``pad_to_multiple_of``, never above ``seq_len``.
     ``ValueError`` when there is no room for the worst case at both ends and one varying step.
     """
     if seq_len < 1 or pad_to_multiple_of < 1:
@@ -62,9 +78,12 @@ def dynamic_padding_lengths(
             "one varying step and the final worst case"
         )
     generator = random.Random(seed)
+    half = seq_len // 2
     varying = []
-    for _ in range(micro_steps - worst_case_steps - 1):
-        length = generator.randint(1, seq_len)
+    for index in range(micro_steps - worst_case_steps - 1):
+        # alternately from the short half and the long half, so that even a few steps cover both
+        short = index % 2 == 0 and half >= 1
+        length = generator.randint(1, half) if short else generator.randint(half + 1, seq_len)
         padded = -(-length // pad_to_multiple_of) * pad_to_multiple_of
         varying.append(min(padded, seq_len))
     return [seq_len] * worst_case_steps + varying + [seq_len]
@@ -97,3 +116,115 @@ def derived_headroom_bytes(samples: Iterable[tuple[int, int]]) -> int:
         raise ValueError("no measurement to derive a headroom from")
     gap = max(gaps)
     return -(-gap // ALLOCATOR_GRANULARITY_BYTES) * ALLOCATOR_GRANULARITY_BYTES
+
+
+@dataclass(frozen=True)
+class ConfirmationPlan:
+    """What a confirmation runs on one device kind for one request (the engine's side, no torch).
+
+    ``lengths`` is ``None`` when no varied step runs; ``derive_headroom``: the answer must leave its
+    measured reserved - allocated margin free (``cuda`` with ``headroom_bytes`` 0).
+    """
+
+    worst_case_optimizer_steps: int
+    varied_optimizer_steps: int
+    accumulation_steps: int
+    lengths: tuple[int, ...] | None
+    derive_headroom: bool
+
+    @property
+    def optimizer_steps(self) -> int:
+        return self.worst_case_optimizer_steps + self.varied_optimizer_steps
+
+    @property
+    def worst_case_micro_steps(self) -> int:
+        return self.worst_case_optimizer_steps * self.accumulation_steps
+
+    @property
+    def varied_lengths(self) -> tuple[int, ...]:
+        """The micro-batch lengths after the worst-case steps (the final worst case included)."""
+        return self.lengths[self.worst_case_micro_steps :] if self.lengths is not None else ()
+
+
+def confirmation_plan(spec: ProbeSpec, device_kind: str) -> ConfirmationPlan:
+    """The confirmation for ``spec`` on a device of ``device_kind`` (``cuda``, ``simulated``, ``predict``)."""
+    varied = spec.confirm_varied_steps
+    if varied is None:
+        varied = VARIED_OPTIMIZER_STEPS.get(device_kind, 0)
+    accumulation = spec.trial_accumulation_steps
+    worst = spec.confirm_optimizer_steps
+    lengths = None
+    if varied > 0:
+        lengths = tuple(
+            dynamic_padding_lengths(
+                spec.seq_len,
+                (worst + varied) * accumulation,
+                worst_case_steps=worst * accumulation,
+                seed=spec.seed,
+            )
+        )
+    return ConfirmationPlan(
+        worst_case_optimizer_steps=worst,
+        varied_optimizer_steps=varied,
+        accumulation_steps=accumulation,
+        lengths=lengths,
+        derive_headroom=device_kind == "cuda" and spec.headroom_bytes == 0,
+    )
+
+
+def reserved_minus_allocated(trial: TrialRecord) -> int | None:
+    """``peak reserved - peak allocated`` of a trial that ran, or ``None`` without both."""
+    reserved, allocated = trial.peak_reserved_bytes, trial.peak_allocated_bytes
+    if reserved is None or allocated is None or allocated > reserved:
+        return None
+    return reserved - allocated
+
+
+def judge_confirmation(trial: TrialRecord, plan: ConfirmationPlan, capacity_bytes: int | None) -> TrialRecord:
+    """``trial`` as the confirmation's outcome: with the derived headroom, a fit whose peak reserved plus
+    its measured margin (:func:`derived_headroom_bytes`) passes the capacity is ``over_headroom``."""
+    gap = reserved_minus_allocated(trial)
+    if not plan.derive_headroom or trial.outcome is not Outcome.FIT or gap is None or capacity_bytes is None:
+        return trial
+    reserved = trial.peak_reserved_bytes or 0
+    headroom = derived_headroom_bytes([(reserved, reserved - gap)])
+    if reserved + headroom <= capacity_bytes:
+        return trial
+    message = (
+        f"{DERIVED_HEADROOM_NOTE}: the peak reserved {format_bytes(reserved)} plus the measured "
+        f"fragmentation margin {format_bytes(headroom)} (reserved - allocated, rounded up to 2 MiB) "
+        f"passes the capacity {format_bytes(capacity_bytes)}"
+    )
+    return trial.model_copy(update={"outcome": Outcome.OVER_HEADROOM, "message": message})
+
+
+def _failed_late(trial: TrialRecord, plan: ConfirmationPlan) -> bool:
+    """A confirmation that passed its worst-case steps, then failed a varied one or the derived headroom."""
+    if trial.lengths is None or trial.outcome not in (Outcome.OOM, Outcome.OVER_HEADROOM):
+        return False
+    if (trial.message or "").startswith(DERIVED_HEADROOM_NOTE):
+        return True
+    done = trial.micro_steps_done
+    return trial.outcome is Outcome.OOM and done is not None and done >= plan.worst_case_micro_steps
+
+
+def confirmation_report(
+    plan: ConfirmationPlan, backing: TrialRecord, trials: Sequence[TrialRecord], device_kind: str
+) -> Confirmation:
+    """What the result says about the confirmation that backs the answer (``backing``)."""
+    gap = reserved_minus_allocated(backing) if device_kind == "cuda" else None
+    derived = derived_headroom_bytes([(gap, 0)]) if gap is not None and plan.derive_headroom else None
+    failed = sorted(
+        {t.batch_size for t in trials if t.batch_size > backing.batch_size and _failed_late(t, plan)}
+    )
+    return Confirmation(
+        batch_size=backing.batch_size,
+        worst_case_optimizer_steps=plan.worst_case_optimizer_steps,
+        varied_optimizer_steps=plan.varied_optimizer_steps if backing.lengths is not None else 0,
+        varied_lengths=plan.varied_lengths if backing.lengths is not None else (),
+        all_fit=backing.outcome is Outcome.FIT,
+        cuda_alloc_conf=backing.cuda_alloc_conf,
+        reserved_minus_allocated_bytes=gap,
+        derived_headroom_bytes=derived,
+        failed_sizes=tuple(failed),
+    )

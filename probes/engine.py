@@ -24,6 +24,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
+from probes.confirmation import ConfirmationPlan, confirmation_plan, confirmation_report, judge_confirmation
 from probes.errors import DeviceUnavailable, ProbeInputError
 from probes.finetuning_spec import memory_floor_bytes
 from probes.isolate import ProbeCancelled, TrialChild, curve_from_reply, info_from_reply, trial_from_reply
@@ -39,6 +40,7 @@ from probes.spec import (
     ConfigResult,
     ConfigStatus,
     ConfigTask,
+    Confirmation,
     DeviceInfo,
     EventKind,
     Optimizer,
@@ -137,14 +139,25 @@ class ConfigRun:
     seed: PredictedBracket | None = None
     #: fits lent between the cards of a multi-card ``predict`` request (``probes.cards``)
     memo: TrialMemo | None = None
+    #: what a confirmation runs after its worst-case steps (``probes.confirmation``); ``None``: only those
+    confirmation: ConfirmationPlan | None = None
 
-    def _trial(self, batch_size: int, optimizer_steps: int, phase: Phase, *, fresh: bool) -> TrialRecord:
+    def _trial(
+        self, batch_size: int, optimizer_steps: int, phase: Phase, *, fresh: bool, confirming: bool = False
+    ) -> TrialRecord:
         """One trial; a child that died without reporting (``crash``) is replaced and the trial
-        run once more, since its death says nothing about the batch size. Both are recorded."""
-        trial = self._run_trial(batch_size, optimizer_steps, fresh=fresh)
+        run once more, since its death says nothing about the batch size. Both are recorded.
+        ``confirming``: the trial runs as the confirmation plan says and is judged by it."""
+        lengths = None
+        plan = self.confirmation if confirming else None
+        if plan is not None:
+            optimizer_steps, lengths = plan.optimizer_steps, plan.lengths
+        trial = self._run_trial(batch_size, optimizer_steps, fresh=fresh, lengths=lengths)
         if trial.outcome is Outcome.CRASH:
             self._record(trial, phase)
-            trial = self._run_trial(batch_size, optimizer_steps, fresh=True)
+            trial = self._run_trial(batch_size, optimizer_steps, fresh=True, lengths=lengths)
+        if plan is not None:
+            trial = judge_confirmation(trial, plan, self.capacity_bytes)
         self._record(trial, phase)
         return trial
 
@@ -152,12 +165,21 @@ class ConfigRun:
         self.all_trials.append(trial)
         self.emit(EventKind.TRIAL, trial, None, phase)
 
-    def _run_trial(self, batch_size: int, optimizer_steps: int, *, fresh: bool) -> TrialRecord:
-        request = TrialRequest(
+    def _request(
+        self, batch_size: int, optimizer_steps: int, lengths: tuple[int, ...] | None
+    ) -> TrialRequest:
+        """The trial request to send (a seam: tests add ``oom_at_micro_step`` here)."""
+        return TrialRequest(
             batch_size=batch_size,
             accumulation_steps=self.spec.trial_accumulation_steps,
             optimizer_steps=optimizer_steps,
+            lengths=lengths,
         )
+
+    def _run_trial(
+        self, batch_size: int, optimizer_steps: int, *, fresh: bool, lengths: tuple[int, ...] | None = None
+    ) -> TrialRecord:
+        request = self._request(batch_size, optimizer_steps, lengths)
         if self.memo is not None and (lent := self.memo.recall(self.task, request, self.capacity_bytes)):
             return lent
         if fresh and self.child is not None:
@@ -206,7 +228,7 @@ class ConfigRun:
                 while (size := search.next_size()) is not None:
                     speculative = self.confirm and (len(search.trials) >= 2 or size == seeded_max)
                     steps = spec.confirm_optimizer_steps if speculative else spec.trial_optimizer_steps
-                    trial = self._trial(size, steps, "search", fresh=speculative)
+                    trial = self._trial(size, steps, "search", fresh=speculative, confirming=speculative)
                     if speculative and trial.outcome is Outcome.FIT:
                         confirming[size] = trial
                     search.record(trial)
@@ -217,7 +239,9 @@ class ConfigRun:
                     return search, _last_fit(search.trials, best)
                 if best in confirming:
                     return search, confirming[best]
-                confirmation = self._trial(best, spec.confirm_optimizer_steps, "confirm", fresh=True)
+                confirmation = self._trial(
+                    best, spec.confirm_optimizer_steps, "confirm", fresh=True, confirming=True
+                )
                 if confirmation.outcome is Outcome.FIT:
                     return search, confirmation
                 search.reject(best, confirmation)
@@ -247,6 +271,7 @@ def _config_result(
     capacity_bytes: int | None,
     floor_bytes: int | None = None,
     seeding: Seeding | None = None,
+    confirmation: Confirmation | None = None,
 ) -> ConfigResult:
     common = {
         "precision": precision,
@@ -288,6 +313,7 @@ def _config_result(
         samples_per_second=samples_per_second,
         tokens_per_second=tokens_per_second,
         confirmed=confirmed,
+        confirmation=confirmation,
         plan=make_plan(
             max_batch_size=best, target=spec.target_effective_batch_size, world_size=spec.world_size
         ),
@@ -349,6 +375,7 @@ def _search_config(
     if spec.predict_seeding and not device.predicted and capacity is not None:
         seed, seeding = _predict_seed(spec, task, capacity, stop)
     floor = _memory_floor(spec, task.precision, task.strategy, context)
+    plan = confirmation_plan(spec, device.kind) if confirm else None
     run = ConfigRun(
         spec=spec,
         task=task,
@@ -359,8 +386,12 @@ def _search_config(
         floor_bytes=floor or None,
         seed=seed,
         memo=memo,
+        confirmation=plan,
     )
     search, backing = run.run()
+    report = None
+    if plan is not None and backing is not None:
+        report = confirmation_report(plan, backing, run.all_trials, device.kind)
     if seeding is not None:
         right = search.prediction_right if isinstance(search, SeededSearch) else None
         seeding = seeding.model_copy(update={"device_trials": len(run.all_trials), "prediction_right": right})
@@ -376,6 +407,7 @@ def _search_config(
         capacity_bytes=capacity,
         floor_bytes=floor,
         seeding=seeding,
+        confirmation=report,
     )
 
 

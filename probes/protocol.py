@@ -107,6 +107,8 @@ class TrialRequest(Message):
     optimizer_steps: int = Field(gt=0)
     #: each micro-batch's padded length (dynamic padding, ``probes.confirmation``); none: ``seq_len``
     lengths: tuple[int, ...] | None = None
+    #: tests only: the trial raises the device's out-of-memory error before this micro-batch (0-based)
+    oom_at_micro_step: int | None = Field(default=None, ge=0)
 
 
 class CurveRequest(Message):

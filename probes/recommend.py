@@ -21,13 +21,15 @@ What the strategy adds (read from transformers 5.24's ``TrainingArguments`` and 
 - ``optim``: the optimizer that was measured.
 
 ``attn_implementation`` (and ``dtype`` for ``bf16-true``) are arguments of ``from_pretrained``, not
-of ``TrainingArguments``: they go into the recommendation's ``model_init_kwargs``.
+of ``TrainingArguments``: they go into the recommendation's ``model_init_kwargs``. The allocator
+settings are the job's environment: ``env`` (``PYTORCH_CUDA_ALLOC_CONF``).
 """
 
 from __future__ import annotations
 
 import math
 
+from probes.confirmation import ALLOC_CONF_VARIABLE
 from probes.finetuning_spec import (
     FinetuningFacts,
     base_dtype_name,
@@ -167,6 +169,12 @@ def finetuning_fields(
     return fields
 
 
+def job_environment(spec: ProbeSpec) -> dict[str, str]:
+    """The environment the job should run with: ``PYTORCH_CUDA_ALLOC_CONF`` as the trials ran with it
+    (on ``cuda``; the request's ``cuda_alloc_conf``), nothing when it is empty (torch's defaults)."""
+    return {ALLOC_CONF_VARIABLE: spec.cuda_alloc_conf} if spec.cuda_alloc_conf else {}
+
+
 def _strategy_rank(strategy: Strategy, world_size: int) -> int:
     """DDP before FSDP (it communicates less); ``single`` first for one rank, last for more."""
     order = (
@@ -297,6 +305,7 @@ def recommend(
         plan=best.plan,
         training_arguments=args,
         model_init_kwargs=model_init_kwargs(spec, best.precision),
+        env=job_environment(spec),
         why=why,
         **finetuning_fields(spec, best.precision, finetuning),
     )

@@ -242,6 +242,13 @@ JavaScript clients and 2**32 seeds are plenty; numpy's legacy seeding stops at 2
 MAX_NAME_LENGTH = 4096
 """``model.name_or_path``: PATH_MAX on Linux."""
 
+DEFAULT_CUDA_ALLOC_CONF = "expandable_segments:True"
+"""``PYTORCH_CUDA_ALLOC_CONF`` a request gets unless it names its own: segments grow in place instead of
+new blocks of every size (torch's own advice in its out-of-memory message)."""
+CUDA_ALLOC_CONF_PATTERN = r"^([a-z_]+:[A-Za-z0-9_.:]+(,[a-z_]+:[A-Za-z0-9_.:]+)*)?$"
+"""``option:value`` pairs separated by commas, as torch's allocator parses them (empty: torch's defaults)."""
+MAX_VARIED_STEPS = 256
+
 
 def _check_finite(config: dict[str, Any]) -> None:
     """Refuse NaN and ±Infinity anywhere in ``config``: JSON cannot carry them back (pydantic writes
@@ -531,6 +538,21 @@ class ProbeSpec(Frozen):
     confirm_optimizer_steps: Int = Field(
         default=4, ge=2, le=64, description="optimizer steps of the fresh-process confirmation"
     )
+    confirm_varied_steps: Int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_VARIED_STEPS,
+        description="optimizer steps at varying sequence lengths (dynamic padding) that the confirmation "
+        "runs after its worst-case steps, in the same process; null: 16 on cuda, 2 on simulated "
+        "(predict has no confirmation); 0: none",
+    )
+    cuda_alloc_conf: str = Field(
+        default=DEFAULT_CUDA_ALLOC_CONF,
+        max_length=512,
+        pattern=CUDA_ALLOC_CONF_PATTERN,
+        description="PYTORCH_CUDA_ALLOC_CONF the job will use: every trial child runs with it, and the "
+        "recommendation's env carries it; empty: torch's defaults",
+    )
     trial_timeout_seconds: Float = Field(default=600.0, gt=0, le=86_400)
     seed: Int = Field(default=0, ge=0, le=MAX_SEED, description="torch.manual_seed in every trial")
     predict_seeding: Bool = Field(
@@ -552,6 +574,7 @@ class ProbeSpec(Frozen):
         "trial_accumulation_steps",
         "trial_optimizer_steps",
         "confirm_optimizer_steps",
+        "confirm_varied_steps",
         "seed",
         mode="before",
     )
@@ -760,6 +783,19 @@ class TrialRecord(Frozen):
         description="out of memory: the bytes the trial needed at least (in use + requested at the failed "
         "allocation)",
     )
+    lengths: tuple[int, ...] | None = Field(
+        default=None,
+        description="a confirmation under dynamic padding: each micro-batch's padded length, in order "
+        "(null: every micro-batch at seq_len)",
+    )
+    micro_steps_done: int | None = Field(
+        default=None,
+        description="with lengths: the micro-batches whose forward and backward completed (on a failure: "
+        "the failing one is lengths[micro_steps_done])",
+    )
+    cuda_alloc_conf: str | None = Field(
+        default=None, description="PYTORCH_CUDA_ALLOC_CONF as the trial's process saw it (null: unset)"
+    )
 
     @property
     def peak_bytes(self) -> int | None:
@@ -793,6 +829,36 @@ class Seeding(Frozen):
     reason: str | None = None
 
 
+class Confirmation(Frozen):
+    """How the answer was confirmed: the worst case, then dynamic padding, with the job's allocator."""
+
+    batch_size: int
+    worst_case_optimizer_steps: int = Field(description="optimizer steps with every sequence at seq_len")
+    varied_optimizer_steps: int = Field(description="optimizer steps at varying lengths after them")
+    varied_lengths: tuple[int, ...] = Field(
+        default=(), description="the padded lengths of the varying micro-batches, in order"
+    )
+    all_fit: bool = Field(description="every step, the varying ones included, fitted")
+    cuda_alloc_conf: str | None = Field(
+        default=None, description="PYTORCH_CUDA_ALLOC_CONF in the confirming process (null: unset)"
+    )
+    reserved_minus_allocated_bytes: int | None = Field(
+        default=None,
+        description="cuda: max_memory_reserved - max_memory_allocated over the confirmation (the cache's "
+        "rounding and fragmentation); null where it is not measurable (simulated counts bytes)",
+    )
+    derived_headroom_bytes: int | None = Field(
+        default=None,
+        description="cuda with headroom_bytes 0: that margin rounded up to 2 MiB, which the answer's peak "
+        "had to leave free; null otherwise",
+    )
+    failed_sizes: tuple[int, ...] = Field(
+        default=(),
+        description="larger sizes that passed the worst-case steps and then failed a varying one (or the "
+        "derived headroom): what a worst-case-only confirmation would have returned",
+    )
+
+
 class ConfigResult(Frozen):
     """The search result for one (precision, checkpointing, strategy)."""
 
@@ -823,6 +889,9 @@ class ConfigResult(Frozen):
     )
     seeding: Seeding | None = Field(
         default=None, description="on cuda and simulated with predict_seeding: the prediction and the trials"
+    )
+    confirmation: Confirmation | None = Field(
+        default=None, description="the answer's confirmation (cuda and simulated; predict has none)"
     )
 
 
@@ -868,6 +937,11 @@ class Recommendation(Frozen):
     )
     prepare_model_for_kbit_training: dict[str, JsonValue] | None = Field(
         default=None, description="qlora: keyword arguments for peft.prepare_model_for_kbit_training"
+    )
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="environment variables for the training job: PYTORCH_CUDA_ALLOC_CONF as the "
+        "confirmation ran with it (cuda_alloc_conf)",
     )
     why: str
 
@@ -984,6 +1058,8 @@ class ConfigTask(Frozen):
     gpu: str | None = None
     seed: int = 0
     allow_remote_code: bool = False
+    #: PYTORCH_CUDA_ALLOC_CONF the child sets before CUDA starts (``None``: leave the environment as is)
+    cuda_alloc_conf: str | None = None
 
     @classmethod
     def for_config(
@@ -1011,6 +1087,7 @@ class ConfigTask(Frozen):
             gpu=spec.card,
             seed=spec.seed,
             allow_remote_code=allow_remote_code,
+            cuda_alloc_conf=spec.cuda_alloc_conf,
         )
 
 

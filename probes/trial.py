@@ -33,7 +33,9 @@ HF ``Trainer`` with the emitted arguments uses:
 With ``lengths`` (a confirmation under dynamic padding, ``probes.confirmation``), micro-batch ``k``
 of the trial is padded to ``lengths[k]`` (``seq_len`` once the list ends) as a padding collator pads
 a batch to its longest sequence: one row at that length, the others shorter (seeded), their padding
-masked out in ``attention_mask`` and ignored in ``labels`` (-100).
+masked out in ``attention_mask`` and ignored in ``labels`` (-100). The record then carries the
+lengths and how many micro-batches completed (on a failure, the failing one is the next), and every
+record the ``PYTORCH_CUDA_ALLOC_CONF`` the process ran with.
 
 Afterwards (fit or not) gradients are dropped, garbage collected and the device's cache emptied, so
 the next trial in the process starts from the weights alone. An error that poisons the CUDA context
@@ -43,6 +45,7 @@ sets :attr:`TrialSession.poisoned`: the parent must discard the process.
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 from collections.abc import Iterator, Sequence
@@ -52,6 +55,7 @@ from typing import Any
 
 import torch
 
+from probes.confirmation import ALLOC_CONF_VARIABLE
 from probes.devices import TrialDevice, open_device
 from probes.devices.counting import CountingMode
 from probes.errors import ProbeInputError
@@ -67,6 +71,10 @@ MAX_EXTRA_STEPS = 16
 
 MAX_GRAD_NORM = 1.0
 """Gradient clipping norm, HF ``TrainingArguments.max_grad_norm``'s default."""
+
+INJECTED_OOM = "CUDA out of memory (injected by a test)"
+"""The message of the out-of-memory error that ``oom_at_micro_step`` raises: the typed error the
+devices raise, so the trial classifies it as every other ``oom``."""
 
 
 @dataclass(frozen=True)
@@ -117,6 +125,7 @@ class TrialSession:
         self._build_need: int | None = None
         self._poisoned = False
         self._closed = False
+        self._micro_steps_done = 0
 
     @property
     def device(self) -> TrialDevice:
@@ -173,13 +182,15 @@ class TrialSession:
         accumulation_steps: int,
         optimizer_steps: int,
         lengths: Sequence[int] | None = None,
+        oom_at_micro_step: int | None = None,
     ) -> TrialRecord:
         """One trial; the outcome is returned, never raised (except for bad arguments and bad input).
 
         An out-of-memory outcome carries ``needed_bytes``: the bytes in use plus the allocation that
         failed, a lower bound of what the batch size needs. ``lengths``: the padded length of each
         micro-batch, in order (dynamic padding; see the module docstring); ``None``: every
-        micro-batch at ``seq_len``.
+        micro-batch at ``seq_len``. ``oom_at_micro_step`` (a test seam, :data:`INJECTED_OOM`): raise the
+        device's out-of-memory error before micro-batch ``k`` (0-based, counted over the whole trial).
         """
         if batch_size < 1 or accumulation_steps < 1 or optimizer_steps < 1:
             raise ValueError("batch_size, accumulation_steps and optimizer_steps must be at least 1")
@@ -187,6 +198,7 @@ class TrialSession:
             raise ValueError(f"every length must be within 1..{self.task.seq_len}")
         if self._closed:
             raise RuntimeError("this TrialSession is closed")
+        self._micro_steps_done = 0
 
         def record(
             outcome: Outcome, message: str | None, steps: _Steps | None = None, *, needed: int | None = None
@@ -202,6 +214,9 @@ class TrialSession:
                 message=message,
                 loss_flag=steps.loss_flag if steps else None,
                 needed_bytes=needed,
+                lengths=tuple(lengths) if lengths is not None else None,
+                micro_steps_done=self._micro_steps_done if lengths is not None else None,
+                cuda_alloc_conf=os.environ.get(ALLOC_CONF_VARIABLE),
             )
 
         if self._poisoned:
@@ -218,7 +233,7 @@ class TrialSession:
         if failure is not None:
             return record(failure[0], failure[1], needed=self._build_need)
         try:
-            steps = self._steps(batch_size, accumulation_steps, optimizer_steps, lengths)
+            steps = self._steps(batch_size, accumulation_steps, optimizer_steps, lengths, oom_at_micro_step)
         except ProbeInputError:
             raise
         except Exception as exc:  # noqa: BLE001 - a trial reports every failure as its outcome
@@ -261,6 +276,7 @@ class TrialSession:
         accumulation_steps: int,
         optimizer_steps: int,
         lengths: Sequence[int] | None = None,
+        oom_at_micro_step: int | None = None,
     ) -> _Steps:
         model = self._model
         assert model is not None
@@ -291,6 +307,8 @@ class TrialSession:
                 first = steps_done * accumulation_steps
                 batches = [self._batch(batch_size, lengths, first + k) for k in range(accumulation_steps)]
                 for index, batch in enumerate(batches):
+                    if first + index == oom_at_micro_step:
+                        raise torch.OutOfMemoryError(f"{INJECTED_OOM} before micro-batch {first + index}")
                     with recipe.micro_step(index, accumulation_steps):
                         with self._autocast(autocast_dtype):
                             outputs = model(**batch)
@@ -301,6 +319,7 @@ class TrialSession:
                         (scaler.scale(loss) if scaler is not None else loss).backward()
                     step_losses.append(loss.detach())
                     del loss
+                    self._micro_steps_done += 1
                 if scaler is not None:
                     scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(parameters, MAX_GRAD_NORM)

@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import gc
 import importlib
+import os
 from contextlib import suppress
 from multiprocessing.connection import Connection
 
 import torch
 import transformers
 
+from probes.confirmation import ALLOC_CONF_VARIABLE
 from probes.curve import measure_curve
 from probes.environment import collect_versions
 from probes.hf_support import training_arguments_support
@@ -83,6 +85,7 @@ def _answer(task: ConfigTask, session: TrialSession, request: InfoRequest | Tria
         accumulation_steps=request.accumulation_steps,
         optimizer_steps=request.optimizer_steps,
         lengths=request.lengths,
+        oom_at_micro_step=request.oom_at_micro_step,
     )
     if trial.message is not None:
         trial = trial.model_copy(update={"message": explain_host_failure(trial.message)})
@@ -110,9 +113,29 @@ def _curve(task: ConfigTask, request: CurveRequest) -> CurveReply:
     )
 
 
+def use_allocator_settings(task: ConfigTask) -> None:
+    """Run this child with the job's ``PYTORCH_CUDA_ALLOC_CONF`` (``task.cuda_alloc_conf``), before CUDA.
+
+    The variable is set on every device (only CUDA's caching allocator reads it; the trial records
+    report it); empty removes it (torch's defaults); ``None`` leaves the environment as inherited.
+    On ``cuda`` the allocator is also told directly: torch may have read the variable when the
+    forkserver imported it, before this child existed.
+    """
+    conf = task.cuda_alloc_conf
+    if conf is None:
+        return
+    if conf:
+        os.environ[ALLOC_CONF_VARIABLE] = conf
+    else:
+        os.environ.pop(ALLOC_CONF_VARIABLE, None)
+    if conf and task.device.startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.memory._set_allocator_settings(conf)
+
+
 def serve(conn: Connection, task_json: str) -> None:
     """Answer requests until ``stop`` or the parent goes away."""
     task = ConfigTask.model_validate_json(task_json)
+    use_allocator_settings(task)
     if not task.device.startswith("cuda"):
         # CPU-backed devices: one intra-op thread. Counted bytes do not depend on it, and OpenMP
         # workers that spin while other processes hold the cores made a tiny step 30x slower.
