@@ -29,8 +29,10 @@ and the next one runs; the report is rewritten after every part, so a killed run
 9. (``--parts 9 10``, issue 11) a ~0.85B and a 7B Llama (bf16-mixed, checkpointing off and on)
    searched on ``cuda:0`` by the trial loop with the plain search and with the predict-seeded one:
    GPU trials, GPU-seconds, same answers;
-10. then :data:`SOAK_STEPS` optimizer steps under dynamic padding at every size part 9 returned,
-   with the recommended ``PYTORCH_CUDA_ALLOC_CONF``: no out-of-memory, reserved - allocated.
+10. then, at every size part 9 returned, the engine's confirmation on cuda (worst case, then
+   varied lengths, the derived headroom) and :data:`SOAK_STEPS` optimizer steps under dynamic
+   padding, with the request's default ``PYTORCH_CUDA_ALLOC_CONF`` set as a trial child sets it:
+   no out-of-memory, reserved - allocated of both.
 
 Needs torch (CUDA), transformers and pydantic; Lightning and Accelerate for part 4. Never imports
 ``app`` (FastAPI is not needed). Without a GPU it says so and exits with code 3.
@@ -1023,57 +1025,81 @@ def part_seeded(timeout: float, memory: int, log: Path, work: Path) -> Part:
 
 
 def soak_worker(memory: int, out: Path, answers_file: Path) -> None:
-    """Child mode: SOAK_STEPS optimizer steps under dynamic padding at every answer of part 9."""
-    import torch
-
-    from probes.confirmation import dynamic_padding_lengths
-    from probes.spec import ConfigTask, ModelSpec, Precision
+    """Child mode: at every answer of part 9, the engine's confirmation on cuda (worst case, then
+    ``confirmation_plan``'s varied lengths, judged with the derived headroom), then SOAK_STEPS optimizer
+    steps under dynamic padding; both with the request's default ``cuda_alloc_conf`` set in this
+    process before CUDA starts, as a trial child sets it."""
+    from probes.confirmation import (
+        confirmation_plan,
+        dynamic_padding_lengths,
+        judge_confirmation,
+        reserved_minus_allocated,
+    )
+    from probes.spec import ConfigTask, ModelSpec, Precision, ProbeSpec
     from probes.trial import TrialSession
+    from probes.worker import use_allocator_settings
 
     answers = {
         (r["shape"], r["checkpointing"]): r["answer"][0] for r in _read_rows(answers_file) if r["answer"][0]
     }
     for (shape, checkpointing), batch in sorted(answers.items()):
         config, seq_len = SEED_SHAPES[shape]
-        task = ConfigTask(
+        spec = ProbeSpec(
             model=ModelSpec(architecture="llama", config=config),
             seq_len=seq_len,
-            precision=Precision(SEED_PRECISION),
-            gradient_checkpointing=checkpointing,
+            precisions=[Precision(SEED_PRECISION)],
+            gradient_checkpointing=[checkpointing],
+            target_effective_batch_size=batch,
             device="cuda:0",
             memory_limit_bytes=memory,
         )
-        lengths = dynamic_padding_lengths(seq_len, SOAK_STEPS, worst_case_steps=2)
+        task = ConfigTask.for_config(spec, Precision(SEED_PRECISION), checkpointing)
+        use_allocator_settings(task)
+        plan = confirmation_plan(spec, "cuda")
+        row: dict[str, Any] = {"shape": shape, "checkpointing": checkpointing, "batch_size": batch}
+        started = time.monotonic()
+        with TrialSession(task) as session:  # the confirmation, in a fresh model as in a fresh child
+            confirmation = session.run(
+                batch,
+                accumulation_steps=spec.trial_accumulation_steps,
+                optimizer_steps=plan.optimizer_steps,
+                lengths=plan.lengths,
+            )
+            judged = judge_confirmation(confirmation, plan, session.device.capacity_bytes)
+        row.update(
+            confirmation=judged.outcome.value,
+            confirmation_steps=judged.optimizer_steps,
+            confirmation_micro_steps_done=judged.micro_steps_done,
+            confirmation_reserved_minus_allocated=reserved_minus_allocated(confirmation),
+            confirmation_message=judged.message,
+            confirmation_seconds=round(time.monotonic() - started, 1),
+        )
+        lengths = dynamic_padding_lengths(seq_len, SOAK_STEPS, worst_case_steps=2, seed=spec.seed)
         started = time.monotonic()
         with TrialSession(task) as session:
             trial = session.run(batch, accumulation_steps=1, optimizer_steps=SOAK_STEPS, lengths=lengths)
-            gap = torch.cuda.max_memory_reserved() - torch.cuda.max_memory_allocated()
-        row = {
-            "shape": shape,
-            "checkpointing": checkpointing,
-            "batch_size": batch,
-            "outcome": trial.outcome.value,
-            "steps": trial.optimizer_steps,
-            "reserved": trial.peak_reserved_bytes,
-            "allocated": trial.peak_allocated_bytes,
-            "reserved_minus_allocated": int(gap),
-            "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
-            "message": trial.message,
-            "seconds": round(time.monotonic() - started, 1),
-        }
+        row.update(
+            outcome=trial.outcome.value,
+            steps=trial.optimizer_steps,
+            reserved=trial.peak_reserved_bytes,
+            allocated=trial.peak_allocated_bytes,
+            reserved_minus_allocated=reserved_minus_allocated(trial),
+            alloc_conf=trial.cuda_alloc_conf,
+            message=trial.message,
+            seconds=round(time.monotonic() - started, 1),
+        )
         with out.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(row) + "\n")
 
 
 def part_soak(timeout: float, memory: int, log: Path, work: Path) -> Part:
-    from probes.confirmation import ALLOC_CONF_VARIABLE, allocator_settings
+    from probes.spec import DEFAULT_CUDA_ALLOC_CONF
 
     part = Part(
-        f"10. {SOAK_STEPS} optimizer steps under dynamic padding at every size part 9 returned "
-        f"(issue 11), PYTORCH_CUDA_ALLOC_CONF with the advice"
+        f"10. the engine's confirmation, then {SOAK_STEPS} optimizer steps under dynamic padding, at "
+        f"every size part 9 returned (issue 11), PYTORCH_CUDA_ALLOC_CONF={DEFAULT_CUDA_ALLOC_CONF}"
     )
     rows_file = work / "soak.jsonl"
-    env = {**os.environ, ALLOC_CONF_VARIABLE: allocator_settings(os.environ.get(ALLOC_CONF_VARIABLE))}
     command = [
         sys.executable,
         "-m",
@@ -1083,27 +1109,40 @@ def part_soak(timeout: float, memory: int, log: Path, work: Path) -> Part:
         str(rows_file),
         str(work / "seeded.jsonl"),
     ]
-    ran = run_streaming(command, timeout, log, env=env)
+    ran = run_streaming(command, timeout, log)
     part.seconds = ran.seconds
     part.status = (
         "timed out" if ran.timed_out else ("ok" if ran.returncode == 0 else f"exit {ran.returncode}")
     )
+    rows = _read_rows(rows_file)
     part.lines = [
-        f"- {part.status}; {part.seconds:.0f} s; {ALLOC_CONF_VARIABLE}={env[ALLOC_CONF_VARIABLE]}",
+        f"- {part.status}; {part.seconds:.0f} s",
         "",
-        "| shape | ckpt | batch | outcome | steps | reserved GiB | allocated GiB "
-        "| reserved - allocated MiB | s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| shape | ckpt | batch | confirmation | conf. R-A MiB | soak | steps | reserved GiB "
+        "| allocated GiB | soak R-A MiB | alloc conf | s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for row in _read_rows(rows_file):
+    for row in rows:
         reserved, allocated = row.get("reserved") or 0, row.get("allocated") or 0
         part.lines.append(
             f"| {row['shape']} | {'on' if row['checkpointing'] else 'off'} | {row['batch_size']} | "
+            f"{row['confirmation']} | {_mib(row.get('confirmation_reserved_minus_allocated'))} | "
             f"{row['outcome']} | {row['steps']} | {reserved / GiB:.2f} | {allocated / GiB:.2f} | "
-            f"{row['reserved_minus_allocated'] / 2**20:.0f} | {row['seconds']} |"
+            f"{_mib(row.get('reserved_minus_allocated'))} | {row.get('alloc_conf')} | "
+            f"{row['confirmation_seconds'] + row['seconds']:.0f} |"
         )
-    part.data = _read_rows(rows_file)
+    missed = [r for r in rows if r["confirmation"] == "fit" and r["outcome"] != "fit"]
+    part.lines += [
+        "",
+        f"- soaks out of memory: {sum(r['outcome'] == 'oom' for r in rows)} of {len(rows)}; "
+        f"confirmed but failed the soak: {len(missed)}",
+    ]
+    part.data = rows
     return part
+
+
+def _mib(value: int | None) -> str:
+    return "-" if value is None else f"{value / 2**20:.0f}"
 
 
 # -- the driver ------------------------------------------------------------------------------------

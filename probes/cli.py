@@ -94,6 +94,8 @@ def build_spec(
     confirm_steps: int,
     gpu_type: str | None = None,
     predict_seeding: bool = True,
+    confirm_varied_steps: int | None = None,
+    cuda_alloc_conf: str | None = None,
 ) -> ProbeSpec:
     """The spec the flags describe; every problem ends in :func:`fail_input`."""
     overrides: object = {}
@@ -132,6 +134,8 @@ def build_spec(
         "gpu_type": gpu_type,
         "predict_seeding": predict_seeding,
     }
+    confirmation = {"confirm_varied_steps": confirm_varied_steps, "cuda_alloc_conf": cuda_alloc_conf}
+    fields.update({name: value for name, value in confirmation.items() if value is not None})
     if precision:
         fields["precisions"] = precision
     if strategy:
@@ -233,6 +237,18 @@ def _peak_cell(config: ConfigResult) -> str:
     return "-"
 
 
+def _confirmation_cell(config: ConfigResult) -> str:
+    """How the answer was confirmed: worst-case + varied optimizer steps; on cuda the reserved -
+    allocated margin measured there."""
+    report = config.confirmation
+    if report is None:
+        return "-"
+    cell = f"{report.worst_case_optimizer_steps}+{report.varied_optimizer_steps} steps"
+    if report.reserved_minus_allocated_bytes is not None:
+        cell += f", R-A {format_bytes(report.reserved_minus_allocated_bytes)}"
+    return cell
+
+
 def render_table(result: ProbeResult, console: Console) -> None:
     """A human summary of a result: one table per card (one row per config), each with its
     recommendation."""
@@ -262,6 +278,7 @@ def _render_card(spec: ProbeSpec, result: CardResult, console: Console) -> None:
         "first fail",
         "trials",
         "peak",
+        "confirmed",
         "plan",
     ):
         table.add_column(column)
@@ -276,6 +293,7 @@ def _render_card(spec: ProbeSpec, result: CardResult, console: Console) -> None:
             str(config.first_failing_batch_size or "-"),
             str(len(config.trials)),
             _peak_cell(config),
+            _confirmation_cell(config),
             (
                 f"{plan.per_device_train_batch_size} x {plan.gradient_accumulation_steps} x {plan.world_size}"
                 f" = {plan.effective_batch_size}"
@@ -296,6 +314,8 @@ def _render_card(spec: ProbeSpec, result: CardResult, console: Console) -> None:
     console.print_json(json.dumps(rec.training_arguments))
     console.print("from_pretrained / model_init_kwargs:")
     console.print_json(json.dumps(rec.model_init_kwargs))
+    for variable, setting in rec.env.items():
+        console.print(f"environment: {variable}={setting}")
     for name, value in (
         ("LoraConfig", rec.peft_config),
         ("BitsAndBytesConfig", rec.quantization_config),
@@ -384,6 +404,22 @@ def probe(
     ] = False,
     trial_timeout: Annotated[float, typer.Option("--trial-timeout", help="seconds per trial")] = 600.0,
     confirm_steps: Annotated[int, typer.Option("--confirm-steps", help="optimizer steps")] = 4,
+    confirm_varied_steps: Annotated[
+        int | None,
+        typer.Option(
+            "--confirm-varied-steps",
+            help="optimizer steps at varying lengths after the confirmation's worst case (default: "
+            "16 on cuda, 2 on simulated; 0: none)",
+        ),
+    ] = None,
+    cuda_alloc_conf: Annotated[
+        str | None,
+        typer.Option(
+            "--cuda-alloc-conf",
+            help="PYTORCH_CUDA_ALLOC_CONF the job will use (default expandable_segments:True; '' for "
+            "torch's defaults)",
+        ),
+    ] = None,
     predict_seeding: Annotated[
         bool,
         typer.Option(
@@ -423,6 +459,8 @@ def probe(
         trial_timeout=trial_timeout,
         confirm_steps=confirm_steps,
         predict_seeding=predict_seeding,
+        confirm_varied_steps=confirm_varied_steps,
+        cuda_alloc_conf=cuda_alloc_conf,
     )
     from probes.cards import run_request  # loaded after the flags are checked: `--help` stays fast
 

@@ -108,6 +108,8 @@ def test_args_read_back_by_a_real_hf_argument_parser(
     done = plan(real_server, *_request(TINY_GPT2), "--format", "args")
     assert done.returncode == 0, done.stderr
     assert "answered from an earlier identical probe" in done.stderr
+    # flags cannot carry the job's environment: the advice goes to stderr
+    assert "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" in done.stderr
     flags = shlex.split(done.stdout)
     assert flags[0] == "--per_device_train_batch_size"
     args = _hf_parse([*flags, "--output_dir", str(tmp_path / "out")])
@@ -138,14 +140,14 @@ def test_env_is_what_a_shell_can_eval(real_server: str, recommendation: dict[str
         f'eval "$({command})" && echo "$MAXBATCH_PER_DEVICE_TRAIN_BATCH_SIZE '
         "$MAXBATCH_GRADIENT_ACCUMULATION_STEPS $MAXBATCH_PRECISION $MAXBATCH_GRADIENT_CHECKPOINTING "
         '$MAXBATCH_STRATEGY" '
-        '&& echo "$MAXBATCH_TRAINING_ARGS"'
+        '&& echo "$MAXBATCH_TRAINING_ARGS" && echo "$PYTORCH_CUDA_ALLOC_CONF"'
     )
     done = subprocess.run(
         ["bash", "-c", script], cwd=ROOT, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    values, args = done.stdout.splitlines()
+    values, args, alloc_conf = done.stdout.splitlines()
     plan_ = recommendation["plan"]
     assert values.split() == [
         str(plan_["per_device_train_batch_size"]),
@@ -155,6 +157,9 @@ def test_env_is_what_a_shell_can_eval(real_server: str, recommendation: dict[str
         recommendation["strategy"],
     ]
     assert shlex.split(args) == training_flags(recommendation["training_arguments"])
+    # the job's environment as the confirmation ran with it, exported as the variable itself
+    assert recommendation["env"] == {"PYTORCH_CUDA_ALLOC_CONF": alloc_conf}
+    assert alloc_conf == "expandable_segments:True"
 
 
 def _fake(

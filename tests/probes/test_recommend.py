@@ -294,3 +294,20 @@ def test_predict_for_a_card_ranks_by_the_estimated_step_and_says_so(
     fallback = recommend(configs, spec=spec, device=predicted, support=support, model=unshaped)
     assert fallback is not None
     assert fallback.why.startswith("times on this device are not GPU times")
+
+
+def test_the_recommendation_carries_the_allocator_settings_as_the_jobs_environment(
+    support: TrainingArgumentsSupport,
+) -> None:
+    configs = [_config(Precision.BF16_MIXED, False, _plan(32, 8), sps=300.0)]
+    rec = recommend(configs, spec=_spec(), device=GPU, support=support)
+    assert rec is not None
+    assert rec.env == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in rec.training_arguments
+    _construct(rec.training_arguments)  # the environment is no TrainingArguments key
+    own = recommend(configs, spec=_spec(cuda_alloc_conf="max_split_size_mb:256"), device=GPU, support=support)
+    assert own is not None
+    assert own.env == {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:256"}
+    none = recommend(configs, spec=_spec(cuda_alloc_conf=""), device=GPU, support=support)
+    assert none is not None
+    assert none.env == {}

@@ -65,6 +65,9 @@ def test_round_trips_through_json() -> None:
         ({"headroom_bytes": 1 << 28}, "headroom_bytes must be smaller"),
         ({"world_size": 0}, "world_size"),
         ({"surprise": 1}, "surprise"),
+        ({"cuda_alloc_conf": "expandable_segments=True"}, "cuda_alloc_conf"),
+        ({"cuda_alloc_conf": "expandable_segments:True; rm -rf /"}, "cuda_alloc_conf"),
+        ({"confirm_varied_steps": -1}, "confirm_varied_steps"),
     ],
 )
 def test_rejects_bad_requests(fields: dict[str, object], fragment: str) -> None:
@@ -151,6 +154,8 @@ HUGE = 2**200
         ({"seq_len": HUGE}, "seq_len"),
         ({"memory_limit_bytes": HUGE}, "memory_limit_bytes"),
         ({"headroom_bytes": HUGE}, "headroom_bytes"),
+        ({"confirm_varied_steps": HUGE}, "confirm_varied_steps"),
+        ({"cuda_alloc_conf": "max_split_size_mb:1" + ",max_split_size_mb:1" * 40}, "cuda_alloc_conf"),
         ({"max_batch_size_limit": HUGE}, "max_batch_size_limit"),
         ({"dataset_size": HUGE}, "dataset_size"),
         ({"num_train_epochs": 1e300}, "num_train_epochs"),
@@ -252,6 +257,12 @@ def test_lora_numbers_are_strict() -> None:
         {"strategies": None, "world_size": 2},
         {"optimizer": "adamw"},  # the alias from before the optimizer axis
         {"optimizer": "lion"},
+        {"cuda_alloc_conf": "expandable_segments:True,max_split_size_mb:128"},
+        {"cuda_alloc_conf": ""},
+        {"cuda_alloc_conf": "expandable segments"},
+        {"confirm_varied_steps": None},
+        {"confirm_varied_steps": 0},
+        {"confirm_varied_steps": 257},
     ],
 )
 def test_the_request_schema_and_the_validator_agree_on_fields_main_added(fields: dict[str, Any]) -> None:
