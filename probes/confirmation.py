@@ -4,8 +4,8 @@ The search's trials and today's confirmation repeat the worst-case shape (every 
 ``seq_len``), which keeps CUDA's caching allocator in its easiest state: the same block sizes every
 step. A job with dynamic padding (``DataCollatorWithPadding``: each batch padded to its longest
 sequence) asks for new sizes every step, splits cached segments and fragments the cache; "the found
-size runs out of memory later" is what that looks like. Three pieces, pure Python (no torch), for
-the engine and the trial child:
+size runs out of memory later" is what that looks like. Pure Python (no torch), for the engine and
+the trial child:
 
 - :func:`dynamic_padding_lengths`: the sequence length of every micro step of a confirmation —
   the worst case first (so the peak and AdamW's state are reached as in the search), then lengths
@@ -18,6 +18,10 @@ the engine and the trial child:
 - :func:`derived_headroom_bytes`: on ``cuda``, the headroom a plan should keep, from what was
   measured at the answer: the largest gap between reserved and allocated bytes (the cache's
   fragmentation and rounding), rounded up to the allocator's 2 MiB granularity.
+- the engine's side: :func:`confirmation_plan` (what a confirmation runs on a device kind: the
+  worst case, then :data:`VARIED_OPTIMIZER_STEPS` at varying lengths), :func:`judge_confirmation`
+  (on ``cuda`` with ``headroom_bytes`` 0, a fit whose peak reserved plus its measured margin passes
+  the capacity is ``over_headroom``) and :func:`confirmation_report` (``ConfigResult.confirmation``).
 """
 
 from __future__ import annotations

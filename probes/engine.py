@@ -5,8 +5,9 @@ Per config the pure :class:`probes.search.LadderSearch` proposes batch sizes (ai
 weights, gradients and optimizer state); each trial runs in a :class:`probes.isolate.TrialChild`
 that keeps the model built between passing trials and is replaced after any other outcome (an OOM
 can leave the allocator fragmented; an error can leave a CUDA context poisoned). The chosen size is
-then re-run in a fresh child for ``confirm_optimizer_steps`` optimizer steps before it is reported
-as safe; a failed confirmation reopens the search below it.
+then re-run in a fresh child for ``confirm_optimizer_steps`` optimizer steps, and then at varying
+dynamic-padding lengths (``probes.confirmation``), before it is reported as safe; a failed
+confirmation reopens the search below it.
 
 With ``predict_seeding`` on ``cuda`` and ``simulated``, each config is first measured on
 ``predict`` for the device's capacity (``probes.curve`` in a CPU child: timelines at 2 and 3, the
