@@ -790,8 +790,8 @@ class TrialRecord(Frozen):
     )
     micro_steps_done: int | None = Field(
         default=None,
-        description="with lengths: the micro-batches whose forward and backward completed (on a failure: "
-        "the failing one is lengths[micro_steps_done])",
+        description="with lengths: the micro-batches whose forward and backward completed (on a failure, "
+        "it came in the next one or in the optimizer step after the last completed one)",
     )
     cuda_alloc_conf: str | None = Field(
         default=None, description="PYTORCH_CUDA_ALLOC_CONF as the trial's process saw it (null: unset)"

@@ -27,15 +27,17 @@ HF ``Trainer`` with the emitted arguments uses:
    optimizer step must run *with* that state: when the fp16 scaler skips steps (gradients overflow
    at the initial scale), extra steps run until one has (at most :data:`MAX_EXTRA_STEPS`; none when
    the loss itself is NaN or infinite, which no scale cures; the record's message then says so).
-6. ``step_seconds``: mean wall time per optimizer step, the first excluded (the device synchronised).
+6. ``step_seconds``: mean wall time per optimizer step, the first excluded (the device synchronised);
+   with ``lengths``, only the steps whose micro-batches are all at ``seq_len`` count, so throughput
+   stays the worst case's.
    ``16-mixed`` reports ``loss_flag`` ``nan`` / ``inf`` / ``zero`` when a loss was NaN, infinite or 0.0.
 
 With ``lengths`` (a confirmation under dynamic padding, ``probes.confirmation``), micro-batch ``k``
 of the trial is padded to ``lengths[k]`` (``seq_len`` once the list ends) as a padding collator pads
 a batch to its longest sequence: one row at that length, the others shorter (seeded), their padding
 masked out in ``attention_mask`` and ignored in ``labels`` (-100). The record then carries the
-lengths and how many micro-batches completed (on a failure, the failing one is the next), and every
-record the ``PYTORCH_CUDA_ALLOC_CONF`` the process ran with.
+lengths and how many micro-batches completed (a failure came in the next one, or in the optimizer
+step after the last), and every record the ``PYTORCH_CUDA_ALLOC_CONF`` the process ran with.
 
 Afterwards (fit or not) gradients are dropped, garbage collected and the device's cache emptied, so
 the next trial in the process starts from the weights alone. An error that poisons the CUDA context
@@ -331,7 +333,11 @@ class TrialSession:
                 optimizer.zero_grad(set_to_none=True)
                 del batch
                 device.synchronize()
-                seconds.append(time.perf_counter() - started)
+                worst_case = all(
+                    self._length(lengths, first + k) == self.task.seq_len for k in range(accumulation_steps)
+                )
+                if steps_done > 0 and worst_case:  # the first step is never timed
+                    seconds.append(time.perf_counter() - started)
                 # Read the step's losses now and let them go: tensors kept across steps would make
                 # the peak depend on how many steps ran (the fp16 scaler can add some).
                 losses.extend(self._values(step_losses))
@@ -350,16 +356,20 @@ class TrialSession:
         return _Steps(
             peak_reserved=reserved,
             peak_allocated=allocated,
-            step_seconds=sum(seconds[1:]) / (len(seconds) - 1) if len(seconds) > 1 else None,
+            step_seconds=sum(seconds) / len(seconds) if seconds else None,
             optimizer_steps=steps_done,
             loss_flag=self._loss_flag(losses) if fp16 else None,
             note=note,
         )
 
+    def _length(self, lengths: Sequence[int] | None, index: int) -> int:
+        """Micro-batch ``index``'s padded length: ``lengths[index]``, ``seq_len`` past the list's end."""
+        return self.task.seq_len if lengths is None or index >= len(lengths) else lengths[index]
+
     def _batch(
         self, batch_size: int, lengths: Sequence[int] | None = None, index: int = 0
     ) -> dict[str, torch.Tensor]:
-        padded = self.task.seq_len if lengths is None or index >= len(lengths) else lengths[index]
+        padded = self._length(lengths, index)
         shape = (batch_size, padded)
         device = self._device.torch_device
         input_ids = torch.randint(0, self._vocab_size, shape, device=device)

@@ -399,5 +399,18 @@ def test_a_trial_under_dynamic_padding_runs_its_steps_at_the_lengths_given(sessi
     assert record.outcome is Outcome.FIT
     assert record.optimizer_steps == 4
     assert record.peak_bytes is not None
+    assert record.lengths == tuple(lengths)
+    assert record.micro_steps_done == len(lengths)
+    # step 2 ([24, 64]) holds a shorter micro-batch, so only step 3 ([64, 64]) is timed: throughput
+    # stays the worst case's
+    timed = session.run(
+        2, accumulation_steps=2, optimizer_steps=3, lengths=[SEQ_LEN] * 2 + [24] + [SEQ_LEN] * 3
+    )
+    assert timed.step_seconds is not None
+    varied = session.run(2, accumulation_steps=2, optimizer_steps=2, lengths=[SEQ_LEN, SEQ_LEN, 8, SEQ_LEN])
+    assert varied.step_seconds is None  # the first step is never timed, the second was not the worst case
+    injected = session.run(2, accumulation_steps=2, optimizer_steps=2, lengths=lengths, oom_at_micro_step=3)
+    assert injected.outcome is Outcome.OOM
+    assert injected.micro_steps_done == 3
     with pytest.raises(ValueError, match=r"within 1\.\.64"):
         session.run(2, accumulation_steps=2, optimizer_steps=2, lengths=[SEQ_LEN + 1])
