@@ -56,7 +56,7 @@ def serve(
     """Run the HTTP service (SQLite store, one worker per device, simulated device without a GPU)."""
     import uvicorn
 
-    from app.main import create_app
+    from app.main import KEEP_ALIVE_SECONDS, create_app
 
     overrides: dict[str, Any] = {
         key: value
@@ -84,6 +84,7 @@ def serve(
         port=settings.port,
         log_level=settings.log_level,
         timeout_graceful_shutdown=10,
+        timeout_keep_alive=KEEP_ALIVE_SECONDS,
     )
 
 

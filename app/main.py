@@ -32,6 +32,16 @@ A job that succeeded has an `answer`: `fit` (the result's `recommendation` is th
 """
 
 
+KEEP_ALIVE_SECONDS = 75
+"""How long the server keeps an idle HTTP/1.1 connection open (uvicorn's ``timeout_keep_alive``;
+its default, 5 s, equals httpx's ``keepalive_expiry``). A server must keep an idle connection
+longer than its clients do, or it closes one just as a client reuses it: with uvicorn's 5 s, 200
+back-to-back httpx pollers on a loaded machine got ``RemoteProtocolError`` ("Server disconnected
+without sending a response") — after a stall of the event loop the keep-alive timer runs before
+the request already waiting on the socket is read. 75 s is nginx's default; pollers following
+``Retry-After`` and the dashboard (every 2 s) never come near it."""
+
+
 def create_app(settings: Settings | None = None, *, inventory: Inventory | None = None) -> FastAPI:
     """Build the app. ``inventory`` replaces NVML (tests); the runtime starts with the lifespan."""
     settings = settings or get_settings()

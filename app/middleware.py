@@ -125,8 +125,9 @@ class NotModified:
     """``GET /v1/probes/{id}`` whose ``If-None-Match`` names the job's current ETag: a bare ``304``.
 
     The answer the route would give (same tag, same headers), without FastAPI's routing,
-    dependencies and validation: a poller that has the state pays one store read in a worker
-    thread. Anything else (no ``If-None-Match``, another tag, a query such as ``?wait=``, an unknown
+    dependencies and validation: a poller that has the state pays a dictionary lookup on the event
+    loop while the job's row is unchanged (``Store.cached``), one store read in a worker thread after
+    it changed. Anything else (no ``If-None-Match``, another tag, a query such as ``?wait=``, an unknown
     job, a service still starting) goes on to the route.
     """
 
@@ -140,7 +141,10 @@ class NotModified:
             if_none_match = Headers(scope=scope).get("if-none-match") if match else None
             runtime = getattr(scope["app"].state, "runtime", None) if if_none_match else None
             if match and runtime is not None:
-                current = await anyio.to_thread.run_sync(partial(runtime.jobs.tag, match.group(1)))
+                job_id = match.group(1)
+                current = runtime.jobs.known_tag(job_id) or await anyio.to_thread.run_sync(
+                    partial(runtime.jobs.tag, job_id)
+                )
                 if current is not None and etag_matches(if_none_match, current.etag):
                     headers = conditional_headers(
                         current.etag, settled=current.settled, retry_after=self.retry_after

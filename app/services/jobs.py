@@ -199,7 +199,9 @@ class JobService:
 
     def read(self, job_id: str, if_none_match: str | None = None) -> Versioned[Job]:
         """The job and its ETag; ``value`` is ``None`` when ``if_none_match`` names the ETag it has."""
-        record = self._record(job_id)
+        return self._versioned(self._record(job_id), if_none_match)
+
+    def _versioned(self, record: JobRecord, if_none_match: str | None) -> Versioned[Job]:
         tag, settled = record_etag(record), record.status in TERMINAL_STATUSES
         if etag_matches(if_none_match, tag):
             return Versioned(tag, None, settled)
@@ -209,6 +211,14 @@ class JobService:
         """The job's current ETag (and whether it has settled), without building it; ``None`` if
         there is no such job."""
         record = self.store.get(job_id)
+        if record is None:
+            return None
+        return Versioned(record_etag(record), None, record.status in TERMINAL_STATUSES)
+
+    def known_tag(self, job_id: str) -> Versioned[None] | None:
+        """:meth:`tag` from the rows the store holds in memory (no lock, no SQL: an event-loop
+        caller may use it); ``None`` when the row is not held (then ask :meth:`tag`)."""
+        record = self.store.cached(job_id)
         if record is None:
             return None
         return Versioned(record_etag(record), None, record.status in TERMINAL_STATUSES)
@@ -236,6 +246,9 @@ class JobService:
         if seconds > 0:
             await _off_loop(self._record, job_id)  # an unknown job is a 404 at once
             await self._await(job_id, min(seconds, self.settings.max_wait_seconds), if_none_match)
+        record = self.store.cached(job_id)  # unchanged since it was last read: no thread needed
+        if record is not None:
+            return self._versioned(record, if_none_match)
         return await _off_loop(self.read, job_id, if_none_match)
 
     def trials(self, job_id: str, after_seq: int = 0) -> TrialList:

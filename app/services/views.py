@@ -111,8 +111,10 @@ def _digest(records: Sequence[JobRecord]) -> str:
     return f'W/"{digest.hexdigest()}"'
 
 
+@lru_cache(maxsize=1024)
 def record_etag(record: JobRecord) -> str:
-    """The ETag of a job: it changes whenever anything stored about the job does."""
+    """The ETag of a job: it changes whenever anything stored about the job does. Kept per row
+    (a row is immutable): pollers of an unchanged job share one digest of its spec and result."""
     return _digest([record])
 
 

@@ -2,6 +2,11 @@
 
 Every method is one transaction, so a SIGKILL leaves either the state before or after it. The
 store knows rows, not HTTP: it returns :class:`JobRecord` values and small outcome enums.
+
+Job rows read by :meth:`Store.get` are kept in memory until the next write of any kind, so that
+pollers of an unchanged job are answered from :meth:`Store.cached` (a dictionary lookup: no SQL, no
+lock, nothing that blocks) instead of queueing behind the lock and its writers. One service
+process owns the database (the data directory's lock file), so every write passes through here.
 """
 
 from __future__ import annotations
@@ -125,6 +130,9 @@ class RunDurations:
 
 _JOB_COLUMNS = ", ".join(JobRecord.__dataclass_fields__)
 
+MAX_CACHED_ROWS = 4096
+"""Job rows kept between two writes at most (a service writes every few seconds while it probes)."""
+
 
 def _record(row: sqlite3.Row) -> JobRecord:
     values = dict(row)
@@ -145,6 +153,8 @@ class Store:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=NORMAL")
         self._conn.execute("PRAGMA foreign_keys=ON")
+        #: job rows as last read, emptied by every write (filled and emptied under ``_lock``)
+        self._rows: dict[str, JobRecord] = {}
         with self._lock:
             self.version = migrate(self._conn)
 
@@ -162,6 +172,9 @@ class Store:
                 self._conn.execute("ROLLBACK")
                 raise
             self._conn.execute("COMMIT")
+            # Before the lock is released: a reader that takes the lock next reads the new rows,
+            # and no copy read before this write can be put back.
+            self._rows = {}
 
     def ping(self) -> None:
         """Raise when the database cannot answer a query."""
@@ -172,8 +185,23 @@ class Store:
 
     def get(self, job_id: str) -> JobRecord | None:
         with self._lock:
+            known = self._rows.get(job_id)
+            if known is not None:
+                return known
             row = self._conn.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return _record(row) if row else None
+            if row is None:
+                return None
+            record = _record(row)
+            if len(self._rows) >= MAX_CACHED_ROWS:
+                self._rows = {}
+            self._rows[job_id] = record
+            return record
+
+    def cached(self, job_id: str) -> JobRecord | None:
+        """The job's row if :meth:`get` read it since the last write, else ``None`` (then ask
+        :meth:`get`). Takes no lock and runs no SQL: safe on the event loop. A write empties the
+        cache before it returns, so a client that saw its write answered never reads an older row."""
+        return self._rows.get(job_id)
 
     def page(
         self, *, limit: int, after: str | None = None, statuses: list[JobStatus] | None = None

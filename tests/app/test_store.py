@@ -251,3 +251,34 @@ def test_migration_4_gives_earlier_succeeded_jobs_their_answer(tmp_path: Path) -
     answers = {job: record.answer for job in ("fit", "nofit", "failed") if (record := store.get(job))}
     assert answers == {"fit": "fit", "nofit": "no_fit", "failed": None}
     store.close()
+
+
+def test_a_read_row_is_held_until_the_next_write(store: Store) -> None:
+    """``cached`` (the pollers' path, no lock) gives the row ``get`` read, and nothing once any
+    write has committed: a client never reads a row older than a write it saw answered."""
+    _submit(store, "a")
+    assert store.cached("a") is None  # never read yet
+    first = store.get("a")
+    assert first is not None
+    assert store.cached("a") is first
+    assert store.get("a") is first  # no second query while nothing changed
+    assert store.set_queued_reason("a", "waiting for the GPU")
+    assert store.cached("a") is None
+    again = store.get("a")
+    assert again is not None
+    assert again.queued_reason == "waiting for the GPU"
+    store.add_event("a", "queued", {})  # a write of another table empties it too
+    assert store.cached("a") is None
+    assert store.get("missing") is None
+    assert store.cached("missing") is None
+
+
+def test_a_failed_write_keeps_nothing_stale(store: Store) -> None:
+    _submit(store, "a")
+    held = store.get("a")
+    with pytest.raises(sqlite3.IntegrityError):
+        store.submit(
+            _new("a", key="k2"), idempotency_key=None, request_hash="h", reuse_cached=False, max_queued=10
+        )
+    assert store.cached("a") in (None, held)  # rolled back: the held row is still the stored one
+    assert store.get("a") == held

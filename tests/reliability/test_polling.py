@@ -5,6 +5,9 @@ No timing is asserted here (the machine may be loaded); ``bench/reliability.py``
 
 from __future__ import annotations
 
+import socket
+import time
+
 import httpx
 import pytest
 
@@ -53,3 +56,40 @@ def test_reads_keep_answering_while_the_event_loop_serves_pollers(
         done = client.get(f"/v1/probes/{running_job}", headers={"If-None-Match": etag})
         assert done.status_code == 200
         assert done.json()["status"] == "cancelled"
+
+
+def _answer(sock: socket.socket) -> bytes:
+    """One HTTP/1.1 answer with a Content-Length, read whole (``b""`` if the server closed)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return head
+
+
+def test_a_connection_idle_as_long_as_a_client_keeps_it_is_still_served(service: LiveServer) -> None:
+    """httpx keeps an idle connection for 5 s (``keepalive_expiry``) and reuses it until then; the
+    server must keep it longer, or a reused connection is closed under the request
+    (``RemoteProtocolError``). uvicorn's default closed it after 5 s, exactly httpx's expiry."""
+    idle = httpx.Limits().keepalive_expiry
+    assert idle is not None
+    request = f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{service.port}\r\n\r\n".encode()
+    with socket.create_connection(("127.0.0.1", service.port), timeout=30) as sock:
+        sock.sendall(request)
+        assert _answer(sock).startswith(b"HTTP/1.1 200")
+        time.sleep(idle + 1)  # the scenario itself: a client idle as long as httpx keeps a connection
+        sock.sendall(request)
+        assert _answer(sock).startswith(b"HTTP/1.1 200")
