@@ -16,7 +16,7 @@ from app.api.openapi import service_openapi
 from app.apidocs import router as apidocs
 from app.dashboard.router import router as dashboard_router
 from app.inventory import Inventory
-from app.middleware import BodyLimitMiddleware, NotModified, TokenGate
+from app.middleware import BodyLimitMiddleware, JobReads, TokenGate
 from app.services.runtime import Runtime
 from app.settings import Settings, get_settings
 from probes.environment import package_version
@@ -70,9 +70,9 @@ def create_app(settings: Settings | None = None, *, inventory: Inventory | None 
     errors.install(app)
     # Starlette runs the middleware added last first: the token gate before anything else, so a
     # request without the token is refused before any of its body is read; then a poller's
-    # conditional read (304 without entering FastAPI); then the body limit.
+    # read of a job (its row held by the store: answered without entering FastAPI); then the body limit.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(NotModified, retry_after=settings.poll_interval_seconds)
+    app.add_middleware(JobReads, retry_after=settings.poll_interval_seconds)
     if settings.token is not None:
         app.add_middleware(TokenGate, token=settings.token, reads_need_token=settings.reads_need_token)
     app.include_router(probes.router)

@@ -19,8 +19,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.api.probes import conditional_response
 from app.errors import PayloadTooLarge, Unauthorized, problem_response
-from app.services.views import conditional_headers, etag_matches
+from app.services.jobs import JobService
+from app.services.views import etag_matches
 
 READ_METHODS = frozenset({"GET", "HEAD"})
 
@@ -120,15 +122,20 @@ class BodyLimitMiddleware:
 
 JOB_PATH = re.compile(r"/v1/probes/([^/]+)")
 
+MAX_IF_NONE_MATCH = 1024
+"""Longer ``If-None-Match`` values go to the route, which refuses them (422) as its schema says."""
 
-class NotModified:
-    """``GET /v1/probes/{id}`` whose ``If-None-Match`` names the job's current ETag: a bare ``304``.
 
-    The answer the route would give (same tag, same headers), without FastAPI's routing,
-    dependencies and validation: a poller that has the state pays a dictionary lookup on the event
-    loop while the job's row is unchanged (``Store.cached``), one store read in a worker thread after
-    it changed. Anything else (no ``If-None-Match``, another tag, a query such as ``?wait=``, an unknown
-    job, a service still starting) goes on to the route.
+class JobReads:
+    """``GET /v1/probes/{id}`` without a query, answered before FastAPI: the job, or a bare ``304``
+    when ``If-None-Match`` names its current ETag (the route's answer: same bytes, same headers).
+
+    While the job's row is unchanged since it was last read, the store holds it (``Store.cached``):
+    the answer costs a dictionary lookup on the event loop, no worker thread, no lock, no routing,
+    dependencies or validation; a poller's ``304`` costs the ETag kept for that row. After a change,
+    a conditional read takes one store read in a worker thread; an unconditional one goes to the
+    route (which reads the row, and so holds it again). Anything else (a query such as ``?wait=``,
+    an unknown job, a service still starting) goes to the route.
     """
 
     def __init__(self, app: ASGIApp, *, retry_after: int) -> None:
@@ -138,17 +145,24 @@ class NotModified:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "GET" and not scope.get("query_string"):
             match = JOB_PATH.fullmatch(scope["path"])
-            if_none_match = Headers(scope=scope).get("if-none-match") if match else None
-            runtime = getattr(scope["app"].state, "runtime", None) if if_none_match else None
+            runtime = getattr(scope["app"].state, "runtime", None) if match else None
             if match and runtime is not None:
-                job_id = match.group(1)
-                current = runtime.jobs.known_tag(job_id) or await anyio.to_thread.run_sync(
-                    partial(runtime.jobs.tag, job_id)
-                )
-                if current is not None and etag_matches(if_none_match, current.etag):
-                    headers = conditional_headers(
-                        current.etag, settled=current.settled, retry_after=self.retry_after
-                    )
-                    await Response(status_code=304, headers=headers)(scope, receive, send)
+                response = await self._answer(runtime.jobs, match.group(1), Headers(scope=scope))
+                if response is not None:
+                    await response(scope, receive, send)
                     return
         await self.app(scope, receive, send)
+
+    async def _answer(self, jobs: JobService, job_id: str, headers: Headers) -> Response | None:
+        if_none_match = headers.get("if-none-match")
+        if if_none_match is not None and len(if_none_match) > MAX_IF_NONE_MATCH:
+            return None
+        known = jobs.known(job_id, if_none_match)
+        if known is not None:
+            return conditional_response(known, retry_after=self.retry_after)
+        if not if_none_match:
+            return None
+        current = await anyio.to_thread.run_sync(partial(jobs.tag, job_id))
+        if current is None or not etag_matches(if_none_match, current.etag):
+            return None
+        return conditional_response(current, retry_after=self.retry_after)

@@ -13,8 +13,11 @@ Sections:
   simulated device (the real model inspector answers every POST); ``--fuzz-examples`` per
   operation and phase, enough for more than 5,000 requests;
 - ``pollers``: a real probe runs (a GPT-2 sweep on the simulated device) while 200 pollers, each
-  its own ``httpx.AsyncClient``, read its job back to back for 30 s: once with ``If-None-Match``
-  (as a client that keeps the state it has), once without;
+  its own ``httpx.AsyncClient``, read its job for 30 s: back to back (the saturation run: on two
+  shared cores it measures the clients' CPU as much as the service's), then each every
+  ``--poll-interval`` seconds from a random start (the load real pollers make: the dashboard reads
+  a job every 2 s, clients follow ``Retry-After``); each once with ``If-None-Match`` (as a client
+  that keeps the state it has, and a browser, do), once without;
 - ``posts``: 1,000 identical ``POST /v1/probes`` at once (real engine): latency, how many jobs and
   probe runs they made;
 - ``drills``: every kill drill of ``tests/reliability/drills.py`` (fake probe engine: the drills
@@ -139,9 +142,12 @@ def pollers(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
     with LiveServer(workdir / "pollers", real_engine_env()) as server, server.client() as client:
         job_id = client.post("/v1/probes", json=LONG_PROBE).json()["id"]
         wait_for(client, job_id, lambda j: j["status"] == "running", timeout=120)
-        for conditional in (True, False):
-            label = "with If-None-Match" if conditional else "without If-None-Match"
-            print(f"load average before the {label} run: {load_average()}")
+        runs = [(0.0, True), (0.0, False), (args.poll_interval, True), (args.poll_interval, False)]
+        for interval, conditional in runs:
+            how = f"every {interval:g} s" if interval else "back to back"
+            label = f"{how}, {'with' if conditional else 'without'} If-None-Match"
+            load_before = load_average()
+            print(f"load average before the {label} run: {load_before}")
             assert server.proc is not None
             server_cpu = cpu_seconds(server.proc.pid)
             result = poll(
@@ -150,6 +156,8 @@ def pollers(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
                 clients=args.pollers,
                 seconds=args.poll_seconds,
                 conditional=conditional,
+                interval=interval,
+                seed=args.seed,
             )
             server_cpu = cpu_seconds(server.proc.pid) - server_cpu
             still = client.get(f"/v1/probes/{job_id}").json()["status"]
@@ -171,7 +179,10 @@ def pollers(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
                 "probe_status_after": still,
                 "server_cpu_ms_per_answer": round(server_cpu / result.requests * 1000, 3),
                 "client_cpu_ms_per_answer": round(client_cpu / result.requests * 1000, 3),
-                "load_average_before": load_average(),
+                "server_cpu_share_of_a_core": round(server_cpu / result.seconds, 3),
+                "client_cpu_share_of_a_core": round(client_cpu / result.seconds, 3),
+                "load_average_before": load_before,
+                "load_average_after": load_average(),
             }
         client.post(f"/v1/probes/{job_id}/cancel")
     return out
@@ -250,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=20261201)
     parser.add_argument("--pollers", type=int, default=200)
     parser.add_argument("--poll-seconds", type=float, default=30.0)
+    parser.add_argument(
+        "--poll-interval", type=float, default=1.0, help="seconds between a paced poller's requests"
+    )
     parser.add_argument("--posts", type=int, default=1000)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "reliability.json")
     args = parser.parse_args(argv)

@@ -68,7 +68,7 @@ def _json(body: BaseModel, *, status: int = 200, headers: dict[str, str] | None 
     return Response(body.model_dump_json(), status_code=status, headers=headers, media_type=JSON)
 
 
-def _conditional(versioned: Versioned[Any], *, retry_after: int) -> Response:
+def conditional_response(versioned: Versioned[Any], *, retry_after: int) -> Response:
     """The body, or a bodiless ``304`` when the client's ``If-None-Match`` named the ETag it has."""
     headers = conditional_headers(versioned.etag, settled=versioned.settled, retry_after=retry_after)
     if versioned.value is None:
@@ -146,7 +146,7 @@ def list_probes(
     if_none_match: IfNoneMatch = None,
 ) -> Response:
     page = jobs.page(limit=limit, after=after, statuses=status, if_none_match=if_none_match)
-    return _conditional(page, retry_after=0)
+    return conditional_response(page, retry_after=0)
 
 
 @router.get(
@@ -177,7 +177,7 @@ async def get_probe(
     if_none_match: IfNoneMatch = None,
 ) -> Response:
     versioned = await jobs.wait(job_id, wait, if_none_match)
-    return _conditional(versioned, retry_after=settings.poll_interval_seconds)
+    return conditional_response(versioned, retry_after=settings.poll_interval_seconds)
 
 
 def _event_id(value: str | None) -> int:

@@ -215,13 +215,11 @@ class JobService:
             return None
         return Versioned(record_etag(record), None, record.status in TERMINAL_STATUSES)
 
-    def known_tag(self, job_id: str) -> Versioned[None] | None:
-        """:meth:`tag` from the rows the store holds in memory (no lock, no SQL: an event-loop
-        caller may use it); ``None`` when the row is not held (then ask :meth:`tag`)."""
+    def known(self, job_id: str, if_none_match: str | None) -> Versioned[Job] | None:
+        """:meth:`read` from the row the store holds in memory (no lock, no SQL: an event-loop
+        caller may use it); ``None`` when it holds none (then ask :meth:`read` or :meth:`tag`)."""
         record = self.store.cached(job_id)
-        if record is None:
-            return None
-        return Versioned(record_etag(record), None, record.status in TERMINAL_STATUSES)
+        return None if record is None else self._versioned(record, if_none_match)
 
     def page(
         self,
@@ -246,9 +244,9 @@ class JobService:
         if seconds > 0:
             await _off_loop(self._record, job_id)  # an unknown job is a 404 at once
             await self._await(job_id, min(seconds, self.settings.max_wait_seconds), if_none_match)
-        record = self.store.cached(job_id)  # unchanged since it was last read: no thread needed
-        if record is not None:
-            return self._versioned(record, if_none_match)
+        known = self.known(job_id, if_none_match)  # unchanged since it was last read: no thread
+        if known is not None:
+            return known
         return await _off_loop(self.read, job_id, if_none_match)
 
     def trials(self, job_id: str, after_seq: int = 0) -> TrialList:

@@ -122,3 +122,19 @@ def test_pollers_of_an_unchanged_job_are_answered_while_a_write_holds_the_store(
         thread.join()
     assert answered == [[304], [200]]
     client.post(f"{path}/cancel")
+
+
+def test_a_read_answered_before_the_route_is_the_routes_answer(client: TestClient) -> None:
+    """``JobReads`` answers plain job reads itself: same status, bytes and headers as the route
+    (which ``?wait=0`` reaches); an If-None-Match the route refuses is still refused."""
+    job_id = client.post("/v1/probes", json=probe_body()).json()["id"]
+    wait_done(client, job_id)
+    path = f"/v1/probes/{job_id}"
+    route = client.get(path, params={"wait": 0})
+    early = client.get(path)
+    assert early.status_code == route.status_code == 200
+    assert early.content == route.content
+    for header in ("etag", "cache-control", "content-type", "content-length"):
+        assert early.headers.get(header) == route.headers.get(header), header
+    assert client.get(path, headers={"If-None-Match": "x" * 1025}).status_code == 422
+    assert client.get("/v1/probes/no-such-job").status_code == 404

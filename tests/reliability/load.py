@@ -2,16 +2,20 @@
 
 Each poller is its own ``httpx.AsyncClient`` (its own connection), all on one event loop in the
 calling process, so that the load generator stays light next to the server it measures. A poller
-sends the next request as soon as the last answer arrived (closed loop, no think time: the
-heaviest polling 200 clients can make), optionally with ``If-None-Match`` set to the last ETag it
-saw, as a client that keeps the state it has does. Latency is measured from just before a request
-is sent to its whole answer, with ``time.perf_counter``.
+either sends the next request as soon as the last answer arrived (closed loop, no think time: the
+heaviest polling 200 clients can make, which on a small machine measures the clients' own CPU as
+much as the service), or every ``interval`` seconds from a random start within the first interval
+(as the dashboard polls a job every 2 s and clients follow ``Retry-After``); optionally with
+``If-None-Match`` set to the last ETag it saw, as a client that keeps the state it has does (a
+browser revalidates so by itself). Latency is measured from just before a request is sent to its
+whole answer, with ``time.perf_counter``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+import random
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -67,9 +71,17 @@ async def _poller(
     result: LoadResult,
     *,
     conditional: bool,
+    interval: float = 0.0,
+    start_after: float = 0.0,
 ) -> None:
     etag: str | None = None
-    while time.monotonic() < deadline:
+    next_at = time.monotonic() + start_after
+    while True:
+        if interval:
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+            next_at += interval
+        if time.monotonic() >= deadline:
+            return
         request_headers = {"If-None-Match": etag} if conditional and etag else {}
         started = time.perf_counter()
         try:
@@ -91,8 +103,11 @@ def poll(
     conditional: bool = True,
     headers: dict[str, str] | None = None,
     timeout: float = 30.0,
+    interval: float = 0.0,
+    seed: int = 0,
 ) -> LoadResult:
-    """``clients`` pollers GET ``path`` back to back for ``seconds``.
+    """``clients`` pollers GET ``path`` for ``seconds``: back to back, or each every ``interval``
+    seconds from a start drawn uniformly in the first interval (``seed``).
 
     The clients are made before the clock starts (an ``httpx`` client builds an SSL context, tens
     of milliseconds of CPU that would otherwise land in the first requests' latencies).
@@ -104,8 +119,20 @@ def poll(
         try:
             started, cpu = time.monotonic(), time.process_time()
             deadline = started + seconds
+            draw = random.Random(seed)
             await asyncio.gather(
-                *(_poller(c, path, deadline, result, conditional=conditional) for c in pollers)
+                *(
+                    _poller(
+                        c,
+                        path,
+                        deadline,
+                        result,
+                        conditional=conditional,
+                        interval=interval,
+                        start_after=draw.uniform(0, interval),
+                    )
+                    for c in pollers
+                )
             )
             result.seconds = time.monotonic() - started
             result.notes["client_cpu_seconds"] = time.process_time() - cpu

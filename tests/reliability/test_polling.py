@@ -40,6 +40,14 @@ def test_pollers_without_etags_get_the_job(service: LiveServer, running_job: str
     assert set(result.statuses) == {200}, result.summary()
 
 
+def test_pollers_at_an_interval_send_one_request_per_interval(service: LiveServer, running_job: str) -> None:
+    result = poll(
+        service.url, f"/v1/probes/{running_job}", clients=20, seconds=1, conditional=True, interval=0.25
+    )
+    assert not result.errors, result.summary()
+    assert 20 <= result.requests <= 20 * 4, result.summary()  # 4 intervals in the second, one each
+
+
 def test_reads_keep_answering_while_the_event_loop_serves_pollers(
     service: LiveServer, running_job: str
 ) -> None:
