@@ -17,7 +17,11 @@ would find, to the byte of every peak — where the shapes agree. Where they do 
 and 3 differ, the layers do not repeat, a trial did not run to the end), :class:`CurveOutcome`
 carries no curve and says why: the caller searches with trials as before.
 
-Phase 2 of issue 11 wires this into the engine; until then ``bench/depth_predict.py`` calls it.
+The engine calls it in a trial child twice: to seed ``cuda``/``simulated`` searches
+(``probes.engine._predict_seed``), and on ``predict`` itself to answer a deep model from its base
+depths (``probes.deep_predict``, with ``require_depth_extrapolation``: no trials where the depth
+plan does not apply, the engine then searches at full depth). ``bench/depth_predict.py`` calls it
+directly.
 """
 
 from __future__ import annotations
@@ -27,10 +31,10 @@ from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
-from probes.depth import DepthPlan, depth_plan, extrapolate_depth, reduced_depth_overrides
+from probes.depth import DepthPlan, depth_plan, extrapolate_depth, model_depth, reduced_depth_overrides
 from probes.models import inspect_model, load_config
 from probes.search import training_state_bytes
-from probes.spec import ConfigTask, Outcome, Strategy
+from probes.spec import ConfigTask, Outcome, Strategy, TrialRecord
 from probes.timeline import AffineTimeline, PeakCurve, ShapeMismatch, Timeline, constant_timeline, fit_affine
 from probes.trial import TrialSession
 
@@ -53,6 +57,10 @@ class CurveOutcome:
     trials: int = 0
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    #: every trial run, with ``layers`` set where it ran on the model cut to a base depth
+    records: list[TrialRecord] = field(default_factory=list)
+    #: the model's own decoder layers, where its config states them
+    layers: int | None = None
 
 
 class _NoCurve(Exception):
@@ -66,10 +74,12 @@ def measure_curve(
     optimizer_steps: int = 2,
     extrapolate_depth_allowed: bool = True,
     upper_limit: int | None = None,
+    require_depth_extrapolation: bool = False,
 ) -> CurveOutcome:
     """The peak at every batch size of ``task``'s config, from a few timelines (see the module docstring).
 
     ``bracket`` is the curve's ladder answer for the device's capacity, within ``upper_limit``.
+    ``require_depth_extrapolation``: where the depth plan does not apply, run no trial and say why.
     """
     started = time.perf_counter()
     outcome = CurveOutcome()
@@ -92,9 +102,15 @@ def measure_curve(
             )
             outcome.seconds = time.perf_counter() - started
             return outcome
+        found = model_depth(config.to_dict())
+        outcome.layers = found[1] if found is not None else None
         plan = depth_plan(str(config.model_type), config.to_dict()) if extrapolate_depth_allowed else None
         if isinstance(plan, str):
             outcome.notes.append(f"full depth: {plan}")
+        if require_depth_extrapolation and not isinstance(plan, DepthPlan):
+            outcome.reason = plan if isinstance(plan, str) else "depth extrapolation is switched off"
+            outcome.seconds = time.perf_counter() - started
+            return outcome
         depths: tuple[int | None, ...] = plan.base_depths if isinstance(plan, DepthPlan) else (None,)
         outcome.depths = tuple(d for d in depths if d is not None)
         sessions = {
@@ -104,7 +120,9 @@ def measure_curve(
         try:
             affine = _combine(
                 {
-                    depth: _fit(session, BASE_BATCH_SIZES, accumulation_steps, optimizer_steps, outcome)
+                    depth: _fit(
+                        session, depth, BASE_BATCH_SIZES, accumulation_steps, optimizer_steps, outcome
+                    )
                     for depth, session in sessions.items()
                 },
                 plan,
@@ -113,7 +131,7 @@ def measure_curve(
             if curve.peak(BASE_BATCH_SIZES[0]) > capacity:
                 one = _combine(
                     {
-                        depth: _fit(session, (1,), accumulation_steps, optimizer_steps, outcome)
+                        depth: _fit(session, depth, (1,), accumulation_steps, optimizer_steps, outcome)
                         for depth, session in sessions.items()
                     },
                     plan,
@@ -143,12 +161,13 @@ def _at_depth(task: ConfigTask, config: dict[str, object], depth: int | None) ->
 
 def _fit(
     session: TrialSession,
+    depth: int | None,
     batch_sizes: tuple[int, ...],
     accumulation_steps: int,
     optimizer_steps: int,
     outcome: CurveOutcome,
 ) -> AffineTimeline:
-    timelines = list(_timelines(session, batch_sizes, accumulation_steps, optimizer_steps, outcome))
+    timelines = list(_timelines(session, depth, batch_sizes, accumulation_steps, optimizer_steps, outcome))
     try:
         return constant_timeline(timelines[0]) if len(timelines) == 1 else fit_affine(*timelines)
     except ShapeMismatch as exc:
@@ -157,6 +176,7 @@ def _fit(
 
 def _timelines(
     session: TrialSession,
+    depth: int | None,
     batch_sizes: tuple[int, ...],
     accumulation_steps: int,
     optimizer_steps: int,
@@ -167,6 +187,7 @@ def _timelines(
             batch_size, accumulation_steps=accumulation_steps, optimizer_steps=optimizer_steps
         )
         outcome.trials += 1
+        outcome.records.append(record.model_copy(update={"layers": depth}) if depth is not None else record)
         if record.outcome is not Outcome.FIT or timeline is None:
             raise _NoCurve(
                 f"the trial at batch size {batch_size} ended in {record.outcome.value}"

@@ -26,11 +26,12 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 from probes.confirmation import ConfirmationPlan, confirmation_plan, confirmation_report, judge_confirmation
+from probes.deep_predict import DepthAnswer, answer_from_depths, depth_result, request_curve
 from probes.errors import DeviceUnavailable, ProbeInputError
 from probes.finetuning_spec import memory_floor_bytes
-from probes.isolate import ProbeCancelled, TrialChild, curve_from_reply, info_from_reply, trial_from_reply
+from probes.isolate import ProbeCancelled, TrialChild, info_from_reply, trial_from_reply
 from probes.plan import make_plan
-from probes.protocol import CurveRequest, InfoReply, InfoRequest, TrialRequest
+from probes.protocol import InfoReply, InfoRequest, TrialRequest
 from probes.recipe.support import skip_reason
 from probes.recommend import recommend
 from probes.search import LadderSearch
@@ -42,6 +43,7 @@ from probes.spec import (
     ConfigStatus,
     ConfigTask,
     Confirmation,
+    DepthExtrapolation,
     DeviceInfo,
     EventKind,
     Optimizer,
@@ -322,10 +324,6 @@ def _config_result(
     )
 
 
-CURVE_TRIALS_AT_MOST = 9
-"""Trials a curve runs at most (2 and 3, and 1 where 2 does not fit, at three base depths)."""
-
-
 def _predict_seed(
     spec: ProbeSpec, task: ConfigTask, capacity: int, cancel: threading.Event | None
 ) -> tuple[PredictedBracket | None, Seeding]:
@@ -333,18 +331,7 @@ def _predict_seed(
     predict_task = task.model_copy(
         update={"device": "predict", "memory_limit_bytes": capacity, "headroom_bytes": 0, "gpu": None}
     )
-    child = TrialChild(predict_task, cancel=cancel)
-    try:
-        request = CurveRequest(
-            accumulation_steps=spec.trial_accumulation_steps,
-            optimizer_steps=spec.trial_optimizer_steps,
-            upper_limit=spec.max_batch_size_limit,
-        )
-        reply = curve_from_reply(
-            child.request(request, timeout_seconds=spec.trial_timeout_seconds * CURVE_TRIALS_AT_MOST)
-        )
-    finally:
-        child.close()
+    reply = request_curve(spec, predict_task, cancel, require_depth_extrapolation=False)
     seeding = Seeding(
         predicted_max_batch_size=reply.max_batch_size,
         predicted_first_failing_batch_size=reply.first_failing_batch_size,
@@ -366,9 +353,28 @@ def _search_config(
     emit: Callable[[EventKind, TrialRecord | None, ConfigResult | None, Phase | None], None],
     stop: threading.Event,
     memo: TrialMemo | None = None,
+    *,
+    depth_extrapolation: bool = True,
 ) -> ConfigResult:
-    """One config that is not skipped: seeded by ``predict`` where asked, searched, confirmed."""
+    """One config that is not skipped: seeded by ``predict`` where asked, searched, confirmed.
+
+    On ``predict`` a deep model is first answered from its base depths (``probes.deep_predict``);
+    where that does not apply, the search runs at full depth and the result says why.
+    """
     device = context.device
+    depth_note: DepthExtrapolation | None = None
+    if device.predicted and depth_extrapolation:
+        attempt = answer_from_depths(spec, task, context, stop)
+        if isinstance(attempt, DepthAnswer):
+            for trial in attempt.trials:
+                emit(EventKind.TRIAL, trial, None, "search")
+            return depth_result(
+                spec,
+                task,
+                attempt,
+                lambda trials: _fp16_warnings(trials) + single_rank_warning(task.strategy, spec.world_size),
+            )
+        depth_note = attempt
     capacity = device.capacity_bytes  # the device computed it, in the child
     confirm = not device.predicted
     seed: PredictedBracket | None = None
@@ -396,7 +402,7 @@ def _search_config(
     if seeding is not None:
         right = search.prediction_right if isinstance(search, SeededSearch) else None
         seeding = seeding.model_copy(update={"device_trials": len(run.all_trials), "prediction_right": right})
-    return _config_result(
+    result = _config_result(
         spec,
         task.precision,
         task.gradient_checkpointing,
@@ -410,6 +416,7 @@ def _search_config(
         seeding=seeding,
         confirmation=report,
     )
+    return result if depth_note is None else result.model_copy(update={"depth_extrapolation": depth_note})
 
 
 def _inspect(task: ConfigTask, cancel: threading.Event | None) -> InfoReply:
@@ -449,8 +456,12 @@ def run_probe(
     allow_remote_code: bool = False,
     max_concurrent_configs: int | None = None,
     trial_memo: TrialMemo | None = None,
+    depth_extrapolation: bool = True,
 ) -> ProbeResult:
     """Probe every config of ``spec``; raises :mod:`probes.errors` for bad input.
+
+    ``depth_extrapolation`` off makes ``predict`` search every config at full depth (the tests
+    compare the two).
 
     Configs run :func:`concurrent_configs` at a time unless ``max_concurrent_configs`` lowers it.
 
@@ -507,7 +518,9 @@ def run_probe(
             task = ConfigTask.for_config(
                 spec, precision, checkpointing, strategy, allow_remote_code=allow_remote_code
             )
-            result = _search_config(spec, task, context, emit, stop, trial_memo)
+            result = _search_config(
+                spec, task, context, emit, stop, trial_memo, depth_extrapolation=depth_extrapolation
+            )
         emit(EventKind.CONFIG_DONE, None, result, None)
         return result
 

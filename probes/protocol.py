@@ -119,6 +119,8 @@ class CurveRequest(Message):
     optimizer_steps: int = Field(gt=0)
     #: the request's ``max_batch_size_limit``: the bracket stays within it
     upper_limit: int | None = Field(default=None, gt=0)
+    #: answer only through depth extrapolation: where it does not apply, no trial runs (``reason`` says why)
+    require_depth_extrapolation: bool = False
 
 
 class StopRequest(Message):
@@ -167,6 +169,9 @@ class CurveReply(Message):
     depths: tuple[int, ...] = ()
     #: ``probes.timeline.PeakCurve.to_wire()``: any other capacity's bracket, in the parent
     curve: dict[str, Any] | None = None
+    #: the trials themselves (``layers`` set where the model was cut), and the model's own depth
+    trial_records: tuple[TrialRecord, ...] = ()
+    layers: int | None = None
 
     @property
     def has_bracket(self) -> bool:

@@ -796,6 +796,11 @@ class TrialRecord(Frozen):
     cuda_alloc_conf: str | None = Field(
         default=None, description="PYTORCH_CUDA_ALLOC_CONF as the trial's process saw it (null: unset)"
     )
+    layers: int | None = Field(
+        default=None,
+        description="the decoder layers the trial's model had when it was cut below the model's own depth "
+        "(predict's depth extrapolation); null: the model as given",
+    )
 
     @property
     def peak_bytes(self) -> int | None:
@@ -859,6 +864,22 @@ class Confirmation(Frozen):
     )
 
 
+class DepthExtrapolation(Frozen):
+    """How ``predict`` answered a config of a deep model (``probes.deep_predict``).
+
+    ``extrapolated``: the answer came from the affine timelines of the model cut to ``base_depths``
+    layers, extrapolated to its ``layers``; else the ordinary search ran at full depth and ``note``
+    says why.
+    """
+
+    extrapolated: bool
+    #: the model's own decoder layers (``None`` where the config states none)
+    layers: int | None = None
+    #: the depths the trials ran at (empty when the search ran at full depth)
+    base_depths: tuple[int, ...] = ()
+    note: str
+
+
 class ConfigResult(Frozen):
     """The search result for one (precision, checkpointing, strategy)."""
 
@@ -892,6 +913,11 @@ class ConfigResult(Frozen):
     )
     confirmation: Confirmation | None = Field(
         default=None, description="the answer's confirmation (cuda and simulated; predict has none)"
+    )
+    depth_extrapolation: DepthExtrapolation | None = Field(
+        default=None,
+        description="on predict: whether the answer was extrapolated from shallower copies of the model "
+        "(their trials carry their layers) or searched at full depth, and why",
     )
 
 

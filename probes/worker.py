@@ -48,7 +48,7 @@ from probes.protocol import (
     TrialServerReply,
     parse_trial_request,
 )
-from probes.recipe.detect import detect_support
+from probes.recipe.detect import detect_support, model_attention_refusal
 from probes.recipe.finetuning import describe
 from probes.spec import ConfigTask
 from probes.trial import TrialSession
@@ -63,9 +63,12 @@ def _info(task: ConfigTask, session: TrialSession) -> InfoReply:
         finetuning=task.finetuning,
         torch_device=session.device.torch_device,
     )
+    config = load_config(task.model, allow_remote_code=task.allow_remote_code)
+    support = support.model_copy(
+        update={"attention": model_attention_refusal(config, task.attn_implementation)}
+    )
     finetuning = None
     if task.finetuning.uses_adapters and support.finetuning is None:
-        config = load_config(task.model, allow_remote_code=task.allow_remote_code)
         finetuning = describe(config, task.finetuning, allow_remote_code=task.allow_remote_code)
     return InfoReply(
         device=session.device_info(),
@@ -98,6 +101,7 @@ def _curve(task: ConfigTask, request: CurveRequest) -> CurveReply:
         accumulation_steps=request.accumulation_steps,
         optimizer_steps=request.optimizer_steps,
         upper_limit=request.upper_limit,
+        require_depth_extrapolation=request.require_depth_extrapolation,
     )
     largest, failing = outcome.bracket if outcome.bracket is not None else (None, None)
     return CurveReply(
@@ -110,6 +114,8 @@ def _curve(task: ConfigTask, request: CurveRequest) -> CurveReply:
         seconds=outcome.seconds,
         depths=outcome.depths,
         curve=outcome.curve.to_wire() if outcome.curve is not None else None,
+        trial_records=tuple(outcome.records),
+        layers=outcome.layers,
     )
 
 

@@ -10,6 +10,8 @@ import warnings
 from typing import Literal
 
 import torch
+import transformers
+from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from probes.finetuning_spec import FinetuningSpec
 from probes.recipe.support import RecipeSupport
@@ -75,3 +77,45 @@ def _bitsandbytes_8bit(device_kind: str) -> str | None:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         return f"an 8-bit bitsandbytes AdamW step failed on {device}: {type(exc).__name__}: {first}"
     return None
+
+
+_KERNEL_FLAGS = {
+    AttnImplementation.SDPA: (
+        "_supports_sdpa",
+        "does not support an attention implementation through "
+        "torch.nn.functional.scaled_dot_product_attention",
+    ),
+    AttnImplementation.FLASH_ATTENTION_2: ("_supports_flash_attn", "does not support Flash Attention 2"),
+}
+
+
+def model_attention_refusal(config: PretrainedConfig, attn_implementation: AttnImplementation) -> str | None:
+    """Why the config's causal-LM class refuses ``attn_implementation``, or ``None``.
+
+    transformers marks each model class with the kernels it supports (``_supports_sdpa``,
+    ``_supports_flash_attn``) and refuses to build one with another ("… does not support an attention
+    implementation through torch.nn.functional.scaled_dot_product_attention yet"). Gemma 2 is the
+    case people meet: its attention logits are soft-capped (``attn_logit_softcapping``), which SDPA
+    cannot do. Classes transformers does not map (remote code) are not checked: the build says.
+    """
+    flag = _KERNEL_FLAGS.get(attn_implementation)
+    if flag is None:
+        return None
+    try:
+        model_class = AutoModelForCausalLM._model_mapping[type(config)]  # type: ignore[attr-defined]
+    except (KeyError, ValueError):
+        return None
+    attribute, words = flag
+    if getattr(model_class, attribute, True):
+        return None
+    why = (
+        f": its attention logits are soft-capped (attn_logit_softcapping {config.attn_logit_softcapping}), "
+        "which SDPA cannot do"
+        if attn_implementation is AttnImplementation.SDPA
+        and getattr(config, "attn_logit_softcapping", None) is not None
+        else ""
+    )
+    return (
+        f"{model_class.__name__} {words} in transformers {transformers.__version__} (its class sets "
+        f"{attribute} = False{why}); probe it with attn_implementation eager"
+    )

@@ -6,6 +6,9 @@ which imports what it checks).
 
 The rules, and where they come from:
 
+- an ``attn_implementation`` the model's class refuses (transformers' ``_supports_sdpa`` /
+  ``_supports_flash_attn`` false: Gemma 2 refuses ``sdpa``, which cannot soft-cap its attention
+  logits) is skipped with transformers' reason; the child reads the class's flags.
 - ``flash_attention_2`` runs the flash-attn package's CUDA kernels: a CUDA device with flash-attn
   installed. On ``simulated`` and ``predict`` it is skipped; ``sdpa`` stands for it there (its CUDA
   kernel for fp16/bf16 is flash attention too, and keeps the same memory).
@@ -43,6 +46,8 @@ class RecipeSupport(Frozen):
     bitsandbytes_8bit: str | None = "not checked"
     finetuning: str | None = "not checked"
     """The request's LoRA/QLoRA method (``None``: it runs here; full fine-tuning is never checked)."""
+    attention: str | None = None
+    """The model's class refuses the request's ``attn_implementation`` (``None``: not known to refuse)."""
 
 
 def skip_reason(
@@ -63,6 +68,8 @@ def skip_reason(
             return QLORA_FSDP_REFUSAL
         if support.finetuning is not None:
             return support.finetuning
+    if support.attention is not None:
+        return support.attention
     if attn_implementation is AttnImplementation.FLASH_ATTENTION_2:
         if device.kind != "cuda":
             return (

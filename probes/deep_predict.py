@@ -1,0 +1,180 @@
+"""``predict`` of a deep model: answer a config from the model cut to a few layers, where that is exact.
+
+The parent side (no torch). For a config on the ``predict`` device, :func:`answer_from_depths`
+asks a trial child for the config's curve with ``require_depth_extrapolation``
+(:func:`probes.curve.measure_curve`): timelines at batch sizes 2 and 3 of the model cut to its
+base depths (3, 4 and 5 layers for a uniform stack), the affine fit per depth, the per-layer edit
+checked across the three depths (``probes.depth``), and its extrapolation to the model's own depth;
+batch size 1 on its own where 2 does not fit. The ladder bracket of that curve for the device's
+capacity is what the full-depth search finds, and the curve's peak at the answer is the search's
+peak there, to the byte (``tests/probes/test_deep_predict.py`` compares them through the engine).
+
+Where it does not apply, it answers with the sentence that says why, and the engine runs today's
+full-depth search:
+
+- the model type is not in :data:`probes.depth.EXACT_FAMILIES`, or its layers do not repeat with a
+  short period, or it is no deeper than the base depths (``probes.depth.depth_plan``);
+- the steps at batch sizes 2 and 3 differ in shape, or the layers' edit does not repeat
+  (``ShapeMismatch``/``DepthMismatch`` in the child), or a base-depth trial did not fit;
+- nothing fits at batch size 1: the full-depth search's one trial there states the need, as today;
+- ``ddp`` whose gradients at full depth reach DDP's first bucket (1 MiB): after the first step the
+  Reducer rebuilds its buckets as 1 MiB then 25 MiB of gradients in the order they were ready, so
+  bucket boundaries fall across layers and the shallow copies cannot show the deep model's buckets.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from probes.depth import BASE_DEPTHS, EXACT_FAMILIES
+from probes.isolate import TrialChild, curve_from_reply
+from probes.plan import make_plan
+from probes.protocol import CurveReply, CurveRequest, InfoReply
+from probes.spec import (
+    ConfigResult,
+    ConfigStatus,
+    ConfigTask,
+    DepthExtrapolation,
+    ProbeSpec,
+    Strategy,
+    TrialRecord,
+)
+from probes.timeline import PeakCurve
+
+CURVE_TRIALS_AT_MOST = 9
+"""Trials a curve runs at most (2 and 3, and 1 where 2 does not fit, at three base depths)."""
+
+DDP_FIRST_BUCKET_BYTES = 1024 * 1024
+"""torch's ``dist._DEFAULT_FIRST_BUCKET_BYTES``: below it, every gradient is in one DDP bucket."""
+
+GRADIENT_BYTES_AT_MOST = 4
+"""Bytes of one trainable parameter's gradient at most (fp32; peft keeps adapters in fp32)."""
+
+
+@dataclass(frozen=True)
+class DepthAnswer:
+    """A config answered from its base depths: the bracket, the peak at the answer, the trials."""
+
+    max_batch_size: int
+    first_failing_batch_size: int | None
+    peak_bytes: int
+    trials: tuple[TrialRecord, ...]
+    extrapolation: DepthExtrapolation
+
+
+def ddp_bucket_reason(spec: ProbeSpec, strategy: Strategy, context: InfoReply) -> str | None:
+    """Why DDP's buckets rule out depth extrapolation for this config (``None``: they do not)."""
+    if strategy is not Strategy.DDP:
+        return None
+    if spec.finetuning_spec.uses_adapters:
+        if context.finetuning is None:
+            return "ddp: the adapters' trainable parameters are not known, so neither are DDP's buckets"
+        trainable = context.finetuning.trainable_parameters
+    else:
+        trainable = context.model.parameter_count
+    gradient_bytes = trainable * GRADIENT_BYTES_AT_MOST
+    if gradient_bytes < DDP_FIRST_BUCKET_BYTES:
+        return None
+    return (
+        f"ddp: up to {gradient_bytes} bytes of gradients fill several DDP buckets (1 MiB, then 25 MiB) "
+        "whose boundaries do not follow the layers"
+    )
+
+
+def request_curve(
+    spec: ProbeSpec, task: ConfigTask, cancel: threading.Event | None, *, require_depth_extrapolation: bool
+) -> CurveReply:
+    """``task``'s curve (``probes.curve.measure_curve``) from a fresh trial child, with the spec's
+    trial settings; a child that fails becomes a reply without a bracket."""
+    child = TrialChild(task, cancel=cancel)
+    try:
+        request = CurveRequest(
+            accumulation_steps=spec.trial_accumulation_steps,
+            optimizer_steps=spec.trial_optimizer_steps,
+            upper_limit=spec.max_batch_size_limit,
+            require_depth_extrapolation=require_depth_extrapolation,
+        )
+        return curve_from_reply(
+            child.request(request, timeout_seconds=spec.trial_timeout_seconds * CURVE_TRIALS_AT_MOST)
+        )
+    finally:
+        child.close()
+
+
+def answer_from_depths(
+    spec: ProbeSpec, task: ConfigTask, context: InfoReply, stop: threading.Event | None
+) -> DepthAnswer | DepthExtrapolation:
+    """The config's answer from its base depths, or (no answer) why the search must run at full depth.
+
+    The returned :class:`DepthExtrapolation` of a fallback has ``extrapolated`` false and its
+    ``note`` says why and how many base-depth trials the attempt spent; those trials are not in the
+    config's ``trials`` (a cut model's batch size 1 must not state the full model's need).
+    """
+    layers = context.model.layers
+
+    def full_depth(why: str) -> DepthExtrapolation:
+        return DepthExtrapolation(extrapolated=False, layers=layers, note=f"searched at full depth: {why}")
+
+    model_type = context.model.model_type
+    if model_type not in EXACT_FAMILIES:
+        return full_depth(f"depth extrapolation is not shown exact for {model_type} models")
+    if layers is not None and layers <= BASE_DEPTHS[-1]:
+        return full_depth(f"{layers} layers: no deeper than the base depths {BASE_DEPTHS}")
+    bucket_reason = ddp_bucket_reason(spec, task.strategy, context)
+    if bucket_reason is not None:
+        return full_depth(bucket_reason)
+    reply = request_curve(spec, task, stop, require_depth_extrapolation=True)
+    layers = reply.layers if reply.layers is not None else layers
+    spent = f" ({reply.trials} trials at base depths {reply.depths} were spent)" if reply.trials else ""
+    if reply.curve is None or not reply.depths:
+        return full_depth((reply.reason or "the depth extrapolation gave no curve") + spent)
+    if reply.nothing_fits or reply.max_batch_size is None:
+        return full_depth("batch size 1 does not fit; the full-depth trial there states its need" + spent)
+    try:
+        curve = PeakCurve.from_wire(reply.curve)
+        peak = curve.peak(reply.max_batch_size)
+    except ValueError as exc:
+        return full_depth(f"the extrapolated curve cannot be read: {exc}")
+    depths = ", ".join(str(d) for d in reply.depths[:-1]) + f" and {reply.depths[-1]}"
+    return DepthAnswer(
+        max_batch_size=reply.max_batch_size,
+        first_failing_batch_size=reply.first_failing_batch_size,
+        peak_bytes=peak,
+        trials=reply.trial_records,
+        extrapolation=DepthExtrapolation(
+            extrapolated=True,
+            layers=layers,
+            base_depths=reply.depths,
+            note=f"depth-extrapolated from {depths} layers to {layers}: the trials ran at those depths",
+        ),
+    )
+
+
+def depth_result(
+    spec: ProbeSpec,
+    task: ConfigTask,
+    answer: DepthAnswer,
+    warnings: Callable[[list[TrialRecord]], tuple[str, ...]],
+) -> ConfigResult:
+    """The config's result from a :class:`DepthAnswer`: the bracket, the peak, the plan, the trials
+    that ran (at their depths). No step time: no trial ran the model at its own depth."""
+    return ConfigResult(
+        precision=task.precision,
+        gradient_checkpointing=task.gradient_checkpointing,
+        strategy=task.strategy,
+        status=ConfigStatus.OK,
+        max_batch_size=answer.max_batch_size,
+        first_failing_batch_size=answer.first_failing_batch_size,
+        peak_memory_bytes=answer.peak_bytes,
+        confirmed=False,
+        warnings=warnings(list(answer.trials)),
+        trials=answer.trials,
+        plan=make_plan(
+            max_batch_size=answer.max_batch_size,
+            target=spec.target_effective_batch_size,
+            world_size=spec.world_size,
+        ),
+        depth_extrapolation=answer.extrapolation,
+    )
