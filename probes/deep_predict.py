@@ -9,6 +9,11 @@ batch size 1 on its own where 2 does not fit. The ladder bracket of that curve f
 capacity is what the full-depth search finds, and the curve's peak at the answer is the search's
 peak there, to the byte (``tests/probes/test_deep_predict.py`` compares them through the engine).
 
+Where batch size 1 does not fit, the answer is the same (no size fits, 1 fails); what it needs is
+stated exactly (the curve's peak at 1) where the full-depth search states a lower bound (the bytes
+in use when its trial ran out), or, when weights, gradients and optimizer state alone exceed the
+capacity and no trial ran, as that floor (a lower bound, as the search's).
+
 Where it does not apply, it answers with the sentence that says why, and the engine runs today's
 full-depth search:
 
@@ -16,7 +21,6 @@ full-depth search:
   short period, or it is no deeper than the base depths (``probes.depth.depth_plan``);
 - the steps at batch sizes 2 and 3 differ in shape, or the layers' edit does not repeat
   (``ShapeMismatch``/``DepthMismatch`` in the child), or a base-depth trial did not fit;
-- nothing fits at batch size 1: the full-depth search's one trial there states the need, as today;
 - ``ddp`` whose gradients at full depth reach DDP's first bucket (1 MiB): after the first step the
   Reducer rebuilds its buckets as 1 MiB then 25 MiB of gradients in the order they were ready, so
   bucket boundaries fall across layers and the shallow copies cannot show the deep model's buckets.
@@ -32,6 +36,7 @@ from probes.depth import BASE_DEPTHS, EXACT_FAMILIES
 from probes.isolate import TrialChild, curve_from_reply
 from probes.plan import make_plan
 from probes.protocol import CurveReply, CurveRequest, InfoReply
+from probes.shortfall import exact_need, min_batch_need
 from probes.spec import (
     ConfigResult,
     ConfigStatus,
@@ -55,13 +60,18 @@ GRADIENT_BYTES_AT_MOST = 4
 
 @dataclass(frozen=True)
 class DepthAnswer:
-    """A config answered from its base depths: the bracket, the peak at the answer, the trials."""
+    """A config answered from its base depths: the bracket, the peak at the answer, the trials.
 
-    max_batch_size: int
+    Without a fitting size, ``peak_bytes`` is the peak at batch size 1 when the curve has it
+    (``None`` when the floor alone ruled every size out and no trial ran).
+    """
+
+    max_batch_size: int | None
     first_failing_batch_size: int | None
-    peak_bytes: int
+    peak_bytes: int | None
     trials: tuple[TrialRecord, ...]
     extrapolation: DepthExtrapolation
+    capacity_bytes: int | None = None
 
 
 def ddp_bucket_reason(spec: ProbeSpec, strategy: Strategy, context: InfoReply) -> str | None:
@@ -128,21 +138,33 @@ def answer_from_depths(
     reply = request_curve(spec, task, stop, require_depth_extrapolation=True)
     layers = reply.layers if reply.layers is not None else layers
     spent = f" ({reply.trials} trials at base depths {reply.depths} were spent)" if reply.trials else ""
-    if reply.curve is None or not reply.depths:
+    if reply.nothing_fits:
+        return DepthAnswer(
+            max_batch_size=None,
+            first_failing_batch_size=1,
+            peak_bytes=None,
+            trials=(),
+            capacity_bytes=reply.capacity_bytes,
+            extrapolation=DepthExtrapolation(
+                extrapolated=True,
+                layers=layers,
+                note=f"no trial ran: {reply.reason}",
+            ),
+        )
+    if reply.curve is None or not reply.depths or not reply.has_bracket:
         return full_depth((reply.reason or "the depth extrapolation gave no curve") + spent)
-    if reply.nothing_fits or reply.max_batch_size is None:
-        return full_depth("batch size 1 does not fit; the full-depth trial there states its need" + spent)
     try:
         curve = PeakCurve.from_wire(reply.curve)
-        peak = curve.peak(reply.max_batch_size)
+        peak = curve.peak(reply.max_batch_size if reply.max_batch_size is not None else 1)
     except ValueError as exc:
-        return full_depth(f"the extrapolated curve cannot be read: {exc}")
+        return full_depth(f"the extrapolated curve cannot be read: {exc}" + spent)
     depths = ", ".join(str(d) for d in reply.depths[:-1]) + f" and {reply.depths[-1]}"
     return DepthAnswer(
         max_batch_size=reply.max_batch_size,
         first_failing_batch_size=reply.first_failing_batch_size,
         peak_bytes=peak,
         trials=reply.trial_records,
+        capacity_bytes=reply.capacity_bytes,
         extrapolation=DepthExtrapolation(
             extrapolated=True,
             layers=layers,
@@ -157,24 +179,44 @@ def depth_result(
     task: ConfigTask,
     answer: DepthAnswer,
     warnings: Callable[[list[TrialRecord]], tuple[str, ...]],
+    *,
+    floor_bytes: int | None,
 ) -> ConfigResult:
     """The config's result from a :class:`DepthAnswer`: the bracket, the peak, the plan, the trials
-    that ran (at their depths). No step time: no trial ran the model at its own depth."""
+    that ran (at their depths). No step time: no trial ran the model at its own depth.
+
+    ``floor_bytes`` (the engine's floor for this config) states the need where no trial ran."""
+    common = {
+        "precision": task.precision,
+        "gradient_checkpointing": task.gradient_checkpointing,
+        "strategy": task.strategy,
+        "first_failing_batch_size": answer.first_failing_batch_size,
+        "warnings": warnings(list(answer.trials)),
+        "trials": answer.trials,
+        "depth_extrapolation": answer.extrapolation,
+    }
+    if answer.max_batch_size is None:
+        need = (
+            exact_need(answer.peak_bytes, answer.capacity_bytes)
+            if answer.peak_bytes is not None
+            else min_batch_need([], answer.capacity_bytes, floor_bytes)
+        )
+        return ConfigResult(
+            status=ConfigStatus.OK,
+            reason=need.sentence,
+            min_batch_needs_bytes=need.bytes,
+            min_batch_need_is_lower_bound=need.lower_bound,
+            **common,
+        )
     return ConfigResult(
-        precision=task.precision,
-        gradient_checkpointing=task.gradient_checkpointing,
-        strategy=task.strategy,
         status=ConfigStatus.OK,
         max_batch_size=answer.max_batch_size,
-        first_failing_batch_size=answer.first_failing_batch_size,
         peak_memory_bytes=answer.peak_bytes,
         confirmed=False,
-        warnings=warnings(list(answer.trials)),
-        trials=answer.trials,
         plan=make_plan(
             max_batch_size=answer.max_batch_size,
             target=spec.target_effective_batch_size,
             world_size=spec.world_size,
         ),
-        depth_extrapolation=answer.extrapolation,
+        **common,
     )

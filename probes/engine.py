@@ -373,6 +373,7 @@ def _search_config(
                 task,
                 attempt,
                 lambda trials: _fp16_warnings(trials) + single_rank_warning(task.strategy, spec.world_size),
+                floor_bytes=_memory_floor(spec, task.precision, task.strategy, context) or None,
             )
         depth_note = attempt
     capacity = device.capacity_bytes  # the device computed it, in the child

@@ -41,12 +41,7 @@ def min_batch_need(
     bounds = [t.needed_bytes for t in at_one if t.outcome is Outcome.OOM and t.needed_bytes is not None]
     limit = format_bytes(capacity_bytes) if capacity_bytes is not None else "the device's memory"
     if exact:
-        need = max(exact)
-        return Need(
-            need,
-            False,
-            f"batch size 1 does not fit: it needs {format_bytes(need)} per device against {limit}",
-        )
+        return exact_need(max(exact), capacity_bytes)
     if bounds or floor_bytes:
         need = max([*bounds, floor_bytes or 0])
         return Need(
@@ -55,6 +50,16 @@ def min_batch_need(
             f"batch size 1 does not fit: it needs at least {format_bytes(need)} per device against {limit}",
         )
     return Need(None, False, "batch size 1 does not fit: no batch size trains here")
+
+
+def exact_need(need_bytes: int, capacity_bytes: int | None) -> Need:
+    """The need of batch size 1 when its peak is known exactly (a trial over the headroom, a curve)."""
+    limit = format_bytes(capacity_bytes) if capacity_bytes is not None else "the device's memory"
+    return Need(
+        need_bytes,
+        False,
+        f"batch size 1 does not fit: it needs {format_bytes(need_bytes)} per device against {limit}",
+    )
 
 
 def explain_shortfalls(results: list[ConfigResult]) -> list[ConfigResult]:

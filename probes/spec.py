@@ -868,8 +868,9 @@ class DepthExtrapolation(Frozen):
     """How ``predict`` answered a config of a deep model (``probes.deep_predict``).
 
     ``extrapolated``: the answer came from the affine timelines of the model cut to ``base_depths``
-    layers, extrapolated to its ``layers``; else the ordinary search ran at full depth and ``note``
-    says why.
+    layers, extrapolated to its ``layers`` (or, ``base_depths`` empty, from the floor alone: weights,
+    gradients and optimizer state exceed the capacity, no trial ran); else the ordinary search ran
+    at full depth and ``note`` says why.
     """
 
     extrapolated: bool

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import warnings
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import transformers
@@ -101,8 +101,9 @@ def model_attention_refusal(config: PretrainedConfig, attn_implementation: AttnI
     flag = _KERNEL_FLAGS.get(attn_implementation)
     if flag is None:
         return None
+    mapping: Any = AutoModelForCausalLM._model_mapping
     try:
-        model_class = AutoModelForCausalLM._model_mapping[type(config)]  # type: ignore[attr-defined]
+        model_class = mapping[type(config)]
     except (KeyError, ValueError):
         return None
     attribute, words = flag

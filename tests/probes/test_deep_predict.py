@@ -176,11 +176,32 @@ def test_ddp_with_gradients_past_the_first_bucket_runs_at_full_depth() -> None:
     )
 
 
-def test_nothing_fits_is_stated_by_the_full_depth_trial() -> None:
-    _full_depth_with(
-        _spec("llama", LLAMA_8, 4, precisions=("bf16-true",), gradient_checkpointing=(True,)),
-        "batch size 1 does not fit",
-    )
+@pytest.mark.parametrize(("limit_mib", "words"), [(4, "depth-extrapolated"), (2, "no trial ran")])
+def test_nothing_fits_answers_the_same_and_states_the_need(limit_mib: int, words: str) -> None:
+    """Batch size 1 fails on both paths; the cut models' curve states the need exactly (its peak at
+    1) where the full-depth trial, out of memory, gave a lower bound; with no trial (the floor alone
+    exceeds the capacity) the floor is the lower bound."""
+    spec = _spec("llama", LLAMA_8, limit_mib, precisions=("bf16-true",), gradient_checkpointing=(True,))
+    extrapolated, full = _both(spec)
+    ((config,), (searched,)) = extrapolated.configs, full.configs
+    assert (config.max_batch_size, config.first_failing_batch_size) == (None, 1)
+    assert (searched.max_batch_size, searched.first_failing_batch_size) == (None, 1)
+    assert config.plan is None
+    assert searched.plan is None
+    assert config.depth_extrapolation is not None
+    assert config.depth_extrapolation.extrapolated
+    assert words in config.depth_extrapolation.note
+    assert searched.min_batch_needs_bytes is not None
+    assert searched.min_batch_need_is_lower_bound
+    assert config.min_batch_needs_bytes is not None
+    assert config.reason is not None
+    assert config.reason.startswith("batch size 1 does not fit")
+    if config.trials:
+        assert not config.min_batch_need_is_lower_bound
+        assert config.min_batch_needs_bytes >= searched.min_batch_needs_bytes
+        assert config.min_batch_needs_bytes > limit_mib * MiB
+    else:
+        assert config.min_batch_need_is_lower_bound
 
 
 def test_a_depth_mismatch_falls_back_to_the_full_depth_search(monkeypatch: pytest.MonkeyPatch) -> None:
