@@ -1,4 +1,8 @@
-"""``predict`` through the issue-11 instruments, called directly (the engine wiring is phase 2).
+"""``predict`` through the issue-11 instruments, called directly, config by config.
+
+The engine runs the same on ``predict`` (``probes/deep_predict.py``); this bench keeps the
+instruments' own timings and ``--full-depth-check``. Whole probes through the CLI:
+``bench/predict_llama3_8b.py`` (``--shape 8b|70b|405b``).
 
 ``python -m bench.depth_predict [--shape 7b|70b|405b] [--seq-len N] [--gpu H100-80GB] [--parallel 2]
 [--full-depth-check PRECISION:CKPT] [--json PATH]``

@@ -1,6 +1,12 @@
 """Llama-3-8B fine-tuned on 8 x H100-80GB: the whole ``predict`` probe, timed, through the real CLI.
 
-``python -m bench.predict_llama3_8b [--save RESULT.json] [--strategy fsdp ...] [--finetuning lora]``
+``python -m bench.predict_llama3_8b [--save RESULT.json] [--strategy fsdp ...] [--finetuning lora]
+[--shape 8b|70b|405b]``
+
+``--shape 70b``/``405b`` probe the Llama-2-70B and Llama-3.1-405B shapes of ``bench.depth_predict``
+(``--architecture llama --config-json …``) instead of the 8B ``config.json``; their targets are
+2 and 3 minutes (issue 11). Since the engine answers deep models on ``predict`` from the model cut
+to 3, 4 and 5 layers (``probes/deep_predict.py``), the report says per config which path answered.
 
 Runs ``maxbatch probe --model bench/models/llama-3-8b --seq-len 4096 --world-size 8
 --target-batch-size 256 --device predict --gpu H100-80GB --json`` (the published ``config.json``:
@@ -29,19 +35,26 @@ from typing import Any
 from bench.predict_7b import GiB, TreeWatch
 
 MODEL = Path(__file__).resolve().parent / "models" / "llama-3-8b"
-TARGET_SECONDS = 180.0
 
 
-def command(strategies: list[str], finetuning: str | None = None) -> list[str]:
+TARGETS = {"8b": 180.0, "70b": 120.0, "405b": 180.0}
+
+
+def command(strategies: list[str], finetuning: str | None = None, shape: str = "8b") -> list[str]:
     maxbatch = Path(sys.executable).with_name("maxbatch")
     extra = [flag for strategy in strategies for flag in ("--strategy", strategy)]
     if finetuning is not None:
         extra += ["--finetuning", finetuning]
+    if shape == "8b":
+        model = ["--model", str(MODEL)]
+    else:
+        from bench.depth_predict import SHAPES
+
+        model = ["--architecture", "llama", "--config-json", json.dumps(SHAPES[shape])]
     return [
         str(maxbatch),
         "probe",
-        "--model",
-        str(MODEL),
+        *model,
         "--seq-len",
         "4096",
         "--world-size",
@@ -59,18 +72,22 @@ def command(strategies: list[str], finetuning: str | None = None) -> list[str]:
 
 def report(result: dict[str, Any]) -> None:
     print(
-        "{:<11} {:<5} {:<7} {:>5} {:>5} {:>6} {:>9}  reason".format(
-            "precision", "ckpt", "strategy", "max", "fail", "trials", "peak GiB"
+        "{:<11} {:<5} {:<7} {:>5} {:>5} {:>6} {:>9} {:<6}  reason".format(
+            "precision", "ckpt", "strategy", "max", "fail", "trials", "peak GiB", "depth"
         )
     )
     for config in result["configs"]:
         peak = config["peak_memory_bytes"]
+        depth = config.get("depth_extrapolation") or {}
+        path = "-" if not depth else ("cut" if depth["extrapolated"] else "full")
         print(
             f"{config['precision']:<11} {('on' if config['gradient_checkpointing'] else 'off'):<5} "
             f"{config['strategy']:<7} {config['max_batch_size'] or '-':>5} "
             f"{config['first_failing_batch_size'] or '-':>5} {len(config['trials']):>6} "
-            f"{'-' if peak is None else f'{peak / GiB:.2f}':>9}  {config['reason'] or ''}"
+            f"{'-' if peak is None else f'{peak / GiB:.2f}':>9} {path:<6}  {config['reason'] or ''}"
         )
+        if depth:
+            print(f"    {depth['note']}")
     recommendation = result.get("recommendation")
     if recommendation:
         plan = recommendation["plan"]
@@ -92,8 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strategy", action="append", default=[], help="limit the strategies (repeat)")
     parser.add_argument("--finetuning", choices=["full", "lora", "qlora"], help="default: full")
     parser.add_argument("--save", type=Path, help="write the probe's JSON result here")
+    parser.add_argument("--shape", choices=sorted(TARGETS), default="8b", help="default: 8b")
     args = parser.parse_args(argv)
-    argv_shown = command(args.strategy, args.finetuning)
+    argv_shown = command(args.strategy, args.finetuning, args.shape)
     print("$ " + " ".join(argv_shown))
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
     watch = TreeWatch(os.getpid())
@@ -119,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     cores = os.cpu_count() or 1
     print(f"configs: {len(result['configs'])}  trials: {trials}  processes: {len(children)}")
     print(
-        f"wall {wall:.1f} s (target < {TARGET_SECONDS:.0f} s), CPU {cpu:.1f} s over the tree "
+        f"wall {wall:.1f} s (target < {TARGETS[args.shape]:.0f} s), CPU {cpu:.1f} s over the tree "
         f"(/ {cores} cores = {cpu / cores:.1f} s), load average now {os.getloadavg()[0]:.1f}"
     )
     print(f"largest RSS of one process {max((watch.peak_rss[p] for p in children), default=0) / GiB:.2f} GiB")
