@@ -88,23 +88,19 @@ def _assert_extrapolated_equals_full_depth(spec: ProbeSpec) -> ProbeResult:
     return extrapolated
 
 
-def test_llama_every_precision_and_checkpointing_equals_full_depth() -> None:
+@pytest.mark.parametrize("precision", ALL_PRECISIONS)
+def test_llama_every_precision_and_checkpointing_equals_full_depth(precision: str) -> None:
     result = _assert_extrapolated_equals_full_depth(
-        _spec("llama", LLAMA_8, 40, precisions=ALL_PRECISIONS, gradient_checkpointing=(False, True))
+        _spec("llama", LLAMA_8, 40, precisions=(precision,), gradient_checkpointing=(False, True))
     )
-    # the configs differ, so the comparison is not of one number
-    assert len({c.max_batch_size for c in result.configs}) > 2
+    # checkpointing changes the answer, so the comparison is not of one number
+    assert len({c.max_batch_size for c in result.configs}) == 2
 
 
-def test_gpt2_equals_full_depth() -> None:
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "bf16-true"])
+def test_gpt2_equals_full_depth(precision: str) -> None:
     _assert_extrapolated_equals_full_depth(
-        _spec(
-            "gpt2",
-            GPT2_10,
-            40,
-            precisions=("32-true", "bf16-mixed", "bf16-true"),
-            gradient_checkpointing=(False, True),
-        )
+        _spec("gpt2", GPT2_10, 40, precisions=(precision,), gradient_checkpointing=(False, True))
     )
 
 
