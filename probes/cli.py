@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from typing import Annotated, NoReturn
 
 import typer
@@ -84,7 +85,7 @@ def build_spec(
     world_size: int,
     device: str,
     memory: str | None,
-    gpu: str | list[str] | None,
+    gpu: str | Sequence[str] | None,
     headroom: str | None,
     max_batch_size: int | None,
     dataset_size: int | None,
@@ -166,13 +167,14 @@ def build_spec(
     return spec
 
 
-def _cards(gpu: str | list[str] | None) -> str | list[str] | None:
-    """``--gpu`` once is the one-card request (a string); repeated, the cards to compare (a list)."""
-    if isinstance(gpu, list):
-        if not gpu:
-            return None
-        return gpu[0] if len(gpu) == 1 else gpu
-    return gpu
+def _cards(gpu: str | Sequence[str] | None) -> str | list[str] | None:
+    """``--gpu`` once is the one-card request (a string); repeated, the cards to compare (a list);
+    not given (``None``, or the empty sequence a caller may pass for a repeatable flag): no card."""
+    if gpu is None or isinstance(gpu, str):
+        return gpu
+    if not gpu:
+        return None
+    return gpu[0] if len(gpu) == 1 else list(gpu)
 
 
 class _ProgressView:

@@ -66,3 +66,14 @@ def test_two_cards_print_a_table_each(app: typer.Typer) -> None:
     assert out.count("skipped") == 1  # bf16 on the T4 (no native bf16)
     assert "T4-16GB: " in out
     assert "trials run" in out
+
+
+def test_no_gpu_flag_given_as_an_empty_sequence_is_no_card() -> None:
+    """`maxbatch plan` hands probe's flags on as typer parsed them: an absent repeatable flag may
+    arrive as an empty tuple (the deploy scripts' plan did), which means no card."""
+    from probes.cli import _cards
+
+    assert _cards(()) is None
+    assert _cards([]) is None
+    assert _cards(("H100-80GB",)) == "H100-80GB"
+    assert _cards(("H100-80GB", "T4-16GB")) == ["H100-80GB", "T4-16GB"]
