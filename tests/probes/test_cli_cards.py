@@ -8,23 +8,10 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from probes.cli import probe
 from probes.spec import MAX_CARDS
 
 TINY = json.dumps({"n_layer": 2, "n_embd": 64, "n_head": 2, "vocab_size": 1000})
 PREDICT = ["--seq-len", "128", "--target-batch-size", "256", "--architecture", "gpt2", "--device", "predict"]
-
-
-@pytest.fixture(scope="module")
-def app() -> typer.Typer:
-    cli = typer.Typer()
-    cli.command("probe")(probe)
-
-    @cli.command("noop")
-    def noop() -> None:  # a second command keeps `probe` a named sub-command
-        """Nothing."""
-
-    return cli
 
 
 @pytest.mark.parametrize(

@@ -11,22 +11,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from probes.cli import probe
-
 ROOT = Path(__file__).resolve().parents[2]
 BASE = ["--seq-len", "128", "--target-batch-size", "256", "--device", "simulated", "--memory", "320MiB"]
-
-
-@pytest.fixture(scope="module")
-def app() -> typer.Typer:
-    cli = typer.Typer()
-    cli.command("probe")(probe)
-
-    @cli.command("noop")
-    def noop() -> None:  # a second command keeps `probe` a named sub-command
-        """Nothing."""
-
-    return cli
 
 
 @pytest.mark.parametrize(
