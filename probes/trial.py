@@ -15,7 +15,16 @@ HF ``Trainer`` with the emitted arguments uses:
    model); a fresh ``GradScaler`` for ``16-mixed``.
 2. Per optimizer step, first the step's micro-batches, all at once (Trainer prefetches a whole
    accumulation window onto the device): each holds ``input_ids`` (random ids, every row at the full
-   ``seq_len``), ``attention_mask`` (all ones: no padding) and ``labels`` (a copy of the ids), int64.
+   ``seq_len``), ``attention_mask`` and ``labels`` (a copy of the ids), int64. The worst case is a
+   padded batch: every micro-batch, at every batch size including 1, has its last row's last
+   position masked out (``attention_mask`` 0, ``labels`` -100), still at the full shape. A mask with
+   a zero in it makes transformers' sdpa and eager attention materialise a ``b x 1 x s x s`` mask
+   that an all-ones mask lets them skip; a real job's batches are padded (a padding collator pads
+   every batch of two or more rows whose lengths differ; ``padding="max_length"`` pads every batch,
+   a batch of one too), so the search measures with the mask. Batch size 1 carries it as well: a
+   padding collator would leave a single row unpadded, but ``padding="max_length"`` would not, and
+   the mask is the larger of the two (only a ``seq_len`` of 1 has no padded position: no token
+   would be left).
 3. Per micro-batch, inside the strategy's accumulation context (``no_sync`` / no gradient sync on
    all but the last): forward under autocast (``16-mixed``: fp16, ``bf16-mixed``: bf16; none for
    ``32-true`` and ``bf16-true``, and none under FSDP2, whose mixed-precision policy casts instead);
@@ -35,7 +44,8 @@ HF ``Trainer`` with the emitted arguments uses:
 With ``lengths`` (a confirmation under dynamic padding, ``probes.confirmation``), micro-batch ``k``
 of the trial is padded to ``lengths[k]`` (``seq_len`` once the list ends) as a padding collator pads
 a batch to its longest sequence: one row at that length, the others shorter (seeded), their padding
-masked out in ``attention_mask`` and ignored in ``labels`` (-100). The record then carries the
+masked out in ``attention_mask`` and ignored in ``labels`` (-100); the last row's last position is
+masked out as in every micro-batch. The record then carries the
 lengths and how many micro-batches completed (a failure came in the next one, or in the optimizer
 step after the last), and every record the ``PYTORCH_CUDA_ALLOC_CONF`` the process ran with.
 
@@ -63,6 +73,7 @@ from probes.devices.counting import CountingMode
 from probes.errors import ProbeInputError
 from probes.models import load_config, vocab_size
 from probes.oom import classify, one_line, poisons_context
+from probes.padding import has_padded_position
 from probes.recipe.build import ModelBuilder, Recipe
 from probes.spec import ConfigTask, DeviceInfo, Outcome, Precision, TrialRecord
 from probes.timeline import Timeline
@@ -381,6 +392,10 @@ class TrialSession:
                 real = rows.randint(1, padded)
                 attention_mask[row, real:] = 0
                 labels[row, real:] = -100
+        if has_padded_position(padded):
+            # the worst case is a padded batch (probes.padding; the module docstring, step 2)
+            attention_mask[-1, -1] = 0
+            labels[-1, -1] = -100
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
     def _autocast(self, dtype: torch.dtype | None) -> AbstractContextManager[object]:

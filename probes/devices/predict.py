@@ -29,10 +29,11 @@ What fake tensors change, and how it is handled:
   gradient scaler never skips a step (:class:`PredictGradScaler`: the real scaler reads
   ``found_inf`` to decide; the first step with AdamW state is the one the peak needs).
 - transformers treats a fake attention mask as "tracing" and then builds a ``b x 1 x s x s`` mask
-  instead of letting SDPA use ``is_causal``. Probe batches carry no padding (every row is at full
-  length, the mask all ones), so :func:`probe_batch_masks` answers the mask code's question "is
-  this mask all ones?" with yes for fake masks, after running the same reduction the real path
-  runs (so the counted bytes match too). It is on only inside the step context, and the exactness
+  by a path a real padded mask does not take. Probe batches are padded by a known rule
+  (:mod:`probes.padding`: every row at full length, the last row's last position masked out), so
+  :func:`probe_batch_masks` answers the mask code's question "is this mask all ones?" for fake
+  masks by that rule, after running the same reduction the real path runs (so the counted bytes
+  match too). It is on only inside the step context, and the exactness
   tests in ``tests/probes/test_predict.py`` fail loudly when a transformers upgrade changes the
   path.
 - Mixture-of-experts layers run ``aten._grouped_mm`` in the weights' dtype; its fake kernel
@@ -56,6 +57,7 @@ from probes.devices.fake_kernels import grouped_mm_any_dtype
 from probes.errors import ProbeInputError
 from probes.gpus import Gpu, check_limit_fits
 from probes.overhead import overhead_for
+from probes.padding import has_padded_position
 from probes.spec import DeviceInfo
 from probes.units import format_bytes
 
@@ -87,13 +89,15 @@ class PredictGradScaler(torch.amp.GradScaler):
 
 @contextmanager
 def probe_batch_masks() -> Iterator[None]:
-    """Let transformers' mask code treat fake attention masks of probe batches as real all-ones masks.
+    """Let transformers' mask code treat a probe batch's fake attention mask as the real one it stands for.
 
     transformers (5.x ``masking_utils``) asks ``is_tracing(mask)``, true for any fake tensor, and
     then materialises a 4-D mask; otherwise it asks ``fast_all(mask)`` and lets SDPA use
     ``is_causal``. Inside this context a fake mask is not "tracing", and ``fast_all`` of a fake mask
-    runs the same reduction (so the same bytes are counted) and answers ``True``: probe batches have
-    no padding. Real tensors and other tracing (dynamo, fx, jit) take the unchanged path.
+    runs the same reduction (so the same bytes are counted) and answers what the real probe mask
+    would: ``False`` where the batch carries a padded position
+    (:func:`probes.padding.has_padded_position` of its length), ``True`` otherwise. Real tensors and
+    other tracing (dynamo, fx, jit) take the unchanged path.
     A transformers without these names is left alone (the exactness tests then tell).
     """
     try:
@@ -115,7 +119,7 @@ def probe_batch_masks() -> Iterator[None]:
         result = fast_all(tensor)
         if isinstance(tensor, FakeTensor):
             del result
-            return True
+            return tensor.dim() == 0 or not has_padded_position(tensor.shape[-1])
         return result
 
     patches: dict[str, Callable[..., Any]] = {

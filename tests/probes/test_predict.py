@@ -179,8 +179,10 @@ def test_the_cap_bites_at_the_same_byte(matrix: dict[Case, Peaks]) -> None:
 
 
 def _comparable(result: ProbeResult) -> list[dict[str, object]]:
-    """The searches, without timings and without the confirmation (predict skips it: fake
-    tensors give the same bytes every time)."""
+    """The searches, without timings and without the confirmation: predict runs none (fake tensors
+    give the same bytes every time), so its ``confirmed`` and ``confirmation`` honestly differ;
+    the simulated confirmation's own trial repeats the answer and is dropped too, and its confirming
+    trials' ``lengths`` and ``micro_steps_done`` (their peaks and outcomes stay compared)."""
     configs = []
     for config in result.model_dump(mode="json")["configs"]:
         for key in ("samples_per_second", "tokens_per_second"):
@@ -193,6 +195,9 @@ def _comparable(result: ProbeResult) -> list[dict[str, object]]:
         for record in config["trials"]:
             record.pop("step_seconds")
             record.pop("optimizer_steps")  # the real fp16 scaler may add make-up steps; the peak is the same
+            # a confirming trial's varied lengths and micro-batch count: predict confirms nothing
+            record.pop("lengths")
+            record.pop("micro_steps_done")
         configs.append(config)
     return configs
 
@@ -207,9 +212,8 @@ def test_the_engine_finds_the_same_batch_sizes_on_both_devices() -> None:
         "memory_limit_bytes": 5 * MiB,
         "confirm_optimizer_steps": 2,
         "predict_seeding": False,  # the ordinary search on both devices (seeding: test_engine.py)
-        # the worst case only: the confirmation's padded batches build an attention mask that no
-        # unpadded trial does, which predict (no confirmation) cannot see (docs/probe.md)
-        "confirm_varied_steps": 0,
+        # the default varied confirmation on simulated: every trial's batch is padded
+        # (probes.padding), so the confirmation's padded batches need nothing the search did not
     }
     specs = {
         device: ProbeSpec.model_validate({**base, "device": device}) for device in ("simulated", "predict")
@@ -232,6 +236,13 @@ def test_the_engine_finds_the_same_batch_sizes_on_both_devices() -> None:
     assert all(t.accumulation_steps == 2 for c in predicted.configs for t in c.trials)
     assert all(c.confirmed for c in simulated.configs)
     assert not any(c.confirmed for c in predicted.configs)
+    for config in simulated.configs:  # the varied steps ran and confirmed the search's own answer
+        confirmation = config.confirmation
+        assert confirmation is not None
+        assert confirmation.varied_optimizer_steps > 0
+        assert confirmation.all_fit
+        assert confirmation.batch_size == config.max_batch_size
+        assert not confirmation.failed_sizes
     assert predicted.device.kind == "predict"
     assert predicted.device.predicted
     assert predicted.device.overhead_bytes == 0
@@ -390,12 +401,15 @@ def test_the_mask_shim_is_narrow_and_restored() -> None:
     masking_utils: Any = transformers.masking_utils
     with PredictDevice(memory_limit_bytes=GiB).build_context():
         fake = torch.ones(2, 8, dtype=torch.bool)
+        fake_of_one = torch.ones(2, 1, dtype=torch.bool)
     real = torch.ones(2, 8, dtype=torch.bool)
     originals = (masking_utils.is_tracing, masking_utils.fast_all)
     assert masking_utils.is_tracing(fake)  # what transformers does with a fake mask, unpatched
     with probe_batch_masks():
         assert not masking_utils.is_tracing(fake)
-        assert masking_utils.fast_all(fake) is True
+        # a probe batch of length >= 2 is padded (probes.padding): its mask is not all ones
+        assert masking_utils.fast_all(fake) is False
+        assert masking_utils.fast_all(fake_of_one) is True  # length 1: nothing to pad
         assert isinstance(masking_utils.fast_all(real), torch.Tensor)  # real masks: the real answer
         assert not masking_utils.fast_all(torch.zeros(2, 8, dtype=torch.bool))
     assert (masking_utils.is_tracing, masking_utils.fast_all) == originals

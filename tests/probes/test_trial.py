@@ -390,7 +390,19 @@ def test_a_padded_batch_masks_and_ignores_the_padding_of_every_row_but_the_longe
     assert bool((batch["labels"][padded] == -100).all())
     assert bool((batch["labels"][~padded] == batch["input_ids"][~padded]).all())
     assert session._batch(4, [48], 1)["input_ids"].shape == (4, SEQ_LEN)
-    assert bool(session._batch(4)["attention_mask"].all())
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_the_worst_case_batch_is_padded_at_its_last_position_only(
+    session: TrialSession, batch_size: int
+) -> None:
+    assert session.prepare() is None
+    batch = session._batch(batch_size)
+    assert batch["input_ids"].shape == batch["attention_mask"].shape == (batch_size, SEQ_LEN)
+    padded = (batch["attention_mask"] == 0).nonzero().tolist()
+    assert padded == [[batch_size - 1, SEQ_LEN - 1]]  # one padded position, batch size 1 included
+    assert batch["labels"][-1, -1].item() == -100
+    assert bool((batch["labels"][:, :-1] == batch["input_ids"][:, :-1]).all())
 
 
 def test_a_trial_under_dynamic_padding_runs_its_steps_at_the_lengths_given(session: TrialSession) -> None:
