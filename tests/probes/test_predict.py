@@ -180,8 +180,9 @@ def test_the_cap_bites_at_the_same_byte(matrix: dict[Case, Peaks]) -> None:
 
 def _comparable(result: ProbeResult) -> list[dict[str, object]]:
     """The searches, without timings and without the confirmation: predict runs none (fake tensors
-    give the same bytes every time), so its ``confirmed`` and ``confirmation`` honestly differ;
-    the simulated confirmation's own trial repeats the answer and is dropped too, and its confirming
+    give the same bytes every time), so its ``confirmed`` and ``confirmation`` honestly differ, and
+    without predict's own ``depth_extrapolation`` (how predict measured; simulated has none); the
+    simulated confirmation's own trial repeats the answer and is dropped too, and its confirming
     trials' ``lengths`` and ``micro_steps_done`` (their peaks and outcomes stay compared)."""
     configs = []
     for config in result.model_dump(mode="json")["configs"]:
@@ -189,6 +190,7 @@ def _comparable(result: ProbeResult) -> list[dict[str, object]]:
             config.pop(key)
         config.pop("confirmed")
         config.pop("confirmation")
+        config.pop("depth_extrapolation")
         sizes = [t["batch_size"] for t in config["trials"]]
         if sizes and sizes[-1] in sizes[:-1]:  # a separate confirmation repeats a size
             config["trials"] = config["trials"][:-1]
@@ -236,6 +238,10 @@ def test_the_engine_finds_the_same_batch_sizes_on_both_devices() -> None:
     assert all(t.accumulation_steps == 2 for c in predicted.configs for t in c.trials)
     assert all(c.confirmed for c in simulated.configs)
     assert not any(c.confirmed for c in predicted.configs)
+    assert all(c.depth_extrapolation is None for c in simulated.configs)
+    for config in predicted.configs:  # the tiny model is no deeper than the base depths: full depth
+        assert config.depth_extrapolation is not None
+        assert not config.depth_extrapolation.extrapolated
     for config in simulated.configs:  # the varied steps ran and confirmed the search's own answer
         confirmation = config.confirmation
         assert confirmation is not None
