@@ -119,6 +119,21 @@ def wait_for_file(path: Path, timeout: float = 20) -> str:
     raise AssertionError(f"{path} was not written within {timeout} s")
 
 
+def wait_gone(pid: int, timeout: float = 20) -> None:
+    """Return once process ``pid`` has exited (gone, or a zombie nobody reaped yet): a SIGKILL sent
+    to a process group is delivered asynchronously, so a killed process may still run briefly."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return
+        if state == "Z":
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"process {pid} still runs {timeout} s after it was killed")
+
+
 def assert_problem(response: Any, status: int, code: str | None = None) -> dict[str, Any]:
     assert response.status_code == status, response.text
     assert response.headers["content-type"].startswith("application/problem+json")

@@ -19,6 +19,7 @@ from tests.app.conftest import (
     runs,
     wait_done,
     wait_for_file,
+    wait_gone,
     wait_status,
 )
 
@@ -244,15 +245,8 @@ def test_cancel_a_running_job_kills_its_child(client: TestClient, tmp_path: Path
     assert job["status"] == "cancelled"
     assert job["error"]["code"] == "cancelled"
     for path in (pidfile, grandchild):
-        assert not Path(f"/proc/{path.read_text()}").exists() or _is_zombie(int(path.read_text()))
+        wait_gone(int(path.read_text()))
     assert client.get("/readyz").status_code == 200
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] == "Z"
-    except OSError:
-        return True
 
 
 def test_cancel_a_queued_job(client: TestClient, run_log: Path) -> None:
