@@ -5,9 +5,8 @@ store knows rows, not HTTP: it returns :class:`JobRecord` values and small outco
 
 Job rows read by :meth:`Store.get` are kept in memory until the next write of any kind, so that
 pollers of an unchanged job are answered from :meth:`Store.cached` (a dictionary lookup: no SQL, no
-lock, nothing that blocks) instead of queueing behind the lock and its writers; so are the answers
-of :meth:`Store.find_reusable`, which a burst of identical submissions asks again and again. One service
-process owns the database (the data directory's lock file), so every write passes through here.
+lock, nothing that blocks) instead of queueing behind the lock and its writers. One service process
+owns the database (the data directory's lock file), so every write passes through here.
 """
 
 from __future__ import annotations
@@ -156,8 +155,6 @@ class Store:
         self._conn.execute("PRAGMA foreign_keys=ON")
         #: job rows as last read, emptied by every write (filled and emptied under ``_lock``)
         self._rows: dict[str, JobRecord] = {}
-        #: :meth:`find_reusable`'s answers since the last write, by its arguments
-        self._reuse: dict[tuple[str, str | None, str, bool], tuple[JobRecord | None, Reuse] | None] = {}
         with self._lock:
             self.version = migrate(self._conn)
 
@@ -177,7 +174,7 @@ class Store:
             self._conn.execute("COMMIT")
             # Before the lock is released: a reader that takes the lock next reads the new rows,
             # and no copy read before this write can be put back.
-            self._rows, self._reuse = {}, {}
+            self._rows = {}
 
     def ping(self) -> None:
         """Raise when the database cannot answer a query."""
@@ -324,15 +321,8 @@ class Store:
         self, cache_key: str, *, idempotency_key: str | None, request_hash: str, reuse_cached: bool
     ) -> tuple[JobRecord | None, Reuse] | None:
         """The job that would answer this request without a new probe, if any (read only)."""
-        key = (cache_key, idempotency_key, request_hash, reuse_cached)
         with self._lock:
-            if key in self._reuse:  # asked since the last write: a burst of identical requests
-                return self._reuse[key]
-            found = self._reusable(self._conn, cache_key, idempotency_key, request_hash, reuse_cached)
-            if len(self._reuse) >= MAX_CACHED_ROWS:
-                self._reuse = {}
-            self._reuse[key] = found
-            return found
+            return self._reusable(self._conn, cache_key, idempotency_key, request_hash, reuse_cached)
 
     # --- writes --------------------------------------------------------------------------------
 
