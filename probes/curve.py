@@ -27,7 +27,6 @@ directly.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
@@ -40,6 +39,16 @@ from probes.trial import TrialSession
 
 BASE_BATCH_SIZES = (2, 3)
 """The two batch sizes whose timelines give every other (``b = 1`` takes another path)."""
+
+FIRST_TRIAL_STRATEGIES = frozenset({Strategy.DDP, Strategy.FSDP})
+"""Strategies whose step depends on the process's history: each point is the first trial of its
+own session (a fresh model, wrapper and process group), as a real job's first steps are.
+
+Measured (tiny Llama, 2 ranks, 2026-12-02): a session's second trial differs in shape from its
+first (FSDP2 keeps the unsharded-parameter storages it allocated in the first trial and resizes
+them in later ones; DDP's Reducer rebuilds its buckets after the first iteration), so 2 and 3 run
+in one session fit no affine timeline; as first trials they do. The peaks were the same either way
+in every config measured (the first trial's covers its own later steps)."""
 
 
 @dataclass
@@ -113,29 +122,12 @@ def measure_curve(
             return outcome
         depths: tuple[int | None, ...] = plan.base_depths if isinstance(plan, DepthPlan) else (None,)
         outcome.depths = tuple(d for d in depths if d is not None)
-        sessions = {
-            depth: stack.enter_context(TrialSession(_at_depth(task, config.to_dict(), depth)))
-            for depth in depths
-        }
+        points = _Points(task, config.to_dict(), stack, accumulation_steps, optimizer_steps, outcome)
         try:
-            affine = _combine(
-                {
-                    depth: _fit(
-                        session, depth, BASE_BATCH_SIZES, accumulation_steps, optimizer_steps, outcome
-                    )
-                    for depth, session in sessions.items()
-                },
-                plan,
-            )
+            affine = _combine({depth: points.fit(depth, BASE_BATCH_SIZES) for depth in depths}, plan)
             curve = PeakCurve(affine=affine)
             if curve.peak(BASE_BATCH_SIZES[0]) > capacity:
-                one = _combine(
-                    {
-                        depth: _fit(session, depth, (1,), accumulation_steps, optimizer_steps, outcome)
-                        for depth, session in sessions.items()
-                    },
-                    plan,
-                )
+                one = _combine({depth: points.fit(depth, (1,)) for depth in depths}, plan)
                 curve = PeakCurve(affine=affine, peak_at_one=one.peak(1))
             outcome.curve = curve
             outcome.bracket = curve.ladder_bracket(capacity, upper_limit=upper_limit)
@@ -159,41 +151,58 @@ def _at_depth(task: ConfigTask, config: dict[str, object], depth: int | None) ->
     return task.model_copy(update={"model": task.model.model_copy(update={"config": overrides})})
 
 
-def _fit(
-    session: TrialSession,
-    depth: int | None,
-    batch_sizes: tuple[int, ...],
-    accumulation_steps: int,
-    optimizer_steps: int,
-    outcome: CurveOutcome,
-) -> AffineTimeline:
-    timelines = list(_timelines(session, depth, batch_sizes, accumulation_steps, optimizer_steps, outcome))
-    try:
-        return constant_timeline(timelines[0]) if len(timelines) == 1 else fit_affine(*timelines)
-    except ShapeMismatch as exc:
-        raise _NoCurve(str(exc)) from exc
+class _Points:
+    """Where each (depth, batch size) point's trial runs: in one session per depth, or in a fresh
+    session of its own where a process's history changes the step (:data:`FIRST_TRIAL_STRATEGIES`)."""
 
+    def __init__(
+        self,
+        task: ConfigTask,
+        config: dict[str, object],
+        stack: ExitStack,
+        accumulation_steps: int,
+        optimizer_steps: int,
+        outcome: CurveOutcome,
+    ) -> None:
+        self._task = task
+        self._config = config
+        self._stack = stack
+        self._steps = (accumulation_steps, optimizer_steps)
+        self._outcome = outcome
+        self._fresh = task.strategy in FIRST_TRIAL_STRATEGIES
+        self._sessions: dict[int | None, TrialSession] = {}
 
-def _timelines(
-    session: TrialSession,
-    depth: int | None,
-    batch_sizes: tuple[int, ...],
-    accumulation_steps: int,
-    optimizer_steps: int,
-    outcome: CurveOutcome,
-) -> Iterator[Timeline]:
-    for batch_size in batch_sizes:
-        record, timeline = session.run_with_timeline(
-            batch_size, accumulation_steps=accumulation_steps, optimizer_steps=optimizer_steps
-        )
-        outcome.trials += 1
-        outcome.records.append(record.model_copy(update={"layers": depth}) if depth is not None else record)
+    def fit(self, depth: int | None, batch_sizes: tuple[int, ...]) -> AffineTimeline:
+        timelines = [self._timeline(depth, batch_size) for batch_size in batch_sizes]
+        try:
+            return constant_timeline(timelines[0]) if len(timelines) == 1 else fit_affine(*timelines)
+        except ShapeMismatch as exc:
+            raise _NoCurve(str(exc)) from exc
+
+    def _timeline(self, depth: int | None, batch_size: int) -> Timeline:
+        accumulation_steps, optimizer_steps = self._steps
+        task = _at_depth(self._task, self._config, depth)
+        if self._fresh:
+            with TrialSession(task) as session:
+                record, timeline = session.run_with_timeline(
+                    batch_size, accumulation_steps=accumulation_steps, optimizer_steps=optimizer_steps
+                )
+        else:
+            if depth not in self._sessions:
+                self._sessions[depth] = self._stack.enter_context(TrialSession(task))
+            record, timeline = self._sessions[depth].run_with_timeline(
+                batch_size, accumulation_steps=accumulation_steps, optimizer_steps=optimizer_steps
+            )
+        self._outcome.trials += 1
+        if depth is not None:
+            record = record.model_copy(update={"layers": depth})
+        self._outcome.records.append(record)
         if record.outcome is not Outcome.FIT or timeline is None:
             raise _NoCurve(
                 f"the trial at batch size {batch_size} ended in {record.outcome.value}"
                 + (f" ({record.message})" if record.message else "")
             )
-        yield timeline
+        return timeline
 
 
 def _combine(fits: dict[int | None, AffineTimeline], plan: DepthPlan | str | None) -> AffineTimeline:

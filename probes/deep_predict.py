@@ -71,15 +71,16 @@ class DepthAnswer:
 
 
 STRATEGY_REASONS = {
-    Strategy.FSDP: "fsdp: FSDP2 allocates the unsharded parameters anew in a process's first trial and "
-    "resizes the storages it kept in later ones, so the steps at batch sizes 2 and 3 differ in shape "
-    "(no affine curve); and a fit from later trials alone is not yet shown equal to the search's answer",
-    Strategy.DDP: "ddp: DDP's Reducer rebuilds its gradient buckets after the first iteration (1 MiB, then "
-    "25 MiB of gradients in the order they became ready), so a process's first trial differs in shape "
-    "from later ones, and the bucket boundaries do not follow the layers",
+    Strategy.DDP: "ddp: DDP's gradient buckets (and, without checkpointing, its used-parameter map) are "
+    "allocated when the model is wrapped, sized by the whole model's gradients (one 1 MiB bucket, then "
+    "25 MiB ones, rebuilt in the order the gradients became ready), so they do not grow by one layer's "
+    "edit: the layers' edit from 3 to 4 layers does not give 5",
 }
-"""Why the strategies other than ``single`` run at full depth (measured: 2026-12-01, tiny Llama and
-the Llama-3-8B ``config.json``, ``ShapeMismatch`` between batch sizes 2 and 3 in every config)."""
+"""Why a strategy runs at full depth on ``predict`` (measured 2026-12-02 on the tiny Llama, 2 ranks,
+with every point the first trial of its own session: ``DepthMismatch`` on the buckets and the
+used-parameter map, live from the start, in all 8 DDP configs). ``fsdp`` is covered: its points,
+first trials of their own sessions (``probes.curve.FIRST_TRIAL_STRATEGIES``), extrapolate to the
+full-depth search's answers (``tests/probes/test_deep_predict.py``)."""
 
 
 def request_curve(
