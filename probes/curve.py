@@ -9,6 +9,8 @@ What :func:`measure_curve` does, in the trial child (it runs models), for one co
    stack); otherwise on the model itself.
 3. At each depth, trials at batch sizes 2 and 3 record their timelines (``probes.timeline``); the
    affine fit gives every ``b >= 2``; the depth extrapolation (where used) gives the real depth.
+   Under ``ddp`` and ``fsdp`` each trial is the first of its own session
+   (:data:`FIRST_TRIAL_STRATEGIES`); otherwise one session per depth runs them in turn.
 4. When batch size 2 does not fit the capacity, batch size 1 (its own path through the step) is
    measured the same way.
 

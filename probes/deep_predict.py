@@ -21,11 +21,16 @@ full-depth search:
   short period, or it is no deeper than the base depths (``probes.depth.depth_plan``);
 - the steps at batch sizes 2 and 3 differ in shape, or the layers' edit does not repeat
   (``ShapeMismatch``/``DepthMismatch`` in the child), or a base-depth trial did not fit;
-- strategies ``ddp`` and ``fsdp`` (:data:`STRATEGY_REASONS`): a process's first trial differs in
-  shape from its later ones (FSDP2 allocates its unsharded parameters anew, then resizes the kept
-  storages; DDP rebuilds its buckets after the first iteration), so the steps at batch sizes 2 and
-  3 do not fit one affine timeline; and DDP's rebuilt buckets (1 MiB, then 25 MiB of gradients)
-  do not follow the layers. ``single`` (full fine-tuning and LoRA) is covered.
+- strategy ``ddp`` (:data:`STRATEGY_REASONS`): DDP's gradient buckets and used-parameter map are
+  allocated when the model is wrapped, sized by the whole model, so the base depths do not show the
+  real depth's (``DepthMismatch`` at the depth step).
+
+``single`` (full fine-tuning and LoRA) and ``fsdp`` are covered. Under ``fsdp`` a process's second
+trial differs in shape from its first (FSDP2 keeps the unsharded-parameter storages it allocated
+and resizes them), so each base point runs as the first trial of its own session
+(``probes.curve.FIRST_TRIAL_STRATEGIES``): the timelines at batch sizes 2 and 3 then fit one affine
+timeline, and the extrapolation equals the full-depth search's answer, whose trials (later ones in
+a reused child, or first ones after an out-of-memory trial) peak at the same bytes.
 """
 
 from __future__ import annotations

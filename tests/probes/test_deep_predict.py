@@ -3,7 +3,8 @@
 Each comparison runs the same request twice through :func:`probes.engine.run_probe`: with the
 depth extrapolation (``probes.deep_predict``) and with it off (today's full-depth ladder search),
 and asks for the same answer in every config — largest fitting and first failing size, the peak at
-the answer to the byte, the plan — on models still cheap to run at full depth (8 and 10 layers).
+the answer to the byte, the plan — on models still cheap to run at full depth (8 and 10 layers):
+``single`` and ``fsdp`` (2 ranks); ``ddp`` runs at full depth, and why is shown.
 """
 
 from __future__ import annotations
@@ -12,10 +13,20 @@ from typing import Any
 
 import pytest
 
+from probes.curve import measure_curve
 from probes.depth import BASE_DEPTHS
 from probes.engine import run_probe
 from probes.protocol import CurveReply
-from probes.spec import ConfigResult, ConfigStatus, ModelSpec, ProbeResult, ProbeSpec
+from probes.spec import (
+    ConfigResult,
+    ConfigStatus,
+    ConfigTask,
+    ModelSpec,
+    Precision,
+    ProbeResult,
+    ProbeSpec,
+    Strategy,
+)
 from tests.probes.tiny_families import DECODER, GPT2
 
 pytestmark = pytest.mark.slow  # every test runs whole probes, most of them twice
@@ -140,18 +151,78 @@ def test_a_family_outside_the_exact_ones_runs_at_full_depth() -> None:
     )
 
 
-def test_ddp_and_fsdp_run_at_full_depth() -> None:
-    """Their first trial in a process differs in shape from later ones: no affine curve (yet)."""
+@pytest.mark.parametrize("precision", ALL_PRECISIONS)
+def test_fsdp_every_precision_and_checkpointing_equals_full_depth(precision: str) -> None:
+    """Each base point is the first trial of its own session (a process's second trial under FSDP2
+    differs in shape); the search at full depth reuses its child between fits, and answers the same."""
+    result = _assert_extrapolated_equals_full_depth(
+        _spec(
+            "llama",
+            SMALL_LLAMA_8,
+            6,
+            precisions=(precision,),
+            gradient_checkpointing=(False, True),
+            strategies=("fsdp",),
+            world_size=2,
+        )
+    )
+    assert len({c.max_batch_size for c in result.configs}) == 2
+
+
+def test_lora_under_fsdp_equals_full_depth() -> None:
+    _assert_extrapolated_equals_full_depth(
+        _spec(
+            "llama",
+            SMALL_LLAMA_8,
+            3,
+            precisions=("bf16-mixed", "32-true"),
+            gradient_checkpointing=(False, True),
+            strategies=("fsdp",),
+            world_size=2,
+            finetuning="lora",
+            lora_r=4,
+            lora_alpha=8,
+        )
+    )
+
+
+def test_ddp_runs_at_full_depth() -> None:
+    """DDP's buckets are sized by the whole model, live from the start: no per-layer edit."""
     spec = _spec(
         "llama",
         SMALL_LLAMA_8,
-        12,
+        6,
         precisions=("bf16-mixed",),
-        gradient_checkpointing=(True,),
-        strategies=("ddp", "fsdp"),
+        gradient_checkpointing=(False, True),
+        strategies=("ddp",),
         world_size=2,
     )
-    _full_depth_with(spec, "first trial")
+    _full_depth_with(spec, "DDP's gradient buckets")
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_ddp_base_depths_do_not_repeat_even_as_first_trials(checkpointing: bool) -> None:
+    """Why ``STRATEGY_REASONS`` keeps ddp: with each point a first trial, 2 and 3 fit one affine
+    timeline at every base depth, but the edit from 3 to 4 layers loses the bucket (checkpointing)
+    or the used-parameter map (without), whose sizes follow the whole model."""
+    spec = _spec(
+        "llama",
+        SMALL_LLAMA_8,
+        6,
+        precisions=("bf16-mixed",),
+        gradient_checkpointing=(checkpointing,),
+        strategies=("ddp",),
+        world_size=2,
+    )
+    task = ConfigTask.for_config(spec, Precision.BF16_MIXED, checkpointing, Strategy.DDP)
+    outcome = measure_curve(task, require_depth_extrapolation=True)
+    assert outcome.curve is None
+    assert outcome.reason is not None
+    assert "(live at start)" in outcome.reason
+    assert "the layers do not simply repeat" in outcome.reason
+    assert [(r.layers, r.batch_size) for r in outcome.records] == [
+        (depth, b) for depth in BASE_DEPTHS for b in (2, 3)
+    ]
 
 
 @pytest.mark.parametrize(("limit_mib", "words"), [(4, "depth-extrapolated"), (2, "no trial ran")])
