@@ -32,9 +32,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.predict_7b import GiB, TreeWatch
+from bench.predict_7b import GiB
+from bench.proctree import TreeWatch
 
 MODEL = Path(__file__).resolve().parent / "models" / "llama-3-8b"
+CHECKOUT = Path(__file__).resolve().parent.parent
+
+
+def checkout_environment() -> dict[str, str]:
+    """The environment with this checkout first on ``PYTHONPATH``: a worktree's ``.venv`` may be a
+    link to another checkout's, whose ``maxbatch`` script would otherwise import that checkout."""
+    paths = [str(CHECKOUT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
 
 
 TARGETS = {"8b": 180.0, "70b": 120.0, "405b": 180.0}
@@ -119,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     sampler.start()
     try:
-        done = subprocess.run(argv_shown, capture_output=True, text=True, check=False)
+        done = subprocess.run(
+            argv_shown, capture_output=True, text=True, check=False, env=checkout_environment()
+        )
     finally:
         wall = time.monotonic() - started
         watch.stop()
