@@ -175,7 +175,7 @@ def test_lora_under_fsdp_equals_full_depth() -> None:
             "llama",
             SMALL_LLAMA_8,
             3,
-            precisions=("bf16-mixed", "32-true"),
+            precisions=("bf16-mixed",),
             gradient_checkpointing=(False, True),
             strategies=("fsdp",),
             world_size=2,
@@ -193,7 +193,7 @@ def test_ddp_runs_at_full_depth() -> None:
         SMALL_LLAMA_8,
         6,
         precisions=("bf16-mixed",),
-        gradient_checkpointing=(False, True),
+        gradient_checkpointing=(True,),
         strategies=("ddp",),
         world_size=2,
     )
