@@ -158,6 +158,14 @@ class Settings(BaseSettings):
         gt=0,
         description="Host-memory ceiling of a `cuda` trial process. Unset: none (not yet verified on a GPU).",
     )
+    probe_nice: int = Field(
+        default=10,
+        ge=0,
+        le=19,
+        description="Local probe children, and every process they start, run this many steps below the "
+        "service's CPU priority (`nice -n`), so that requests come first on shared cores; 0: the same "
+        "priority. A probe still uses every core nothing else wants.",
+    )
     probe_command: list[str] = Field(
         default_factory=_default_probe_command,
         min_length=1,

@@ -69,4 +69,5 @@ def make_dispatcher(settings: Settings, inventory: Inventory) -> Dispatcher:
         inventory=inventory,
         queue_deadline_seconds=settings.queue_deadline_seconds,
         host_memory=settings.host_memory_policy,
+        nice=settings.probe_nice,
     )

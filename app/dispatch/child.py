@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -58,6 +59,19 @@ def kill_group(pgid: int, sig: signal.Signals = signal.SIGKILL) -> None:
     """Signal every process in the group (SIGKILL by default); a group that is already gone is fine."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
+
+
+def with_lower_priority(argv: list[str], nice: int) -> list[str]:
+    """``argv`` started through ``nice -n <nice>``: the child and every process it starts (the
+    forkserver, the trial children) run that many steps below the service's CPU priority, from
+    their first instruction. Without a ``nice`` program the child runs at the service's own."""
+    if nice <= 0:
+        return argv
+    program = shutil.which("nice")
+    if program is None:
+        log.warning("no nice program on PATH: probe children run at the service's CPU priority")
+        return argv
+    return [program, "-n", str(nice), *argv]
 
 
 def stop_group(proc: subprocess.Popen[bytes] | subprocess.Popen[str], grace_seconds: float) -> None:
@@ -156,13 +170,15 @@ def run_child(
     grace_seconds: float = 3.0,
     device: str | None = None,
     host_memory: HostMemoryPolicy | None = None,
+    nice: int = 0,
 ) -> RunOutcome:
     """Run the probe child for ``job`` to its end; never raises for anything the child does.
 
     Cancel, shutdown and timeout stop the child's whole process group (SIGTERM, then SIGKILL
     after ``grace_seconds``); after any end, strays left in the group are killed. ``device`` is
     the GPU a fleet request (device ``gpu``) runs on. ``host_memory`` gives the child and its trial
-    children their ceilings (``None``: the engine's defaults).
+    children their ceilings (``None``: the engine's defaults); ``nice`` their CPU priority
+    (:func:`with_lower_priority`).
     """
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -178,6 +194,11 @@ def run_child(
         argv.append("--allow-remote-code")
     if host_memory is not None:
         argv += host_memory.to_args()
+    if nice > 0 and shutil.which(argv[0]) is None:  # under nice, a missing program is nice's exit 127
+        return RunOutcome(
+            RunStatus.CRASH, message=f"could not start the probe child {argv[0]!r}: no such program"
+        )
+    argv = with_lower_priority(argv, nice)
     with (workdir / "stderr.log").open("ab") as stderr:
         try:
             proc = subprocess.Popen(

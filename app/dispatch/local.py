@@ -106,6 +106,7 @@ class _Worker(threading.Thread):
                 on_event=lambda event: owner.sink_or_raise().job_event(job.id, event),
                 device=self.queue if self.queue.startswith("cuda") else None,
                 host_memory=owner.host_memory,
+                nice=owner.nice,
             )
         except Exception as exc:
             log.exception("job %s: running the child failed", job.id)
@@ -127,6 +128,7 @@ class LocalDispatcher(Dispatcher):
         inventory: Inventory | None = None,
         queue_deadline_seconds: float | None = None,
         host_memory: HostMemoryPolicy | None = None,
+        nice: int = 0,
     ) -> None:
         self.command = list(command)
         self.jobs_dir = jobs_dir
@@ -134,6 +136,8 @@ class LocalDispatcher(Dispatcher):
         self.inventory: Inventory = inventory or NoInventory()
         self.queue_deadline_seconds = queue_deadline_seconds
         self.host_memory = host_memory
+        #: the probe children's CPU priority (``Settings.probe_nice``)
+        self.nice = nice
         self.lock = threading.Lock()
         self.wake = threading.Condition(self.lock)
         self.stopping = threading.Event()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -204,3 +205,29 @@ def test_job_status_while_running_shows_progress(client: TestClient) -> None:
         "phase": "search",
     }
     client.post(f"/v1/probes/{job_id}/cancel")
+
+
+def _niceness(pid: int) -> int:
+    """The process's nice value (field 19 of ``/proc/<pid>/stat``)."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+
+
+@pytest.mark.parametrize("probe_nice", [0, 10])
+def test_probe_children_run_at_the_configured_cpu_priority(
+    settings_factory: Callable[..., Settings], tmp_path: Path, probe_nice: int
+) -> None:
+    pidfile, grandchild = tmp_path / "child.pid", tmp_path / "grandchild.pid"
+    own = _niceness(os.getpid())
+    body = probe_body(
+        fake="spawn", config={"fake_pidfile": str(pidfile), "fake_grandchild_pidfile": str(grandchild)}
+    )
+    with TestClient(create_app(settings_factory(probe_nice=probe_nice))) as client:
+        job_id = client.post("/v1/probes", json=body).json()["id"]
+        wait_status(client, job_id, "running")
+        wait_for_file(grandchild)
+        expected = min(19, own + probe_nice)
+        assert _niceness(int(pidfile.read_text())) == expected
+        assert _niceness(int(grandchild.read_text())) == expected  # started after: inherited
+        assert _niceness(os.getpid()) == own  # the service itself keeps its priority
+        client.post(f"/v1/probes/{job_id}/cancel")
+        wait_done(client, job_id)
