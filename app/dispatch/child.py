@@ -64,8 +64,10 @@ def kill_group(pgid: int, sig: signal.Signals = signal.SIGKILL) -> None:
 def with_lower_priority(argv: list[str], nice: int) -> list[str]:
     """``argv`` started through ``nice -n <nice>``: the child and every process it starts (the
     forkserver, the trial children) run that many steps below the service's CPU priority, from
-    their first instruction. Without a ``nice`` program the child runs at the service's own."""
-    if nice <= 0:
+    their first instruction. Without a ``nice`` program the child runs at the service's own; a
+    missing probe program is left unwrapped, so that starting it fails as it would without
+    ``nice`` (under ``nice`` it would be nice's exit status 127 instead)."""
+    if nice <= 0 or shutil.which(argv[0]) is None:
         return argv
     program = shutil.which("nice")
     if program is None:
@@ -194,10 +196,6 @@ def run_child(
         argv.append("--allow-remote-code")
     if host_memory is not None:
         argv += host_memory.to_args()
-    if nice > 0 and shutil.which(argv[0]) is None:  # under nice, a missing program is nice's exit 127
-        return RunOutcome(
-            RunStatus.CRASH, message=f"could not start the probe child {argv[0]!r}: no such program"
-        )
     argv = with_lower_priority(argv, nice)
     with (workdir / "stderr.log").open("ab") as stderr:
         try:
