@@ -3,7 +3,8 @@
 What :func:`measure_curve` does, in the trial child (it runs models), for one config:
 
 1. If weights + gradients + optimizer state alone (``probes.search.training_state_bytes``) exceed
-   the capacity, no batch size fits: no trial runs.
+   the capacity, no batch size fits: no trial runs (full fine-tuning; with LoRA/QLoRA adapters
+   only the adapters train, and the trial's own weights check stands in).
 2. If the model type and config are covered by depth extrapolation (``probes.depth.depth_plan``),
    the trials run on the same model cut to the three base depths (3, 4, 5 layers for a uniform
    stack); otherwise on the model itself.
@@ -96,8 +97,14 @@ def measure_curve(
     outcome = CurveOutcome()
     config = load_config(task.model, allow_remote_code=task.allow_remote_code)
     facts = inspect_model(task.model, task.seq_len, allow_remote_code=task.allow_remote_code)
-    floor = training_state_bytes(
-        _rank_parameters(task, facts.parameter_count), task.precision, optimizer=task.optimizer
+    # Every parameter trains only in full fine-tuning: with adapters the weights' own check
+    # (``TrialSession``, ``probes.weights_fit``) is the floor.
+    floor = (
+        None
+        if task.finetuning.uses_adapters
+        else training_state_bytes(
+            _rank_parameters(task, facts.parameter_count), task.precision, optimizer=task.optimizer
+        )
     )
     with ExitStack() as stack:
         probe = stack.enter_context(TrialSession(task))

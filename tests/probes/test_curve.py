@@ -7,7 +7,8 @@ from collections.abc import Iterator
 import pytest
 
 from probes.curve import measure_curve
-from probes.search import ladder_next
+from probes.models import inspect_model
+from probes.search import ladder_next, training_state_bytes
 from probes.spec import ConfigTask, ModelSpec, Outcome, Precision
 from probes.timeline import PeakCurve
 from probes.trial import TrialSession
@@ -16,14 +17,19 @@ from tests.probes.tiny_families import tiny
 MiB = 2**20
 
 
-def task(limit: int, *, layers: int = 8, precision: Precision = Precision.BF16_MIXED) -> ConfigTask:
-    return ConfigTask(
-        model=ModelSpec(architecture="llama", config=tiny("llama", layers=layers)),
-        seq_len=32,
-        precision=precision,
-        gradient_checkpointing=True,
-        device="simulated",
-        memory_limit_bytes=limit,
+def task(
+    limit: int, *, layers: int = 8, precision: Precision = Precision.BF16_MIXED, finetuning: str = "full"
+) -> ConfigTask:
+    return ConfigTask.model_validate(
+        {
+            "model": ModelSpec(architecture="llama", config=tiny("llama", layers=layers)),
+            "seq_len": 32,
+            "precision": precision,
+            "gradient_checkpointing": True,
+            "device": "simulated",
+            "memory_limit_bytes": limit,
+            "finetuning": {"method": finetuning},
+        }
     )
 
 
@@ -80,6 +86,21 @@ def test_when_the_training_state_alone_does_not_fit_no_trial_runs() -> None:
     assert outcome.curve is None
     assert outcome.reason is not None
     assert "optimizer state" in outcome.reason
+
+
+def test_with_adapters_a_full_fine_tuning_state_is_no_floor() -> None:
+    """LoRA trains its adapters only: that a full fine-tuning's weights, gradients and AdamW state
+    (6.8 MB of the tiny Llama in fp32) exceed the cap is no reason to run no trial."""
+    lora = task(6 * MiB, precision=Precision.FP32, finetuning="lora")
+    parameters = inspect_model(lora.model, lora.seq_len, allow_remote_code=False).parameter_count
+    full_state = training_state_bytes(parameters, Precision.FP32)
+    assert full_state is not None
+    assert full_state > 6 * MiB
+    outcome = measure_curve(lora)
+    assert not outcome.nothing_fits
+    assert outcome.curve is not None, outcome.reason
+    assert outcome.bracket is not None
+    assert (outcome.bracket[0] or 0) >= 2
 
 
 @pytest.mark.slow
