@@ -11,7 +11,9 @@ What :func:`measure_curve` does, in the trial child (it runs models), for one co
 3. At each depth, trials at batch sizes 2 and 3 record their timelines (``probes.timeline``); the
    affine fit gives every ``b >= 2``; the depth extrapolation (where used) gives the real depth.
    Under ``ddp`` and ``fsdp`` each trial is the first of its own session
-   (:data:`FIRST_TRIAL_STRATEGIES`); otherwise one session per depth runs them in turn.
+   (:data:`FIRST_TRIAL_STRATEGIES`); otherwise one session per depth runs them in turn. Under
+   ``ddp`` the Reducer's allocations, sized by the whole model, come from the full model wrapped
+   (no step), its gradient order from the base depths' (``probes.ddp_depth``).
 4. When batch size 2 does not fit the capacity, batch size 1 (its own path through the step) is
    measured the same way.
 
@@ -33,6 +35,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
+from probes.ddp_depth import check_labels, full_ready_order, ready_order, reducer_bytes
 from probes.depth import DepthPlan, depth_plan, extrapolate_depth, model_depth, reduced_depth_overrides
 from probes.models import inspect_model, load_config
 from probes.search import training_state_bytes
@@ -133,10 +136,10 @@ def measure_curve(
         outcome.depths = tuple(d for d in depths if d is not None)
         points = _Points(task, config.to_dict(), stack, accumulation_steps, optimizer_steps, outcome)
         try:
-            affine = _combine({depth: points.fit(depth, BASE_BATCH_SIZES) for depth in depths}, plan)
+            affine = _combine({depth: points.fit(depth, BASE_BATCH_SIZES) for depth in depths}, plan, points)
             curve = PeakCurve(affine=affine)
             if curve.peak(BASE_BATCH_SIZES[0]) > capacity:
-                one = _combine({depth: points.fit(depth, (1,)) for depth in depths}, plan)
+                one = _combine({depth: points.fit(depth, (1,)) for depth in depths}, plan, points)
                 curve = PeakCurve(affine=affine, peak_at_one=one.peak(1))
             outcome.curve = curve
             outcome.bracket = curve.ladder_bracket(capacity, upper_limit=upper_limit)
@@ -180,6 +183,9 @@ class _Points:
         self._outcome = outcome
         self._fresh = task.strategy in FIRST_TRIAL_STRATEGIES
         self._sessions: dict[int | None, TrialSession] = {}
+        #: under ``ddp``, per base depth: the order the gradients arrived in (``probes.ddp_depth``)
+        self.ready_orders: dict[int, tuple[str, ...] | None] = {}
+        self._reducer_bytes: dict[str, int] | None = None
 
     def fit(self, depth: int | None, batch_sizes: tuple[int, ...]) -> AffineTimeline:
         timelines = [self._timeline(depth, batch_size) for batch_size in batch_sizes]
@@ -196,6 +202,8 @@ class _Points:
                 record, timeline = session.run_with_timeline(
                     batch_size, accumulation_steps=accumulation_steps, optimizer_steps=optimizer_steps
                 )
+                if depth is not None and self._task.strategy is Strategy.DDP and timeline is not None:
+                    self._note_order(depth, session)
         else:
             if depth not in self._sessions:
                 self._sessions[depth] = self._stack.enter_context(TrialSession(task))
@@ -213,13 +221,38 @@ class _Points:
             )
         return timeline
 
+    def _note_order(self, depth: int, session: TrialSession) -> None:
+        try:
+            order = ready_order(session)
+        except ShapeMismatch as exc:
+            raise _NoCurve(str(exc)) from exc
+        if self.ready_orders.setdefault(depth, order) != order:
+            raise _NoCurve(f"the gradients at depth {depth} arrived in different orders in two trials")
 
-def _combine(fits: dict[int | None, AffineTimeline], plan: DepthPlan | str | None) -> AffineTimeline:
+    def whole_model(self, plan: DepthPlan) -> dict[str, int]:
+        """What the full model's DDP Reducer allocates, per label (``probes.ddp_depth``); nothing
+        for the other strategies. Measured once, on the first call."""
+        if self._task.strategy is not Strategy.DDP:
+            return {}
+        if self._reducer_bytes is None:
+            try:
+                order = full_ready_order(self.ready_orders, plan.base_depths, plan.layers)
+                self._reducer_bytes = reducer_bytes(self._task, order)
+            except ShapeMismatch as exc:
+                raise _NoCurve(str(exc)) from exc
+        return self._reducer_bytes
+
+
+def _combine(
+    fits: dict[int | None, AffineTimeline], plan: DepthPlan | str | None, points: _Points
+) -> AffineTimeline:
     if not isinstance(plan, DepthPlan):
         return fits[None]
+    timelines = {depth: fit for depth, fit in fits.items() if depth is not None}
+    whole_model = points.whole_model(plan)
     try:
-        return extrapolate_depth(
-            {depth: fit for depth, fit in fits.items() if depth is not None}, plan.layers
-        )
+        if whole_model:
+            check_labels(timelines, whole_model)
+        return extrapolate_depth(timelines, plan.layers, whole_model)
     except ShapeMismatch as exc:
         raise _NoCurve(str(exc)) from exc

@@ -20,14 +20,14 @@ full-depth search:
 - the model type is not in :data:`probes.depth.EXACT_FAMILIES`, or its layers do not repeat with a
   short period, or it is no deeper than the base depths (``probes.depth.depth_plan``);
 - the steps at batch sizes 2 and 3 differ in shape, or the layers' edit does not repeat
-  (``ShapeMismatch``/``DepthMismatch`` in the child), or a base-depth trial did not fit;
-- strategy ``ddp`` (:data:`STRATEGY_REASONS`): DDP's gradient buckets and used-parameter map are
-  allocated when the model is wrapped, sized by the whole model, so the base depths do not show the
-  real depth's (``DepthMismatch`` at the depth step).
+  (``ShapeMismatch``/``DepthMismatch`` in the child), or a base-depth trial did not fit.
 
-``single`` (full fine-tuning and LoRA) and ``fsdp`` are covered. Under ``fsdp`` a process's second
-trial differs in shape from its first (FSDP2 keeps the unsharded-parameter storages it allocated
-and resizes them), so each base point runs as the first trial of its own session
+``single``, ``ddp`` and ``fsdp`` (full fine-tuning and LoRA) are covered. Under ``ddp`` the
+Reducer's gradient buckets, used-parameter map and bucket rebuild are sized by the whole model, not
+by a layer's edit: the child takes them from the full model wrapped in DDP, with no step run
+(``probes.ddp_depth``), and puts them where the base depths allocate theirs. Under ``fsdp`` a
+process's second trial differs in shape from its first (FSDP2 keeps the unsharded-parameter
+storages it allocated and resizes them), so each base point runs as the first trial of its own session
 (``probes.curve.FIRST_TRIAL_STRATEGIES``): the timelines at batch sizes 2 and 3 then fit one affine
 timeline, and the extrapolation equals the full-depth search's answer, whose trials (later ones in
 a reused child, or first ones after an out-of-memory trial) peak at the same bytes.
@@ -50,7 +50,6 @@ from probes.spec import (
     ConfigTask,
     DepthExtrapolation,
     ProbeSpec,
-    Strategy,
     TrialRecord,
 )
 from probes.timeline import PeakCurve
@@ -73,19 +72,6 @@ class DepthAnswer:
     trials: tuple[TrialRecord, ...]
     extrapolation: DepthExtrapolation
     capacity_bytes: int | None = None
-
-
-STRATEGY_REASONS = {
-    Strategy.DDP: "ddp: DDP's gradient buckets (and, without checkpointing, its used-parameter map) are "
-    "allocated when the model is wrapped, sized by the whole model's gradients (one 1 MiB bucket, then "
-    "25 MiB ones, rebuilt in the order the gradients became ready), so they do not grow by one layer's "
-    "edit: the layers' edit from 3 to 4 layers does not give 5",
-}
-"""Why a strategy runs at full depth on ``predict`` (measured 2026-12-02 on the tiny Llama, 2 ranks,
-with every point the first trial of its own session: ``DepthMismatch`` on the buckets and the
-used-parameter map, live from the start, in all 8 DDP configs). ``fsdp`` is covered: its points,
-first trials of their own sessions (``probes.curve.FIRST_TRIAL_STRATEGIES``), extrapolate to the
-full-depth search's answers (``tests/probes/test_deep_predict.py``)."""
 
 
 def request_curve(
@@ -127,9 +113,6 @@ def answer_from_depths(
         return full_depth(f"depth extrapolation is not shown exact for {model_type} models")
     if layers is not None and layers <= BASE_DEPTHS[-1]:
         return full_depth(f"{layers} layers: no deeper than the base depths {BASE_DEPTHS}")
-    strategy_reason = STRATEGY_REASONS.get(task.strategy)
-    if strategy_reason is not None:
-        return full_depth(strategy_reason)
     reply = request_curve(spec, task, stop, require_depth_extrapolation=True)
     layers = reply.layers if reply.layers is not None else layers
     spent = f" ({reply.trials} trials at base depths {reply.depths} were spent)" if reply.trials else ""

@@ -222,7 +222,10 @@ def learn_edit(shallow: AffineTimeline, deeper: AffineTimeline) -> DepthEdit:
     """
     if shallow.granularity_bytes != deeper.granularity_bytes:
         raise DepthMismatch("the timelines were counted with different granularities")
-    old, new = _runs(shallow), _runs(deeper)
+    return _learn_runs(_runs(shallow), _runs(deeper))
+
+
+def _learn_runs(old: list[Run], new: list[Run]) -> DepthEdit:
     matcher = difflib.SequenceMatcher(None, old, new, autojunk=False)
     inserts: dict[int, tuple[Run, ...]] = {}
     growth: dict[int, RunGrowth] = {}
@@ -270,7 +273,9 @@ def _to_affine(runs: Sequence[Run], template: AffineTimeline) -> AffineTimeline:
     )
 
 
-def extrapolate_depth(timelines: Mapping[int, AffineTimeline], depth: int) -> AffineTimeline:
+def extrapolate_depth(
+    timelines: Mapping[int, AffineTimeline], depth: int, whole_model: Mapping[str, int] | None = None
+) -> AffineTimeline:
     """The affine timeline of the step at ``depth`` from those of three or more shallower depths.
 
     ``timelines`` maps evenly spaced depths (``d``, ``d + k``, ``d + 2k``, …: ``k`` layers make one
@@ -279,6 +284,12 @@ def extrapolate_depth(timelines: Mapping[int, AffineTimeline], depth: int) -> Af
     every further one exactly; then it is applied ``(depth - d) / k`` times. :class:`DepthMismatch`
     otherwise; ``ValueError`` for fewer than three or unevenly spaced depths, or a ``depth`` below
     them or off their spacing.
+
+    ``whole_model`` maps labels (op names of ``probes.devices.counting.labelled_allocations``) to
+    bytes: allocations sized by the whole model, which no layer's edit gives (DDP's gradient
+    buckets). At each depth their items are taken as one placeholder per point of the step
+    (:func:`_collapse`); the extrapolated step gets, at that point, the label's bytes at full depth
+    (each a sum of allocations the counter rounded: the replay charges them as they are).
     """
     depths = sorted(timelines)
     if len(depths) < 3:
@@ -290,14 +301,66 @@ def extrapolate_depth(timelines: Mapping[int, AffineTimeline], depth: int) -> Af
         raise ValueError(f"depth {depth} is not {first} plus a multiple of {step} layers")
     if len({timelines[d].min_batch_size for d in depths}) != 1:
         raise ValueError("the timelines were fitted from different batch sizes")
-    edit = learn_edit(timelines[first], timelines[first + step])
+    if len({timelines[d].granularity_bytes for d in depths}) != 1:
+        raise DepthMismatch("the timelines were counted with different granularities")
+    groups = dict(whole_model or {})
+    runs = {d: _collapse(_runs(timelines[d]), groups) for d in depths}
+    edit = _learn_runs(runs[first], runs[first + step])
     for measured in depths[1:]:
-        if edit.apply((measured - first) // step) != _runs(timelines[measured]):
+        if edit.apply((measured - first) // step) != runs[measured]:
             raise DepthMismatch(
                 f"the edit of {step} layer(s), learnt from depths {first} and {first + step}, does not give "
                 f"the step at depth {measured}: the layers do not simply repeat"
             )
-    return _to_affine(edit.apply((depth - first) // step), timelines[first])
+    return _to_affine(_sized(edit.apply((depth - first) // step), groups), timelines[first])
+
+
+def _collapse(runs: Sequence[Run], groups: Mapping[str, int]) -> list[Run]:
+    """Each run's allocations (or releases) named by a label of ``groups`` as one item of that label
+    and no size: where the step makes them is what the depths must agree on, not how big they are.
+
+    :class:`DepthMismatch` where a label's items grow with the batch size, or where a label is
+    allocated (or released) at more than one point of the step, or not at all.
+    """
+    if not groups:
+        return list(runs)
+    points: Counter[tuple[str, str]] = Counter()
+    out: list[Run] = []
+    for run in runs:
+        counts = run.counts()
+        for label in groups:
+            found = [item for item in counts if item[0] == label]
+            if not found:
+                continue
+            if any(slope for _, slope, _ in found):
+                raise DepthMismatch(f"{label} grows with the batch size")
+            points[(run.sign, label)] += 1
+            for item in found:
+                del counts[item]
+            counts[(label, 0, 0)] = 1
+        out.append(Run.of(run.sign, counts))
+    for label in groups:
+        if points[("+", label)] != 1 or points[("-", label)] > 1:
+            raise DepthMismatch(
+                f"{label} is allocated at {points[('+', label)]} points of the step and released at "
+                f"{points[('-', label)]}: one of each at most is extrapolated"
+            )
+    return out
+
+
+def _sized(runs: Sequence[Run], groups: Mapping[str, int]) -> list[Run]:
+    """The placeholders of :func:`_collapse` given the bytes of their label at full depth."""
+    if not groups:
+        return list(runs)
+    sized: list[Run] = []
+    for run in runs:
+        counts = run.counts()
+        for label, nbytes in groups.items():
+            n = counts.pop((label, 0, 0), 0)
+            if n:
+                counts[(label, 0, nbytes)] += n
+        sized.append(Run.of(run.sign, counts))
+    return sized
 
 
 # -- which depths to measure, and configs of reduced depth ------------------------------------------

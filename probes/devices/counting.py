@@ -68,6 +68,24 @@ REGISTERED = "(registered)"
 RESIZED = "(UntypedStorage.resize_)"
 """The op name a recording gives a storage's resize outside the dispatcher (FSDP2's unshard, reshard)."""
 
+_LABELS: list[str] = []
+"""The labels of :func:`labelled_allocations` in force, innermost last."""
+
+
+@contextmanager
+def labelled_allocations(label: str) -> Iterator[None]:
+    """Storages a :class:`CountingMode` counts inside are named ``label`` in its recordings.
+
+    In place of the op that made them, and also when they are live at the start of a window: so
+    a caller can find its own allocations in a timeline (DDP's Reducer, whose buckets are sized
+    by the whole model: ``probes.depth``'s whole-model groups).
+    """
+    _LABELS.append(label)
+    try:
+        yield
+    finally:
+        _LABELS.pop()
+
 
 def _op_kind(func: torch._ops.OpOverload) -> int:
     """``_VIEW`` when every output aliases an input read-only, ``_WRITE`` when one is written in place."""
@@ -217,6 +235,8 @@ class CountingMode(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch
         # index of its allocation in the active recording)
         self._counted: dict[int, tuple[int, weakref.ref[torch.UntypedStorage], int, int]] = {}
         self._kinds: dict[torch._ops.OpOverload, int] = {}
+        #: id(storage) -> the label it was counted under (:func:`labelled_allocations`)
+        self._labels: dict[int, str] = {}
         self._recording: TimelineRecording | None = None
         #: (live bytes, requested bytes) of the last allocation refused for the cap
         self.last_refusal: tuple[int, int] | None = None
@@ -295,7 +315,8 @@ class CountingMode(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch
             self._counted[key] = (size, reference, raw, index)
             recording.sizes.append(raw)
             recording.events.append(ALLOC)
-            recording.ops.append(0)
+            label = self._labels.get(key)
+            recording.ops.append(0 if label is None else recording.op_index(label))
 
     def size_of(self, nbytes: int) -> int:
         """``nbytes`` as the counter charges it: rounded up to the granularity."""
@@ -340,6 +361,8 @@ class CountingMode(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch
     def _track(self, storage: torch.UntypedStorage, raw: int, op: object) -> None:
         key = id(storage)
         size = self.size_of(raw)
+        if _LABELS:
+            op = self._labels[key] = _LABELS[-1]
         index = -1
         recording = self._recording
         if recording is not None and recording.open:
@@ -354,6 +377,7 @@ class CountingMode(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch
     def _forget(self, key: int) -> Callable[[object], None]:
         def callback(_: object) -> None:
             entry = self._counted.pop(key, None)
+            self._labels.pop(key, None)
             if entry is not None:
                 self._live -= entry[0]
                 recording = self._recording

@@ -39,8 +39,19 @@ import torch.distributed as dist
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.nn.parallel import DistributedDataParallel
 
+from probes.devices.counting import labelled_allocations
+
 BUCKET_CAP_MB = 25
 """``DistributedDataParallelKwargs.bucket_cap_mb``'s default (and torch's)."""
+
+BUCKETS = "ddp: gradient buckets"
+USED_MAP = "ddp: used-parameter map"
+REBUILD_BROADCAST = "ddp: bucket rebuild broadcast"
+REBUILT_BUCKETS = "ddp: rebuilt gradient buckets"
+REDUCER_LABELS = (BUCKETS, USED_MAP, REBUILD_BROADCAST, REBUILT_BUCKETS)
+"""What :class:`ShapeReducer`'s allocations are named in a recording (``labelled_allocations``): sized
+by the whole model, they are what depth extrapolation takes from the full-depth model
+(``probes.ddp_depth``)."""
 
 
 def trainer_find_unused_parameters(gradient_checkpointing: bool) -> bool:
@@ -123,17 +134,21 @@ class ShapeReducer:
         self._expect_sparse = list(expect_sparse_gradient)
         self._limits = [first_bucket_bytes_cap, bucket_bytes_cap]
         self._find_unused = find_unused_parameters
-        self._buckets = self._allocate(bucket_indices)
+        with labelled_allocations(BUCKETS):
+            self._buckets = self._allocate(bucket_indices)
         self._used: list[torch.Tensor] = []
         if find_unused_parameters:
             count = len(self._params)
-            self._used = [
-                torch.zeros(count, dtype=torch.int32, device="cpu"),
-                torch.empty(count, dtype=torch.int32, device=self._params[0].device),
-            ]
+            with labelled_allocations(USED_MAP):
+                self._used = [
+                    torch.zeros(count, dtype=torch.int32, device="cpu"),
+                    torch.empty(count, dtype=torch.int32, device=self._params[0].device),
+                ]
         self._has_rebuilt = False
         self._expect_hooks = False
         self._ready_order: list[int] = []
+        #: the parameters (indices) in the order the rebuild put them in, once it ran
+        self.rebuilt_order: list[int] | None = None
         self._hooks = [
             param.register_post_accumulate_grad_hook(self._hook(index))  # type: ignore[no-untyped-call]
             for index, param in enumerate(self._params)
@@ -172,24 +187,41 @@ class ShapeReducer:
         self._expect_hooks = False
         if not self._should_rebuild() or not self._ready_order:
             return False
-        order = self._ready_order
+        self.rebuild_in_order(self._ready_order)
+        return True
+
+    @property
+    def parameters(self) -> list[torch.Tensor]:
+        """The parameters DDP handed over, in its order (what bucket and order indices refer to)."""
+        return list(self._params)
+
+    @property
+    def rebuilds(self) -> bool:
+        """Whether the first forward after a synchronised backward rebuilds the buckets."""
+        return not self._find_unused
+
+    def rebuild_in_order(self, order: list[int]) -> None:
+        """Rebuild the buckets for the gradients ready in ``order`` (parameter indices), as the
+        Reducer does at the first forward after the first synchronised backward."""
         tensors = [self._params[i] for i in order]
         sparse = self._expect_sparse or [False] * len(self._params)
         assign = getattr(dist, "_compute_bucket_assignment_by_size")  # noqa: B009 - private, unexported
-        indices, _ = assign(tensors, self._limits, sparse, order)
+        indices, _ = assign(tensors, self._limits, sparse, list(order))
         device = self._params[0].device
-        broadcast = [
-            torch.empty(len(order) + 1, dtype=torch.int32, device="cpu"),
-            torch.empty(len(order) + 1, dtype=torch.int32, device=device),
-            torch.empty(len(indices), dtype=torch.int32, device="cpu"),
-            torch.empty(len(indices), dtype=torch.int32, device=device),
-        ]
+        with labelled_allocations(REBUILD_BROADCAST):
+            broadcast = [
+                torch.empty(len(order) + 1, dtype=torch.int32, device="cpu"),
+                torch.empty(len(order) + 1, dtype=torch.int32, device=device),
+                torch.empty(len(indices), dtype=torch.int32, device="cpu"),
+                torch.empty(len(indices), dtype=torch.int32, device=device),
+            ]
         del broadcast
         self._has_rebuilt = True
+        self.rebuilt_order = list(order)
         self._ready_order = []
         self._buckets = []
-        self._buckets = self._allocate(indices)
-        return True
+        with labelled_allocations(REBUILT_BUCKETS):
+            self._buckets = self._allocate(indices)
 
     def _remove_autograd_hooks(self) -> None:
         for handle in self._hooks:

@@ -4,7 +4,7 @@ Each comparison runs the same request twice through :func:`probes.engine.run_pro
 depth extrapolation (``probes.deep_predict``) and with it off (today's full-depth ladder search),
 and asks for the same answer in every config — largest fitting and first failing size, the peak at
 the answer to the byte, the plan — on models still cheap to run at full depth (8 and 10 layers):
-``single`` and ``fsdp`` (2 ranks); ``ddp`` runs at full depth, and why is shown.
+``single``, ``fsdp`` and ``ddp`` (2 and 4 ranks).
 """
 
 from __future__ import annotations
@@ -13,19 +13,15 @@ from typing import Any
 
 import pytest
 
-from probes.curve import measure_curve
 from probes.depth import BASE_DEPTHS
 from probes.engine import run_probe
 from probes.protocol import CurveReply
 from probes.spec import (
     ConfigResult,
     ConfigStatus,
-    ConfigTask,
     ModelSpec,
-    Precision,
     ProbeResult,
     ProbeSpec,
-    Strategy,
 )
 from tests.probes.tiny_families import DECODER, GPT2
 
@@ -186,43 +182,67 @@ def test_lora_under_fsdp_equals_full_depth() -> None:
     )
 
 
-def test_ddp_runs_at_full_depth() -> None:
-    """DDP's buckets are sized by the whole model, live from the start: no per-layer edit."""
-    spec = _spec(
-        "llama",
-        SMALL_LLAMA_8,
-        6,
-        precisions=("bf16-mixed",),
-        gradient_checkpointing=(True,),
-        strategies=("ddp",),
-        world_size=2,
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_ddp_equals_full_depth(precision: str) -> None:
+    """DDP's Reducer is sized by the whole model (its buckets, its used-parameter map without
+    checkpointing, the rebuild of the buckets with it): the full model's are put where the base
+    depths allocate theirs (``probes.ddp_depth``), and the answers and peaks are the full-depth
+    search's."""
+    result = _assert_extrapolated_equals_full_depth(
+        _spec(
+            "llama",
+            SMALL_LLAMA_8,
+            6,
+            precisions=(precision,),
+            gradient_checkpointing=(False, True),
+            strategies=("ddp",),
+            world_size=2,
+        )
     )
-    _full_depth_with(spec, "DDP's gradient buckets")
+    assert len({c.max_batch_size for c in result.configs}) == 2
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_ddp_base_depths_do_not_repeat_even_as_first_trials(checkpointing: bool) -> None:
-    """Why ``STRATEGY_REASONS`` keeps ddp: with each point a first trial, 2 and 3 fit one affine
-    timeline at every base depth, but the edit from 3 to 4 layers loses the bucket (checkpointing)
-    or the used-parameter map (without), whose sizes follow the whole model."""
-    spec = _spec(
-        "llama",
-        SMALL_LLAMA_8,
-        6,
-        precisions=("bf16-mixed",),
-        gradient_checkpointing=(checkpointing,),
-        strategies=("ddp",),
-        world_size=2,
+def test_lora_under_ddp_equals_full_depth() -> None:
+    _assert_extrapolated_equals_full_depth(
+        _spec(
+            "llama",
+            SMALL_LLAMA_8,
+            3,
+            precisions=("bf16-mixed",),
+            gradient_checkpointing=(False, True),
+            strategies=("ddp",),
+            world_size=2,
+            finetuning="lora",
+            lora_r=4,
+            lora_alpha=8,
+        )
     )
-    task = ConfigTask.for_config(spec, Precision.BF16_MIXED, checkpointing, Strategy.DDP)
-    outcome = measure_curve(task, require_depth_extrapolation=True)
-    assert outcome.curve is None
-    assert outcome.reason is not None
-    assert "(live at start)" in outcome.reason
-    assert "the layers do not simply repeat" in outcome.reason
-    assert [(r.layers, r.batch_size) for r in outcome.records] == [
-        (depth, b) for depth in BASE_DEPTHS for b in (2, 3)
-    ]
+
+
+def test_ddp_with_many_buckets_equals_full_depth() -> None:
+    """About 6 MiB of bf16 gradients per layer and 31 MiB of embeddings: in parameter order torch's
+    bucket assignment makes 2, 2 and 3 buckets of the base depths and 4 of the 9 layers, so no
+    layer's edit gives them."""
+    wide = {
+        **DECODER,
+        "num_hidden_layers": 9,
+        "hidden_size": 512,
+        "intermediate_size": 1536,
+        "vocab_size": 32000,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+    }
+    _assert_extrapolated_equals_full_depth(
+        _spec(
+            "llama",
+            wide,
+            2000,
+            precisions=("bf16-true",),
+            gradient_checkpointing=(False, True),
+            strategies=("ddp",),
+            world_size=4,
+        )
+    )
 
 
 @pytest.mark.parametrize(("limit_mib", "words"), [(4, "depth-extrapolated"), (2, "no trial ran")])

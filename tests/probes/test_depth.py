@@ -172,6 +172,64 @@ def test_timelines_without_ops_cannot_be_aligned() -> None:
         extrapolate_depth({3: bare, 4: bare, 5: bare}, 10)
 
 
+# -- allocations sized by the whole model (DDP's buckets) --------------------------------------------
+
+BUCKETS, REBUILT = "ddp: gradient buckets", "ddp: rebuilt gradient buckets"
+BUCKET_CAP = 100_000
+
+
+def bucket_sizes(layers: int) -> list[int]:
+    """Gradients of 40,000 bytes per layer packed into buckets of at most 100,000 (one odd one)."""
+    total = 40_000 * (layers + 2) + 80_000
+    return [BUCKET_CAP] * (total // BUCKET_CAP) + [total % BUCKET_CAP + 7]
+
+
+def ddp_step(layers: int, *, rebuilt_at: str = "forward") -> AffineTimeline:
+    """``toy_step``'s shape with buckets live from the start, freed and rebuilt in the second forward."""
+    toy = Toy()
+    for _ in range(layers + 2):
+        toy.alloc("(live at start)", 40_000)
+    old = [toy.alloc(BUCKETS, size) for size in bucket_sizes(layers)]
+    hidden = toy.alloc("aten.embedding.default", 0, 1024)
+    toy.free(*old)
+    for size in reversed(bucket_sizes(layers)):
+        toy.alloc(REBUILT, size)
+    saved = [toy.alloc("aten.mm.default", 0, 4096) for _ in range(layers)]
+    if rebuilt_at == "twice":  # after a release: another point of the step
+        toy.free(toy.alloc("aten.mul.default", 0, 8))
+        toy.alloc(REBUILT, 512)
+    toy.alloc("aten.mm.default", 0, 64_000)
+    toy.free(*reversed(saved), hidden)
+    return toy.timeline()
+
+
+def charged(sizes: list[int]) -> int:
+    return sum(-(-size // 512) * 512 for size in sizes)
+
+
+def test_allocations_sized_by_the_whole_model_take_its_bytes() -> None:
+    bases = {depth: ddp_step(depth) for depth in BASE_DEPTHS}
+    with pytest.raises(DepthMismatch):  # the bucket count does not follow the layers
+        extrapolate_depth(bases, 32)
+    whole = {BUCKETS: charged(bucket_sizes(32)), REBUILT: charged(bucket_sizes(32))}
+    extrapolated = extrapolate_depth(bases, 32, whole)
+    assert peaks(extrapolated) == peaks(ddp_step(32))
+    assert extrapolated.peak(2) != extrapolate_depth(bases, 32, {BUCKETS: 0, REBUILT: 0}).peak(2)
+
+
+def test_whole_model_labels_must_be_made_at_one_point_of_the_step() -> None:
+    twice = {depth: ddp_step(depth, rebuilt_at="twice") for depth in BASE_DEPTHS}
+    with pytest.raises(DepthMismatch, match="allocated at 2 points"):
+        extrapolate_depth(twice, 32, {BUCKETS: 1024, REBUILT: 1024})
+    absent = {depth: toy_step(depth) for depth in BASE_DEPTHS}
+    with pytest.raises(DepthMismatch, match="allocated at 0 points"):
+        extrapolate_depth(absent, 32, {BUCKETS: 1024})
+    growing = Toy()
+    growing.alloc(BUCKETS, 0, 64)
+    with pytest.raises(DepthMismatch, match="grows with the batch size"):
+        extrapolate_depth({d: growing.timeline() for d in BASE_DEPTHS}, 32, {BUCKETS: 1024})
+
+
 # -- configs and plans ------------------------------------------------------------------------------
 
 
