@@ -23,7 +23,7 @@ from probes.spec import (
     ProbeResult,
     ProbeSpec,
 )
-from tests.probes.tiny_families import DECODER, GPT2
+from tests.probes.tiny_families import DECODER, GPT2, tiny
 
 pytestmark = pytest.mark.slow  # every test runs whole probes, most of them twice
 
@@ -182,7 +182,7 @@ def test_lora_under_fsdp_equals_full_depth() -> None:
     )
 
 
-@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+@pytest.mark.parametrize("precision", ALL_PRECISIONS)
 def test_ddp_equals_full_depth(precision: str) -> None:
     """DDP's Reducer is sized by the whole model (its buckets, its used-parameter map without
     checkpointing, the rebuild of the buckets with it): the full model's are put where the base
@@ -200,6 +200,25 @@ def test_ddp_equals_full_depth(precision: str) -> None:
         )
     )
     assert len({c.max_batch_size for c in result.configs}) == 2
+
+
+@pytest.mark.parametrize(
+    ("family", "config"),
+    [("gpt2", GPT2_10), ("mistral", tiny("mistral", layers=8)), ("qwen2", tiny("qwen2", layers=8))],
+)
+def test_ddp_of_other_families_equals_full_depth(family: str, config: dict[str, Any]) -> None:
+    """GPT-2 ties its head to the embeddings: one gradient for both, outside the layers."""
+    _assert_extrapolated_equals_full_depth(
+        _spec(
+            family,
+            config,
+            40,
+            precisions=("bf16-mixed",),
+            gradient_checkpointing=(False, True),
+            strategies=("ddp",),
+            world_size=2,
+        )
+    )
 
 
 def test_lora_under_ddp_equals_full_depth() -> None:
