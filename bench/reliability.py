@@ -17,7 +17,8 @@ Sections:
   shared cores it measures the clients' CPU as much as the service's), then each every
   ``--poll-interval`` seconds from a random start (the load real pollers make: the dashboard reads
   a job every 2 s, clients follow ``Retry-After``); each once with ``If-None-Match`` (as a client
-  that keeps the state it has, and a browser, do), once without;
+  that keeps the state it has, and a browser, do), once without; ``--poll-processes`` splits the
+  pollers over that many processes (one event loop of 200 back-to-back clients is a queue itself);
 - ``posts``: 1,000 identical ``POST /v1/probes`` at once (real engine): latency, how many jobs and
   probe runs they made;
 - ``drills``: every kill drill of ``tests/reliability/drills.py`` (fake probe engine: the drills
@@ -158,6 +159,7 @@ def pollers(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
                 conditional=conditional,
                 interval=interval,
                 seed=args.seed,
+                processes=args.poll_processes,
             )
             server_cpu = cpu_seconds(server.proc.pid) - server_cpu
             still = client.get(f"/v1/probes/{job_id}").json()["status"]
@@ -181,6 +183,7 @@ def pollers(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
                 "client_cpu_ms_per_answer": round(client_cpu / result.requests * 1000, 3),
                 "server_cpu_share_of_a_core": round(server_cpu / result.seconds, 3),
                 "client_cpu_share_of_a_core": round(client_cpu / result.seconds, 3),
+                "client_processes": args.poll_processes,
                 "load_average_before": load_before,
                 "load_average_after": load_average(),
             }
@@ -263,6 +266,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--poll-seconds", type=float, default=30.0)
     parser.add_argument(
         "--poll-interval", type=float, default=1.0, help="seconds between a paced poller's requests"
+    )
+    parser.add_argument(
+        "--poll-processes",
+        type=int,
+        default=1,
+        help="processes the pollers are split over (one event loop each; 1: all in this process)",
     )
     parser.add_argument("--posts", type=int, default=1000)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "reliability.json")

@@ -195,11 +195,6 @@ class ShapeReducer:
         """The parameters DDP handed over, in its order (what bucket and order indices refer to)."""
         return list(self._params)
 
-    @property
-    def rebuilds(self) -> bool:
-        """Whether the first forward after a synchronised backward rebuilds the buckets."""
-        return not self._find_unused
-
     def rebuild_in_order(self, order: list[int]) -> None:
         """Rebuild the buckets for the gradients ready in ``order`` (parameter indices), as the
         Reducer does at the first forward after the first synchronised backward."""
