@@ -12,13 +12,13 @@ Sections:
   create, read, follow and cancel jobs, against a service running the real probe engine on the
   simulated device (the real model inspector answers every POST); ``--fuzz-examples`` per
   operation and phase, enough for more than 5,000 requests;
-- ``pollers``: a real probe runs (a GPT-2 sweep on the simulated device) while 200 pollers, each
-  its own ``httpx.AsyncClient``, read its job for 30 s: back to back (the saturation run: on two
+- ``pollers``: a real probe runs (a GPT-2 sweep on the simulated device; a new one is started
+  before a run where the last has ended) while 200 pollers, each its own ``httpx.AsyncClient``,
+  read its job for 30 s: back to back (the saturation run: on two
   shared cores it measures the clients' CPU as much as the service's), then each every
   ``--poll-interval`` seconds from a random start (the load real pollers make: the dashboard reads
   a job every 2 s, clients follow ``Retry-After``); each once with ``If-None-Match`` (as a client
-  that keeps the state it has, and a browser, do), once without; ``--poll-processes`` splits the
-  pollers over that many processes (one event loop of 200 back-to-back clients is a queue itself);
+  that keeps the state it has, and a browser, do), once without;
 - ``posts``: 1,000 identical ``POST /v1/probes`` at once (real engine): latency, how many jobs and
   probe runs they made;
 - ``drills``: every kill drill of ``tests/reliability/drills.py`` (fake probe engine: the drills
@@ -141,10 +141,13 @@ def fuzz(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
 def pollers(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with LiveServer(workdir / "pollers", real_engine_env()) as server, server.client() as client:
-        job_id = client.post("/v1/probes", json=LONG_PROBE).json()["id"]
-        wait_for(client, job_id, lambda j: j["status"] == "running", timeout=120)
+        job_id = ""
         runs = [(0.0, True), (0.0, False), (args.poll_interval, True), (args.poll_interval, False)]
-        for interval, conditional in runs:
+        for number, (interval, conditional) in enumerate(runs):
+            if not job_id or client.get(f"/v1/probes/{job_id}").json()["status"] != "running":
+                # every run polls a running probe: a new one (its own seed, so not the same job)
+                job_id = client.post("/v1/probes", json={**LONG_PROBE, "seed": number}).json()["id"]
+                wait_for(client, job_id, lambda j: j["status"] == "running", timeout=120)
             how = f"every {interval:g} s" if interval else "back to back"
             label = f"{how}, {'with' if conditional else 'without'} If-None-Match"
             load_before = load_average()
@@ -159,7 +162,6 @@ def pollers(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
                 conditional=conditional,
                 interval=interval,
                 seed=args.seed,
-                processes=args.poll_processes,
             )
             server_cpu = cpu_seconds(server.proc.pid) - server_cpu
             still = client.get(f"/v1/probes/{job_id}").json()["status"]
@@ -183,7 +185,6 @@ def pollers(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
                 "client_cpu_ms_per_answer": round(client_cpu / result.requests * 1000, 3),
                 "server_cpu_share_of_a_core": round(server_cpu / result.seconds, 3),
                 "client_cpu_share_of_a_core": round(client_cpu / result.seconds, 3),
-                "client_processes": args.poll_processes,
                 "load_average_before": load_before,
                 "load_average_after": load_average(),
             }
@@ -266,12 +267,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--poll-seconds", type=float, default=30.0)
     parser.add_argument(
         "--poll-interval", type=float, default=1.0, help="seconds between a paced poller's requests"
-    )
-    parser.add_argument(
-        "--poll-processes",
-        type=int,
-        default=1,
-        help="processes the pollers are split over (one event loop each; 1: all in this process)",
     )
     parser.add_argument("--posts", type=int, default=1000)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "reliability.json")

@@ -14,9 +14,7 @@ whole answer, with ``time.perf_counter``.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import math
-import multiprocessing
 import random
 import time
 from collections import Counter
@@ -107,108 +105,18 @@ def poll(
     timeout: float = 30.0,
     interval: float = 0.0,
     seed: int = 0,
-    processes: int = 1,
 ) -> LoadResult:
     """``clients`` pollers GET ``path`` for ``seconds``: back to back, or each every ``interval``
     seconds from a start drawn uniformly in the first interval (``seed``).
 
     The clients are made before the clock starts (an ``httpx`` client builds an SSL context, tens
     of milliseconds of CPU that would otherwise land in the first requests' latencies).
-
-    ``processes`` > 1 splits the pollers over that many processes (one event loop each), started
-    together: one event loop of 200 back-to-back ``httpx`` clients is itself a queue, as busy as a
-    whole core, whose wait lands in every latency it measures.
     """
-    if processes > 1:
-        return _poll_in_processes(
-            base_url,
-            path,
-            clients=clients,
-            seconds=seconds,
-            conditional=conditional,
-            headers=headers,
-            timeout=timeout,
-            interval=interval,
-            seed=seed,
-            processes=processes,
-        )
-    return _poll_here(
-        base_url,
-        path,
-        clients=clients,
-        seconds=seconds,
-        conditional=conditional,
-        headers=headers,
-        timeout=timeout,
-        interval=interval,
-        seed=seed,
-    )
-
-
-_START_SLACK_SECONDS = 3.0
-"""How far ahead the pollers' processes are told to start: time to import httpx and make clients."""
-
-
-def _poll_in_processes(
-    base_url: str,
-    path: str,
-    *,
-    clients: int,
-    seconds: float,
-    processes: int,
-    seed: int,
-    **options: Any,
-) -> LoadResult:
-    shares = [clients // processes + (1 if n < clients % processes else 0) for n in range(processes)]
-    start_at = time.time() + _START_SLACK_SECONDS
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=processes, mp_context=context) as pool:
-        parts = [
-            pool.submit(
-                _poll_here,
-                base_url,
-                path,
-                clients=share,
-                seconds=seconds,
-                seed=seed + n,
-                start_at=start_at,
-                **options,
-            )
-            for n, share in enumerate(shares)
-            if share
-        ]
-        results = [part.result() for part in parts]
-    merged = LoadResult()
-    for part in results:
-        merged.statuses.update(part.statuses)
-        merged.errors.update(part.errors)
-        merged.latencies.extend(part.latencies)
-    merged.seconds = max(part.seconds for part in results)
-    merged.notes["client_cpu_seconds"] = sum(part.notes["client_cpu_seconds"] for part in results)
-    merged.notes["processes"] = len(results)
-    return merged
-
-
-def _poll_here(
-    base_url: str,
-    path: str,
-    *,
-    clients: int,
-    seconds: float,
-    conditional: bool,
-    headers: dict[str, str] | None,
-    timeout: float,
-    interval: float,
-    seed: int,
-    start_at: float | None = None,
-) -> LoadResult:
     result = LoadResult()
 
     async def main() -> None:
         pollers = [_client(base_url, headers, timeout) for _ in range(clients)]
         try:
-            if start_at is not None:
-                await asyncio.sleep(max(0.0, start_at - time.time()))
             started, cpu = time.monotonic(), time.process_time()
             deadline = started + seconds
             draw = random.Random(seed)

@@ -40,17 +40,6 @@ def test_pollers_without_etags_get_the_job(service: LiveServer, running_job: str
     assert set(result.statuses) == {200}, result.summary()
 
 
-def test_pollers_split_over_processes_answer_as_one_load(service: LiveServer, running_job: str) -> None:
-    result = poll(
-        service.url, f"/v1/probes/{running_job}", clients=20, seconds=2, conditional=True, processes=2
-    )
-    assert result.notes["processes"] == 2
-    assert not result.errors, result.summary()
-    assert set(result.statuses) <= {200, 304}, result.summary()
-    assert result.statuses[200] >= 20, result.summary()  # every poller's first read is a whole one
-    assert result.notes["client_cpu_seconds"] > 0
-
-
 def test_pollers_at_an_interval_send_one_request_per_interval(service: LiveServer, running_job: str) -> None:
     result = poll(
         service.url, f"/v1/probes/{running_job}", clients=20, seconds=1, conditional=True, interval=0.25
