@@ -20,7 +20,8 @@ Sections:
   a job every 2 s, clients follow ``Retry-After``); each once with ``If-None-Match`` (as a client
   that keeps the state it has, and a browser, do), once without;
 - ``posts``: 1,000 identical ``POST /v1/probes`` at once (real engine): latency, how many jobs and
-  probe runs they made;
+  probe runs they made; then the same burst against a server that does nothing
+  (``bench/noop_server.py``): the floor the clients and uvicorn set on this machine;
 - ``drills``: every kill drill of ``tests/reliability/drills.py`` (fake probe engine: the drills
   are about the service, and the fake child writes the pid files they watch).
 
@@ -45,6 +46,7 @@ from typing import Any
 import httpx
 
 from app.api.probes import EXAMPLE_REQUEST
+from bench.noop_server import noop_server
 from tests.app.live_server import LiveServer
 from tests.reliability.drills import DRILLS, run_drill, wait_for
 from tests.reliability.fuzz import fuzz_config, run_fuzz
@@ -225,6 +227,9 @@ def posts(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
         f"{len(listed)} job(s) stored, {runs:g} probe run(s); CPU: server {server_cpu:.2f} s, "
         f"clients {result.notes['client_cpu_seconds']:.2f} s"
     )
+    with noop_server() as url:
+        floor = burst_of_posts(url, BURST_REQUEST, count=args.posts)
+    print(f"the same burst against a server that does nothing (bench/noop_server.py): {floor.summary()}")
     return {
         "requests": result.requests,
         "p50_ms": round(result.percentile(50) * 1000, 1),
@@ -237,6 +242,9 @@ def posts(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
         "probe_runs": runs,
         "server_cpu_seconds": round(server_cpu, 2),
         "client_cpu_seconds": round(result.notes["client_cpu_seconds"], 2),
+        "noop_server_p50_ms": round(floor.percentile(50) * 1000, 1),
+        "noop_server_p99_ms": round(floor.percentile(99) * 1000, 1),
+        "noop_server_client_cpu_seconds": round(floor.notes["client_cpu_seconds"], 2),
     }
 
 
