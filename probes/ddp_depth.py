@@ -1,7 +1,8 @@
 """DDP's Reducer at full depth, for ``predict``'s depth extrapolation (``probes.depth``).
 
 Under ``ddp`` the step of a model cut to 3, 4 and 5 layers differs from the full model's by more
-than layers: the Reducer's gradient buckets (one of at most 1 MiB, then 25 MiB ones), its
+than layers: the Reducer's gradient buckets (torch's assignment: a first bucket limit of 1 MiB,
+then 25 MiB; a larger tensor takes a bucket of its own), its
 used-parameter map (one int32 per parameter, without checkpointing) and, with checkpointing, the
 rebuild of the buckets in the order the gradients became ready are sized by the whole model. On
 ``predict`` :class:`probes.recipe.ddp.ShapeReducer` makes these allocations, named
