@@ -147,10 +147,16 @@ def test_a_family_outside_the_exact_ones_runs_at_full_depth() -> None:
     )
 
 
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
 @pytest.mark.parametrize("precision", ALL_PRECISIONS)
-def test_fsdp_every_precision_and_checkpointing_equals_full_depth(precision: str) -> None:
-    """Each base point is the first trial of its own session (a process's second trial under FSDP2
-    differs in shape); the search at full depth reuses its child between fits, and answers the same."""
+def test_distributed_every_precision_and_checkpointing_equals_full_depth(
+    precision: str, strategy: str
+) -> None:
+    """Each base point is the first trial of its own session (a process's second trial differs in
+    shape under FSDP2, and under DDP once the Reducer rebuilt its buckets); the search at full depth
+    reuses its child between fits, and answers the same. DDP's Reducer is sized by the whole model
+    (its buckets, its used-parameter map without checkpointing, the rebuild of the buckets with it):
+    the full model's are put where the base depths allocate theirs (``probes.ddp_depth``)."""
     result = _assert_extrapolated_equals_full_depth(
         _spec(
             "llama",
@@ -158,14 +164,15 @@ def test_fsdp_every_precision_and_checkpointing_equals_full_depth(precision: str
             6,
             precisions=(precision,),
             gradient_checkpointing=(False, True),
-            strategies=("fsdp",),
+            strategies=(strategy,),
             world_size=2,
         )
     )
     assert len({c.max_batch_size for c in result.configs}) == 2
 
 
-def test_lora_under_fsdp_equals_full_depth() -> None:
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+def test_lora_under_a_distributed_strategy_equals_full_depth(strategy: str) -> None:
     _assert_extrapolated_equals_full_depth(
         _spec(
             "llama",
@@ -173,33 +180,13 @@ def test_lora_under_fsdp_equals_full_depth() -> None:
             3,
             precisions=("bf16-mixed",),
             gradient_checkpointing=(False, True),
-            strategies=("fsdp",),
+            strategies=(strategy,),
             world_size=2,
             finetuning="lora",
             lora_r=4,
             lora_alpha=8,
         )
     )
-
-
-@pytest.mark.parametrize("precision", ALL_PRECISIONS)
-def test_ddp_equals_full_depth(precision: str) -> None:
-    """DDP's Reducer is sized by the whole model (its buckets, its used-parameter map without
-    checkpointing, the rebuild of the buckets with it): the full model's are put where the base
-    depths allocate theirs (``probes.ddp_depth``), and the answers and peaks are the full-depth
-    search's."""
-    result = _assert_extrapolated_equals_full_depth(
-        _spec(
-            "llama",
-            SMALL_LLAMA_8,
-            6,
-            precisions=(precision,),
-            gradient_checkpointing=(False, True),
-            strategies=("ddp",),
-            world_size=2,
-        )
-    )
-    assert len({c.max_batch_size for c in result.configs}) == 2
 
 
 @pytest.mark.parametrize(
@@ -217,23 +204,6 @@ def test_ddp_of_other_families_equals_full_depth(family: str, config: dict[str, 
             gradient_checkpointing=(False, True),
             strategies=("ddp",),
             world_size=2,
-        )
-    )
-
-
-def test_lora_under_ddp_equals_full_depth() -> None:
-    _assert_extrapolated_equals_full_depth(
-        _spec(
-            "llama",
-            SMALL_LLAMA_8,
-            3,
-            precisions=("bf16-mixed",),
-            gradient_checkpointing=(False, True),
-            strategies=("ddp",),
-            world_size=2,
-            finetuning="lora",
-            lora_r=4,
-            lora_alpha=8,
         )
     )
 
