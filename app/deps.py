@@ -47,14 +47,21 @@ JobsDep = Annotated[JobService, Depends(get_jobs)]
 SystemDep = Annotated[SystemService, Depends(get_system)]
 
 
-async def require_json(content_type: Annotated[str | None, Header(include_in_schema=False)] = None) -> None:
-    """POST bodies are JSON: ``application/json`` or any ``application/*+json``."""
+def is_json(content_type: str | None) -> bool:
+    """Is this ``Content-Type`` JSON: ``application/json`` or any ``application/*+json``?"""
+    if content_type == "application/json":
+        return True
     message = Message()
     message["content-type"] = content_type or ""
     subtype = message.get_content_subtype()
-    if message.get_content_maintype() != "application" or not (
+    return message.get_content_maintype() == "application" and (
         subtype == "json" or subtype.endswith("+json")
-    ):
+    )
+
+
+async def require_json(content_type: Annotated[str | None, Header(include_in_schema=False)] = None) -> None:
+    """POST bodies are JSON (:func:`is_json`)."""
+    if not is_json(content_type):
         raise UnsupportedMediaType(
             f"send the probe request as JSON with 'Content-Type: application/json' (got {content_type!r})"
         )

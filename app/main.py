@@ -16,7 +16,7 @@ from app.api.openapi import service_openapi
 from app.apidocs import router as apidocs
 from app.dashboard.router import router as dashboard_router
 from app.inventory import Inventory
-from app.middleware import BodyLimitMiddleware, JobReads, TokenGate
+from app.middleware import BodyLimitMiddleware, JobReads, RepeatedSubmissions, TokenGate
 from app.services.runtime import Runtime
 from app.settings import Settings, get_settings
 from probes.environment import package_version
@@ -70,7 +70,9 @@ def create_app(settings: Settings | None = None, *, inventory: Inventory | None 
     errors.install(app)
     # Starlette runs the middleware added last first: the token gate before anything else, so a
     # request without the token is refused before any of its body is read; then a poller's
-    # read of a job (its row held by the store: answered without entering FastAPI); then the body limit.
+    # read of a job (its row held by the store: answered without entering FastAPI); then the body
+    # limit; then a repeated submission of an active job's body (read within the limit).
+    app.add_middleware(RepeatedSubmissions, retry_after=settings.poll_interval_seconds)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(JobReads, retry_after=settings.poll_interval_seconds)
     if settings.token is not None:

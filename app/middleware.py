@@ -1,6 +1,6 @@
 """Pure ASGI middlewares that answer before any route reads the request: the bearer token, the
-conditional job read, and the body size limit (their 401 and 413 are problem documents, like
-every error).
+conditional job read, the body size limit (their 401 and 413 are problem documents, like every
+error) and a repeated submission.
 
 The token gate is outermost: without the token, a request is refused before its body is read or
 parsed, so a broken body never reveals more than a 401 (docs/hardening.md).
@@ -8,8 +8,11 @@ parsed, so a broken body never reveals more than a 401 (docs/hardening.md).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import re
+from dataclasses import dataclass, field
 from functools import partial
 
 import anyio
@@ -19,10 +22,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.probes import conditional_response
+from app.api.probes import BODY_DIGEST, conditional_response, submission_response
+from app.deps import is_json
 from app.errors import PayloadTooLarge, Unauthorized, problem_response
 from app.services.jobs import JobService
+from app.services.submit_memo import body_digest
 from app.services.views import etag_matches
+from app.store import JobRecord
 
 READ_METHODS = frozenset({"GET", "HEAD"})
 
@@ -166,3 +172,114 @@ class JobReads:
         if current is None or not etag_matches(if_none_match, current.etag):
             return None
         return conditional_response(current, retry_after=self.retry_after)
+
+
+SUBMIT_PATH = "/v1/probes"
+ASKING_HEADERS = (b"idempotency-key", b"cache-control")
+"""Headers the submit route reads besides the media type: a request with either goes to the route."""
+
+
+@dataclass
+class InFlight:
+    """A body at the route now; identical bodies that came meanwhile wait for its answer."""
+
+    answered: asyncio.Event = field(default_factory=asyncio.Event)
+    followers: int = 0
+
+
+class RepeatedSubmissions:
+    """``POST /v1/probes`` with a body the route answered before by joining (or creating) a job
+    that is still active, answered before FastAPI with what the route would answer: ``200``, that
+    job, ``coalesced`` (:mod:`app.services.submit_memo` says when that holds).
+
+    Only a plain request is a candidate: JSON with a declared length (the body limit has checked
+    it), no query, no ``Idempotency-Key`` or ``Cache-Control``. Its body is read and hashed. The
+    first of identical bodies goes to the route, which remembers its answer (the digest is in
+    ``request.state``); one that comes while that first is still there waits for it, up to
+    ``leader_wait_seconds``, instead of racing it through validation, the store and the inspector.
+    A body the memo knows is answered from the row the store holds, or else from a store read in a
+    worker thread (one at a time: those that queue behind it find the row it held); any other goes
+    to the route as it came.
+    """
+
+    def __init__(self, app: ASGIApp, *, retry_after: int, leader_wait_seconds: float = 1.0) -> None:
+        self.app = app
+        self.retry_after = retry_after
+        self.leader_wait_seconds = leader_wait_seconds
+        self.in_flight: dict[bytes, InFlight] = {}
+        self._reading = asyncio.Lock()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        runtime = getattr(scope["app"].state, "runtime", None) if self._candidate(scope) else None
+        if runtime is None:
+            await self.app(scope, receive, send)
+            return
+        messages = await _whole_body(receive)
+        body = b"".join(m.get("body", b"") for m in messages if m["type"] == "http.request")
+        digest = body_digest(body)
+        jobs: JobService = runtime.jobs
+        leader = self.in_flight.get(digest)
+        if leader is not None and not jobs.memo.knows(digest):
+            leader.followers += 1
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(leader.answered.wait(), self.leader_wait_seconds)
+        record = jobs.memo.held(digest)
+        if record is None and jobs.memo.knows(digest):
+            record = await self._read(jobs, digest)
+        if record is not None:
+            response = submission_response(jobs.coalesced(record), retry_after=self.retry_after)
+            await response(scope, receive, send)
+            return
+        scope.setdefault("state", {})[BODY_DIGEST] = digest
+        replayed = _replay(messages, receive)
+        if digest in self.in_flight:
+            await self.app(scope, replayed, send)
+            return
+        self.in_flight[digest] = flight = InFlight()
+        try:
+            await self.app(scope, replayed, send)
+        finally:
+            del self.in_flight[digest]
+            flight.answered.set()
+
+    async def _read(self, jobs: JobService, digest: bytes) -> JobRecord | None:
+        """The memo's job from the store, one read at a time: a request that waited here finds the
+        row the read before it held, as it is now (no worker thread, no second read of one row)."""
+        async with self._reading:
+            record = jobs.memo.held(digest)
+            if record is None:
+                record = await anyio.to_thread.run_sync(jobs.memo.read, digest)
+            return record
+
+    @staticmethod
+    def _candidate(scope: Scope) -> bool:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != SUBMIT_PATH:
+            return False
+        if scope.get("query_string"):
+            return False
+        names = [name for name, _ in scope["headers"]]
+        if any(name in names for name in ASKING_HEADERS) or b"content-length" not in names:
+            return False
+        return is_json(Headers(scope=scope).get("content-type"))
+
+
+async def _whole_body(receive: Receive) -> list[Message]:
+    """The request's messages up to its last body part (or the client's disconnect)."""
+    messages = []
+    while True:
+        message = await receive()
+        messages.append(message)
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return messages
+
+
+def _replay(messages: list[Message], receive: Receive) -> Receive:
+    """A ``receive`` that hands out ``messages`` again, then whatever comes next."""
+    pending = list(messages)
+
+    async def replayed() -> Message:
+        if pending:
+            return pending.pop(0)
+        return await receive()
+
+    return replayed

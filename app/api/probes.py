@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Header, Query, Response
+from fastapi import APIRouter, Body, Header, Query, Request, Response
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from pydantic import BaseModel
 
@@ -30,6 +30,10 @@ LAST_EVENT_ID_PATTERN = r"^[0-9]{0,18}$"
 
 MAX_TRIAL_SEQ = 2**62
 """Upper bound of ``after`` on the trials: a job's trial numbers stay far below it."""
+
+BODY_DIGEST = "body_digest"
+"""``request.state`` attribute: the body's digest, where :class:`app.middleware.RepeatedSubmissions`
+may answer the same body from memory next time."""
 
 JOB_ID = "$response.body#/id"
 JSON = "application/json"
@@ -68,6 +72,16 @@ def _json(body: BaseModel, *, status: int = 200, headers: dict[str, str] | None 
     return Response(body.model_dump_json(), status_code=status, headers=headers, media_type=JSON)
 
 
+def submission_response(submission: ProbeSubmission, *, retry_after: int) -> Response:
+    """``202`` for a new job, ``200`` for one that already answers; where it is, and (while it is
+    not over) when to look again."""
+    reused = submission.cached or submission.coalesced or submission.replayed
+    headers = {"Location": f"/v1/probes/{submission.id}"}
+    if not submission.status.terminal:
+        headers["Retry-After"] = str(retry_after)
+    return _json(submission, status=200 if reused else 202, headers=headers)
+
+
 def conditional_response(versioned: Versioned[Any], *, retry_after: int) -> Response:
     """The body, or a bodiless ``304`` when the client's ``If-None-Match`` named the ETag it has."""
     headers = conditional_headers(versioned.etag, settled=versioned.settled, retry_after=retry_after)
@@ -103,6 +117,7 @@ IfNoneMatch = Annotated[
     summary="Start a probe (or get the job that already answers it)",
 )
 def submit_probe(
+    request: Request,
     spec: Annotated[ProbeSpec, Body(examples=[EXAMPLE_REQUEST])],
     jobs: JobsDep,
     settings: SettingsDep,
@@ -121,14 +136,13 @@ def submit_probe(
     submission = jobs.submit(
         spec,
         SubmitOptions(
-            idempotency_key=idempotency_key, allow_busy_device=allow_busy_device, use_cache=use_cache
+            idempotency_key=idempotency_key,
+            allow_busy_device=allow_busy_device,
+            use_cache=use_cache,
+            body_digest=getattr(request.state, BODY_DIGEST, None),
         ),
     )
-    reused = submission.cached or submission.coalesced or submission.replayed
-    headers = {"Location": f"/v1/probes/{submission.id}"}
-    if not submission.status.terminal:
-        headers["Retry-After"] = str(settings.poll_interval_seconds)
-    return _json(submission, status=200 if reused else 202, headers=headers)
+    return submission_response(submission, retry_after=settings.poll_interval_seconds)
 
 
 @router.get(

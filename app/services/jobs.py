@@ -29,6 +29,7 @@ from app.services.admission import admit, pids_in_groups
 from app.services.cache import SoftwareVersions, identify
 from app.services.events import EventBus
 from app.services.recorder import CANCELLED_ERROR, DONE, JobRecorder, dispatch_job
+from app.services.submit_memo import SubmitMemo
 from app.services.views import (
     Versioned,
     etag_matches,
@@ -75,6 +76,21 @@ class SubmitOptions:
     idempotency_key: str | None = None
     allow_busy_device: bool = False
     use_cache: bool = True
+    #: the request body's :func:`~app.services.submit_memo.body_digest`, where
+    #: :class:`app.middleware.RepeatedSubmissions` may answer that body again from memory
+    body_digest: bytes | None = None
+
+    @property
+    def plain(self) -> bool:
+        """No key, no cache bypass, no busy-device override: the body alone says what is asked."""
+        return self.idempotency_key is None and self.use_cache and not self.allow_busy_device
+
+
+def answered_by_body_alone(spec: ProbeSpec) -> bool:
+    """Is a submission's answer a function of its body and the store (no GPU of this machine or
+    the fleet's, no local model directory: nothing whose state can change between two asks)?"""
+    where = spec.device_kind in ("simulated", "predict") and spec.gpu_type is None
+    return where and spec.model.name_or_path is None
 
 
 class JobService:
@@ -98,10 +114,22 @@ class JobService:
         self.recorder = recorder
         self.bus = bus
         self.versions = versions
+        self.memo = SubmitMemo(store)
 
     # --- submit --------------------------------------------------------------------------------
 
     def submit(self, spec: ProbeSpec, options: SubmitOptions) -> ProbeSubmission:
+        submission, record = self._submit(spec, options)
+        if options.body_digest is not None and options.plain and answered_by_body_alone(spec):
+            self.memo.remember(options.body_digest, record)
+        return submission
+
+    def coalesced(self, record: JobRecord) -> ProbeSubmission:
+        """The answer to a submission that joins the active job ``record`` (what :meth:`submit`
+        answers when it finds it)."""
+        return self._answer(record, Reuse.COALESCED, SubmitOptions())[0]
+
+    def _submit(self, spec: ProbeSpec, options: SubmitOptions) -> tuple[ProbeSubmission, JobRecord]:
         placement = self.dispatcher.place(spec)  # 422 when the dispatcher cannot run it (no such GPU type)
         spec = placement.spec
         gpus = self.inventory.gpus() if spec.device_kind == "cuda" else []
@@ -150,7 +178,10 @@ class JobService:
             log.info("job %s queued on %s (%s)", record.id, record.device, record.model)
         return self._answer(record, reuse, options)
 
-    def _answer(self, record: JobRecord | None, reuse: Reuse, options: SubmitOptions) -> ProbeSubmission:
+    def _answer(
+        self, record: JobRecord | None, reuse: Reuse, options: SubmitOptions
+    ) -> tuple[ProbeSubmission, JobRecord]:
+        """The submission's answer and the job it names; the refusal a ``Reuse`` outcome means."""
         if reuse is Reuse.KEY_CONFLICT:
             raise IdempotencyKeyReused(
                 f"Idempotency-Key {options.idempotency_key!r} was used before with a different request; "
@@ -159,12 +190,13 @@ class JobService:
         if reuse is Reuse.QUEUE_FULL or record is None:
             raise self._queue_full()
         job = job_view(record)  # validated: its fields are copied as they are
-        return ProbeSubmission.model_construct(
+        submission = ProbeSubmission.model_construct(
             **dict(job),
             cached=reuse is Reuse.CACHED,
             coalesced=reuse is Reuse.COALESCED,
             replayed=reuse is Reuse.REPLAYED,
         )
+        return submission, record
 
     def _inspect(self, spec: ProbeSpec) -> ModelFacts | None:
         """The model inspector's facts (or its refusal); identical requests in flight share one check

@@ -191,11 +191,14 @@ class Store:
             row = self._conn.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
                 return None
-            record = _record(row)
-            if len(self._rows) >= MAX_CACHED_ROWS:
-                self._rows = {}
-            self._rows[job_id] = record
-            return record
+            return self._hold(_record(row))
+
+    def _hold(self, record: JobRecord) -> JobRecord:
+        """Keep ``record``, just read under the lock, for :meth:`cached` until the next write."""
+        if len(self._rows) >= MAX_CACHED_ROWS:
+            self._rows = {}
+        self._rows[record.id] = record
+        return record
 
     def cached(self, job_id: str) -> JobRecord | None:
         """The job's row if :meth:`get` read it since the last write, else ``None`` (then ask
@@ -320,9 +323,13 @@ class Store:
     def find_reusable(
         self, cache_key: str, *, idempotency_key: str | None, request_hash: str, reuse_cached: bool
     ) -> tuple[JobRecord | None, Reuse] | None:
-        """The job that would answer this request without a new probe, if any (read only)."""
+        """The job that would answer this request without a new probe, if any (read only). The row
+        found is held for :meth:`cached` as :meth:`get` holds it."""
         with self._lock:
-            return self._reusable(self._conn, cache_key, idempotency_key, request_hash, reuse_cached)
+            found = self._reusable(self._conn, cache_key, idempotency_key, request_hash, reuse_cached)
+            if found is not None and found[0] is not None:
+                self._hold(found[0])
+            return found
 
     # --- writes --------------------------------------------------------------------------------
 
