@@ -163,8 +163,9 @@ class Settings(BaseSettings):
         ge=0,
         le=19,
         description="Local probe children, and every process they start, run this many steps below the "
-        "service's CPU priority (`nice -n`), so that requests come first on shared cores; 0: the same "
-        "priority. A probe still uses every core nothing else wants.",
+        "service's CPU priority (`nice -n`, and their session's scheduler autogroup where the kernel "
+        "has them), so that requests come first on shared cores; 0: the same priority. A probe still "
+        "uses every core nothing else wants.",
     )
     probe_command: list[str] = Field(
         default_factory=_default_probe_command,

@@ -76,6 +76,23 @@ def with_lower_priority(argv: list[str], nice: int) -> list[str]:
     return [program, "-n", str(nice), *argv]
 
 
+def lower_session_priority(pid: int, nice: int) -> bool:
+    """Give the new session of child ``pid`` the nice value ``nice`` as a whole.
+
+    On Linux with scheduler autogroups (``/proc/sys/kernel/sched_autogroup_enabled``, on by
+    default in many distributions' kernels), every session is its own scheduling group: a nice
+    value weighs only against processes of the same session, and the groups share the cores as
+    equals. A child started in a new session (as probe children are, to be killed as a group)
+    would then compete with the service as an equal, whatever its nice; the group's own nice
+    (``/proc/<pid>/autogroup``) is what ranks it below the service. ``False`` where the kernel has
+    no autogroups or the child is gone already."""
+    try:
+        Path(f"/proc/{pid}/autogroup").write_text(f"{nice}\n")
+    except OSError:
+        return False
+    return True
+
+
 def stop_group(proc: subprocess.Popen[bytes] | subprocess.Popen[str], grace_seconds: float) -> None:
     """SIGTERM the child's group (the engine exits cleanly on it), SIGKILL it after ``grace_seconds``."""
     if proc.poll() is None:
@@ -211,6 +228,8 @@ def run_child(
             return RunOutcome(RunStatus.CRASH, message=f"could not start the probe child {argv[0]!r}: {exc}")
     if host_memory is not None:  # the child sets it too, once its interpreter runs
         limit_process_data(proc.pid, host_memory.allowance_bytes, final=False)
+    if nice > 0:
+        lower_session_priority(proc.pid, nice)
     assert proc.stdout is not None
     reader = _EventReader(proc.stdout, job.id, on_event)
     reader.start()

@@ -231,3 +231,33 @@ def test_probe_children_run_at_the_configured_cpu_priority(
         assert _niceness(os.getpid()) == own  # the service itself keeps its priority
         client.post(f"/v1/probes/{job_id}/cancel")
         wait_done(client, job_id)
+
+
+def _autogroup_nice(pid: int) -> int:
+    """The nice value of the process's scheduler autogroup (``/autogroup-<n> nice <v>``)."""
+    return int(Path(f"/proc/{pid}/autogroup").read_text().split()[-1])
+
+
+@pytest.mark.skipif(
+    not Path("/proc/self/autogroup").exists(), reason="the kernel has no scheduler autogroups"
+)
+@pytest.mark.parametrize("probe_nice", [0, 10])
+def test_a_probe_session_ranks_below_the_service_as_a_scheduler_group(
+    settings_factory: Callable[..., Settings], tmp_path: Path, probe_nice: int
+) -> None:
+    """With autogroups a nice value weighs only inside its session: the probe's own session
+    (its process group) carries the nice value as a whole."""
+    pidfile, grandchild = tmp_path / "child.pid", tmp_path / "grandchild.pid"
+    own = _autogroup_nice(os.getpid())
+    body = probe_body(
+        fake="spawn", config={"fake_pidfile": str(pidfile), "fake_grandchild_pidfile": str(grandchild)}
+    )
+    with TestClient(create_app(settings_factory(probe_nice=probe_nice))) as client:
+        job_id = client.post("/v1/probes", json=body).json()["id"]
+        wait_status(client, job_id, "running")
+        wait_for_file(grandchild)
+        assert _autogroup_nice(int(pidfile.read_text())) == probe_nice
+        assert _autogroup_nice(int(grandchild.read_text())) == probe_nice  # one session, one group
+        assert _autogroup_nice(os.getpid()) == own
+        client.post(f"/v1/probes/{job_id}/cancel")
+        wait_done(client, job_id)
