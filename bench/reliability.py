@@ -19,8 +19,9 @@ Sections:
   ``--poll-interval`` seconds from a random start (the load real pollers make: the dashboard reads
   a job every 2 s, clients follow ``Retry-After``); each once with ``If-None-Match`` (as a client
   that keeps the state it has, and a browser, do), once without;
-- ``posts``: 1,000 identical ``POST /v1/probes`` at once (real engine): latency, how many jobs and
-  probe runs they made; then the same burst against a server that does nothing
+- ``posts``: 1,000 identical ``POST /v1/probes`` at once (real engine), from one client process
+  and then from ``--post-processes`` (a new request each time): latency, how many jobs and probe
+  runs they made; then the same bursts against a server that does nothing
   (``bench/noop_server.py``): the floor the clients and uvicorn set on this machine;
 - ``drills``: every kill drill of ``tests/reliability/drills.py`` (fake probe engine: the drills
   are about the service, and the fake child writes the pid files they watch).
@@ -50,7 +51,7 @@ from bench.noop_server import noop_server
 from tests.app.live_server import LiveServer
 from tests.reliability.drills import DRILLS, run_drill, wait_for
 from tests.reliability.fuzz import fuzz_config, run_fuzz
-from tests.reliability.load import burst_of_posts, poll
+from tests.reliability.load import LoadResult, burst_from_processes, burst_of_posts, poll
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -194,57 +195,72 @@ def pollers(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def _burst(url: str, body: dict[str, Any], count: int, processes: int) -> LoadResult:
+    if processes == 1:
+        return burst_of_posts(url, body, count=count)
+    return burst_from_processes(url, body, count=count, processes=processes)
+
+
 def posts(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """One burst per client layout (all clients in one process, then split over
+    ``--post-processes``), each a new request (its own ``seed``), so each creates one job."""
+    layouts = sorted({1, args.post_processes})
+    figures: dict[str, Any] = {}
     with LiveServer(workdir / "posts", real_engine_env()) as server:
         with httpx.Client(base_url=server.url, timeout=300) as client:
             # a service that has answered before (its model inspector has imported transformers)
             warm = client.post("/v1/probes", json={**BURST_REQUEST, "seq_len": 32})
             assert warm.status_code == 202, warm.text
         assert server.proc is not None
-        server_cpu = cpu_seconds(server.proc.pid)
-        result = burst_of_posts(server.url, BURST_REQUEST, count=args.posts)
-        server_cpu = cpu_seconds(server.proc.pid) - server_cpu
-        job_ids = result.notes["job_ids"]
+        for processes in layouts:
+            body = {**BURST_REQUEST, "seed": processes}
+            server_cpu = cpu_seconds(server.proc.pid)
+            result = _burst(server.url, body, args.posts, processes)
+            server_cpu = cpu_seconds(server.proc.pid) - server_cpu
+            job_ids = result.notes["job_ids"]
+            with httpx.Client(base_url=server.url, timeout=60) as client:
+                for job_id in job_ids:
+                    wait_for(client, job_id, lambda j: j["status"] in ("succeeded", "failed"), timeout=600)
+            print(
+                f"{args.posts} identical POSTs from {processes} client process(es): {result.summary()}; "
+                f"{len(job_ids)} job id(s); CPU: server {server_cpu:.2f} s, "
+                f"clients {result.notes['client_cpu_seconds']:.2f} s",
+                flush=True,
+            )
+            figures[f"{processes}_client_processes"] = {
+                **_latencies(result),
+                "statuses": dict(result.statuses),
+                "errors": dict(result.errors),
+                "job_ids": len(job_ids),
+                "server_cpu_seconds": round(server_cpu, 2),
+                "client_cpu_seconds": round(result.notes["client_cpu_seconds"], 2),
+            }
         with httpx.Client(base_url=server.url, timeout=60) as client:
-            for job_id in job_ids:
-                wait_for(client, job_id, lambda j: j["status"] in ("succeeded", "failed"), timeout=600)
-            listed = [
-                job
-                for job in client.get("/v1/probes", params={"limit": 100}).json()["items"]
-                if job["id"] in job_ids
-            ]
             metrics = client.get("/metrics").text
-    runs = (
-        sum(
-            float(line.rsplit(" ", 1)[1])
-            for line in metrics.splitlines()
-            if line.startswith("maxbatch_probe_runs_total{")
-        )
-        - 1
-    )  # the warm-up job's run
-    print(
-        f"{args.posts} identical POSTs: {result.summary()}; {len(job_ids)} job id(s), "
-        f"{len(listed)} job(s) stored, {runs:g} probe run(s); CPU: server {server_cpu:.2f} s, "
-        f"clients {result.notes['client_cpu_seconds']:.2f} s"
-    )
+    runs = [line for line in metrics.splitlines() if line.startswith("maxbatch_probe_runs_total{")]
+    figures["probe_runs"] = sum(float(line.rsplit(" ", 1)[1]) for line in runs)
+    print(f"probe runs: {figures['probe_runs']:g} (the warm-up's and one per burst)")
     with noop_server() as url:
-        floor = burst_of_posts(url, BURST_REQUEST, count=args.posts)
-    print(f"the same burst against a server that does nothing (bench/noop_server.py): {floor.summary()}")
+        for processes in layouts:
+            floor = _burst(url, BURST_REQUEST, args.posts, processes)
+            print(
+                f"the same burst from {processes} client process(es) against a server that does nothing "
+                f"(bench/noop_server.py): {floor.summary()}",
+                flush=True,
+            )
+            figures[f"noop_server_{processes}_client_processes"] = {
+                **_latencies(floor),
+                "client_cpu_seconds": round(floor.notes["client_cpu_seconds"], 2),
+            }
+    return figures
+
+
+def _latencies(result: LoadResult) -> dict[str, Any]:
     return {
         "requests": result.requests,
         "p50_ms": round(result.percentile(50) * 1000, 1),
         "p99_ms": round(result.percentile(99) * 1000, 1),
         "max_ms": round(max(result.latencies, default=0) * 1000, 1),
-        "statuses": dict(result.statuses),
-        "errors": dict(result.errors),
-        "job_ids": len(job_ids),
-        "jobs_stored": len(listed),
-        "probe_runs": runs,
-        "server_cpu_seconds": round(server_cpu, 2),
-        "client_cpu_seconds": round(result.notes["client_cpu_seconds"], 2),
-        "noop_server_p50_ms": round(floor.percentile(50) * 1000, 1),
-        "noop_server_p99_ms": round(floor.percentile(99) * 1000, 1),
-        "noop_server_client_cpu_seconds": round(floor.notes["client_cpu_seconds"], 2),
     }
 
 
@@ -277,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
         "--poll-interval", type=float, default=1.0, help="seconds between a paced poller's requests"
     )
     parser.add_argument("--posts", type=int, default=1000)
+    parser.add_argument(
+        "--post-processes", type=int, default=2, help="client processes of the burst's second layout"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "reliability.json")
     args = parser.parse_args(argv)
     record: dict[str, Any] = {

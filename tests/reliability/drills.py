@@ -28,7 +28,7 @@ import httpx
 
 from tests.app.conftest import FAKE_PROBE, probe_body
 from tests.app.live_server import LiveServer
-from tests.reliability.load import burst_of_posts
+from tests.reliability.load import burst_from_processes, burst_of_posts
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 
@@ -193,11 +193,13 @@ def server_killed_under_post_flood(workdir: Path, env: dict[str, str], posts: in
 
 def identical_posts(workdir: Path, env: dict[str, str], posts: int = 200) -> DrillReport:
     """``posts`` identical POSTs at once: one job, one probe run, every answer naming it."""
-    report = DrillReport(f"{posts} identical concurrent POSTs")
+    report = DrillReport(f"{posts} identical concurrent POSTs, then as many from two client processes")
+    body = probe_body(config={"fake_delay": 0.05})
     with LiveServer(workdir / "data-identical", env) as server:
-        result = burst_of_posts(server.url, probe_body(config={"fake_delay": 0.05}), count=posts)
+        result = burst_of_posts(server.url, body, count=posts)
         job_ids = result.notes["job_ids"]
         job_id = next(iter(job_ids), "none")
+        again = burst_from_processes(server.url, body, count=posts, processes=2)
         if len(job_ids) == 1:
             with server.client() as client:
                 wait_for(client, job_id, lambda j: j["status"] in TERMINAL)
@@ -208,6 +210,9 @@ def identical_posts(workdir: Path, env: dict[str, str], posts: int = 200) -> Dri
     report.expect(result.requests == posts and not result.errors, "every POST was answered")
     report.expect(len(job_ids) == 1, f"one job for all ({len(job_ids)})")
     report.expect(len(runs) == 1, f"one probe run ({len(runs)})")
+    report.facts.update(second_burst_statuses=dict(again.statuses))
+    report.expect(again.requests == posts and not again.errors, "every POST of the second burst was answered")
+    report.expect(set(again.notes["job_ids"]) == set(job_ids), "the second burst names the same job")
     return report
 
 

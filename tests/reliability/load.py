@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import math
+import multiprocessing
 import random
 import time
 from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -150,13 +153,15 @@ def burst_of_posts(
     count: int,
     headers: dict[str, str] | None = None,
     timeout: float = 120.0,
+    ready: Callable[[], object] | None = None,
 ) -> LoadResult:
     """``count`` identical ``POST /v1/probes``, all sent at once, each from its own client.
 
     One client per request, made before the clock starts, as for the pollers: one ``httpx`` pool
     of a thousand connections is itself the bottleneck (httpcore scans every connection of its
-    pool for every request: 8.5 of 14.7 s of client CPU, profiled). ``notes["job_ids"]`` counts
-    the job ids the answers named.
+    pool for every request: 8.5 of 14.7 s of client CPU, profiled). ``ready``, if given, is called
+    (and may block) once the clients are made, just before the clock starts. ``notes["job_ids"]``
+    counts the job ids the answers named.
     """
     result = LoadResult()
     job_ids: Counter[str] = Counter()
@@ -181,6 +186,8 @@ def burst_of_posts(
             start = asyncio.Event()
             tasks = [asyncio.create_task(one(client, start)) for client in clients]
             await asyncio.sleep(0)  # every task is waiting on the event: release them together
+            if ready is not None:
+                ready()
             started, cpu = time.monotonic(), time.process_time()
             start.set()
             await asyncio.gather(*tasks)
@@ -191,3 +198,40 @@ def burst_of_posts(
 
     asyncio.run(main())
     return result
+
+
+def _burst_part(
+    base_url: str, body: dict[str, Any], count: int, headers: dict[str, str] | None, barrier: Any
+) -> LoadResult:
+    return burst_of_posts(base_url, body, count=count, headers=headers, ready=barrier.wait)
+
+
+def burst_from_processes(
+    base_url: str,
+    body: dict[str, Any],
+    *,
+    count: int,
+    processes: int,
+    headers: dict[str, str] | None = None,
+) -> LoadResult:
+    """:func:`burst_of_posts` split over ``processes`` client processes (one event loop each, as
+    many clients on several machines would be), released together once every process has made
+    its clients. Latencies, statuses and job ids are pooled; ``client_cpu_seconds`` is their sum
+    and ``seconds`` the longest part's wall time."""
+    shares = [count // processes + (i < count % processes) for i in range(processes)]
+    context = multiprocessing.get_context("spawn")
+    with context.Manager() as manager, ProcessPoolExecutor(processes, mp_context=context) as pool:
+        barrier = manager.Barrier(processes)
+        futures = [pool.submit(_burst_part, base_url, body, n, headers, barrier) for n in shares]
+        parts = [future.result() for future in futures]
+    pooled = LoadResult()
+    job_ids: Counter[str] = Counter()
+    for part in parts:
+        pooled.statuses.update(part.statuses)
+        pooled.errors.update(part.errors)
+        pooled.latencies.extend(part.latencies)
+        pooled.seconds = max(pooled.seconds, part.seconds)
+        job_ids.update(part.notes["job_ids"])
+    pooled.notes["job_ids"] = job_ids
+    pooled.notes["client_cpu_seconds"] = sum(part.notes["client_cpu_seconds"] for part in parts)
+    return pooled
