@@ -76,7 +76,7 @@ def with_lower_priority(argv: list[str], nice: int) -> list[str]:
     return [program, "-n", str(nice), *argv]
 
 
-def lower_session_priority(pid: int, nice: int) -> bool:
+def lower_session_priority(pid: int, nice: int) -> None:
     """Give the new session of child ``pid`` the nice value ``nice`` as a whole.
 
     On Linux with scheduler autogroups (``/proc/sys/kernel/sched_autogroup_enabled``, on by
@@ -84,13 +84,10 @@ def lower_session_priority(pid: int, nice: int) -> bool:
     value weighs only against processes of the same session, and the groups share the cores as
     equals. A child started in a new session (as probe children are, to be killed as a group)
     would then compete with the service as an equal, whatever its nice; the group's own nice
-    (``/proc/<pid>/autogroup``) is what ranks it below the service. ``False`` where the kernel has
-    no autogroups or the child is gone already."""
-    try:
+    (``/proc/<pid>/autogroup``) is what ranks it below the service. Nothing happens where the
+    kernel has no autogroups or the child is gone already."""
+    with contextlib.suppress(OSError):
         Path(f"/proc/{pid}/autogroup").write_text(f"{nice}\n")
-    except OSError:
-        return False
-    return True
 
 
 def stop_group(proc: subprocess.Popen[bytes] | subprocess.Popen[str], grace_seconds: float) -> None:

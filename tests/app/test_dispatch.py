@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -212,25 +213,32 @@ def _niceness(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
 
 
+@contextmanager
+def _spawning_probe(settings: Settings, tmp_path: Path) -> Iterator[tuple[int, int]]:
+    """A running probe child that has started a grandchild: their pids; cancelled afterwards."""
+    pidfile, grandchild = tmp_path / "child.pid", tmp_path / "grandchild.pid"
+    body = probe_body(
+        fake="spawn", config={"fake_pidfile": str(pidfile), "fake_grandchild_pidfile": str(grandchild)}
+    )
+    with TestClient(create_app(settings)) as client:
+        job_id = client.post("/v1/probes", json=body).json()["id"]
+        wait_status(client, job_id, "running")
+        wait_for_file(grandchild)
+        yield int(pidfile.read_text()), int(grandchild.read_text())
+        client.post(f"/v1/probes/{job_id}/cancel")
+        wait_done(client, job_id)
+
+
 @pytest.mark.parametrize("probe_nice", [0, 10])
 def test_probe_children_run_at_the_configured_cpu_priority(
     settings_factory: Callable[..., Settings], tmp_path: Path, probe_nice: int
 ) -> None:
-    pidfile, grandchild = tmp_path / "child.pid", tmp_path / "grandchild.pid"
     own = _niceness(os.getpid())
-    body = probe_body(
-        fake="spawn", config={"fake_pidfile": str(pidfile), "fake_grandchild_pidfile": str(grandchild)}
-    )
-    with TestClient(create_app(settings_factory(probe_nice=probe_nice))) as client:
-        job_id = client.post("/v1/probes", json=body).json()["id"]
-        wait_status(client, job_id, "running")
-        wait_for_file(grandchild)
+    with _spawning_probe(settings_factory(probe_nice=probe_nice), tmp_path) as (child, grandchild):
         expected = min(19, own + probe_nice)
-        assert _niceness(int(pidfile.read_text())) == expected
-        assert _niceness(int(grandchild.read_text())) == expected  # started after: inherited
+        assert _niceness(child) == expected
+        assert _niceness(grandchild) == expected  # started after: inherited
         assert _niceness(os.getpid()) == own  # the service itself keeps its priority
-        client.post(f"/v1/probes/{job_id}/cancel")
-        wait_done(client, job_id)
 
 
 def _autogroup_nice(pid: int) -> int:
@@ -247,17 +255,8 @@ def test_a_probe_session_ranks_below_the_service_as_a_scheduler_group(
 ) -> None:
     """With autogroups a nice value weighs only inside its session: the probe's own session
     (its process group) carries the nice value as a whole."""
-    pidfile, grandchild = tmp_path / "child.pid", tmp_path / "grandchild.pid"
     own = _autogroup_nice(os.getpid())
-    body = probe_body(
-        fake="spawn", config={"fake_pidfile": str(pidfile), "fake_grandchild_pidfile": str(grandchild)}
-    )
-    with TestClient(create_app(settings_factory(probe_nice=probe_nice))) as client:
-        job_id = client.post("/v1/probes", json=body).json()["id"]
-        wait_status(client, job_id, "running")
-        wait_for_file(grandchild)
-        assert _autogroup_nice(int(pidfile.read_text())) == probe_nice
-        assert _autogroup_nice(int(grandchild.read_text())) == probe_nice  # one session, one group
+    with _spawning_probe(settings_factory(probe_nice=probe_nice), tmp_path) as (child, grandchild):
+        assert _autogroup_nice(child) == probe_nice
+        assert _autogroup_nice(grandchild) == probe_nice  # one session, one group
         assert _autogroup_nice(os.getpid()) == own
-        client.post(f"/v1/probes/{job_id}/cancel")
-        wait_done(client, job_id)

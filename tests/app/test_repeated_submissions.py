@@ -147,16 +147,25 @@ def test_once_the_job_is_over_the_route_answers(
     client.post(f"/v1/probes/{again.json()['id']}/cancel")
 
 
-def test_a_body_that_comes_while_its_twin_is_at_the_route_waits_for_its_answer(
+def held_leader(
     client: TestClient, route_calls: Callable[..., RouteCalls]
-) -> None:
-    middleware(client).leader_wait_seconds = 60  # a slow machine's route never outlasts the wait
+) -> tuple[threading.Event, RouteCalls, dict[str, Any], threading.Thread]:
+    """A first POST of the sleeper body, held inside the route until the gate is set: the gate, the
+    route's calls, the answers (``leader`` once it is answered) and the leader's thread."""
     gate = threading.Event()
     calls = route_calls(gate)
     answers: dict[str, Any] = {}
     leader = threading.Thread(target=lambda: answers.update(leader=post(client)))
     leader.start()
     assert calls.entered.wait(20)
+    return gate, calls, answers, leader
+
+
+def test_a_body_that_comes_while_its_twin_is_at_the_route_waits_for_its_answer(
+    client: TestClient, route_calls: Callable[..., RouteCalls]
+) -> None:
+    middleware(client).leader_wait_seconds = 60  # a slow machine's route never outlasts the wait
+    gate, calls, answers, leader = held_leader(client, route_calls)
     follower = threading.Thread(target=lambda: answers.update(follower=post(client)))
     follower.start()
     wait_until(lambda: sum(flight.followers for flight in middleware(client).in_flight.values()) == 1)
@@ -174,12 +183,7 @@ def test_a_follower_goes_to_the_route_after_its_wait(
     client: TestClient, route_calls: Callable[..., RouteCalls]
 ) -> None:
     middleware(client).leader_wait_seconds = 0.05
-    gate = threading.Event()
-    calls = route_calls(gate)
-    answers: dict[str, Any] = {}
-    leader = threading.Thread(target=lambda: answers.update(leader=post(client)))
-    leader.start()
-    assert calls.entered.wait(20)
+    gate, calls, answers, leader = held_leader(client, route_calls)
     follower = post(client)  # the leader is held at the route: this one stops waiting for it
     gate.set()
     leader.join(20)
