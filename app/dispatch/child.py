@@ -76,7 +76,7 @@ def with_lower_priority(argv: list[str], nice: int) -> list[str]:
     return [program, "-n", str(nice), *argv]
 
 
-def lower_session_priority(pid: int, nice: int) -> None:
+def lower_session_priority(pid: int, nice: int, *, attempts: int = 6) -> None:
     """Give the new session of child ``pid`` the nice value ``nice`` as a whole.
 
     On Linux with scheduler autogroups (``/proc/sys/kernel/sched_autogroup_enabled``, on by
@@ -84,10 +84,28 @@ def lower_session_priority(pid: int, nice: int) -> None:
     value weighs only against processes of the same session, and the groups share the cores as
     equals. A child started in a new session (as probe children are, to be killed as a group)
     would then compete with the service as an equal, whatever its nice; the group's own nice
-    (``/proc/<pid>/autogroup``) is what ranks it below the service. Nothing happens where the
-    kernel has no autogroups or the child is gone already."""
-    with contextlib.suppress(OSError):
-        Path(f"/proc/{pid}/autogroup").write_text(f"{nice}\n")
+    (``/proc/<pid>/autogroup``) is what ranks it below the service.
+
+    Without ``CAP_SYS_ADMIN`` the kernel takes one such write per 100 ms on the whole machine and
+    answers the others ``EAGAIN``: that write is tried ``attempts`` times, 50 ms apart. Nothing
+    happens where the kernel has no autogroups or the child is gone already; where the service
+    runs in a CPU cgroup of its own (a container), the cgroup schedules it, autogroups do not
+    apply, the write changes nothing and the child's plain nice ranks it."""
+    path = Path(f"/proc/{pid}/autogroup")
+    for attempt in range(attempts):
+        try:
+            path.write_text(f"{nice}\n")
+        except BlockingIOError:
+            if attempt + 1 < attempts:
+                time.sleep(0.05)
+        except OSError:
+            return
+        else:
+            return
+    log.warning(
+        "the kernel refused the scheduler priority of probe session %d: it competes with the service",
+        pid,
+    )
 
 
 def stop_group(proc: subprocess.Popen[bytes] | subprocess.Popen[str], grace_seconds: float) -> None:
