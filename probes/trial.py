@@ -24,7 +24,14 @@ HF ``Trainer`` with the emitted arguments uses:
    a batch of one too), so the search measures with the mask. Batch size 1 carries it as well: a
    padding collator would leave a single row unpadded, but ``padding="max_length"`` would not, and
    the mask is the larger of the two (only a ``seq_len`` of 1 has no padded position: no token
-   would be left).
+   would be left). Where a batch with no padding at all (packed sequences) would take another,
+   larger attention kernel (``sdpa`` with grouped key/value heads where no fused CUDA kernel takes
+   them: :attr:`~probes.recipe.build.Recipe.measures_packed_batch`), one step adds a micro-batch
+   with no padded position after its last, in the last one's accumulation context: the earliest
+   step after the first in which the optimizer's state, if it keeps any, is in place (the second;
+   later where the fp16 scaler skipped steps). The state, the gradients and the step's batches are
+   alive then, as for the last micro-batch of a job whose batches are all packed. Its loss is not
+   kept and its time not counted (step 6).
 3. Per micro-batch, inside the strategy's accumulation context (``no_sync`` / no gradient sync on
    all but the last): forward under autocast (``16-mixed``: fp16, ``bf16-mixed``: bf16; none for
    ``32-true`` and ``bf16-true``, and none under FSDP2, whose mixed-precision policy casts instead);
@@ -33,10 +40,12 @@ HF ``Trainer`` with the emitted arguments uses:
 4. Then ``unscale_`` (fp16), ``clip_grad_norm_(…, 1.0)`` over the trainable parameters,
    ``optimizer.step()`` (``scaler.step`` + ``scaler.update`` for fp16), ``zero_grad(set_to_none=True)``.
 5. The peak covers every step. AdamW creates its state in its first ``step()``, so at least one
-   optimizer step must run *with* that state: when the fp16 scaler skips steps (gradients overflow
+   optimizer step must run *with* that state (an optimizer that keeps none, momentum-less SGD,
+   needs no such step): when the fp16 scaler skips steps (gradients overflow
    at the initial scale), extra steps run until one has (at most :data:`MAX_EXTRA_STEPS`; none when
    the loss itself is NaN or infinite, which no scale cures; the record's message then says so).
-6. ``step_seconds``: mean wall time per optimizer step, the first excluded (the device synchronised);
+6. ``step_seconds``: mean wall time per optimizer step, the first excluded (the device synchronised),
+   less the packed micro-batch's own (timed between two synchronisations);
    with ``lengths``, only the steps whose micro-batches are all at ``seq_len`` count, so throughput
    stays the worst case's.
    ``16-mixed`` reports ``loss_flag`` ``nan`` / ``inf`` / ``zero`` when a loss was NaN, infinite or 0.0.
@@ -73,8 +82,9 @@ from probes.devices.counting import CountingMode
 from probes.errors import ProbeInputError
 from probes.models import load_config, vocab_size
 from probes.oom import classify, one_line, poisons_context
-from probes.padding import has_padded_position
+from probes.padding import has_padded_position, unpadded_micro_batch
 from probes.recipe.build import ModelBuilder, Recipe
+from probes.recipe.optimizers import keeps_state
 from probes.spec import ConfigTask, DeviceInfo, Outcome, Precision, TrialRecord
 from probes.timeline import Timeline
 from probes.weights_fit import WeightsFloor, check_weights, finetuning_weights_floor
@@ -296,7 +306,6 @@ class TrialSession:
         device = self._device
         recipe = self._recipe
         precision = self.task.precision
-        autocast_dtype = recipe.autocast_dtype
         fp16 = precision is Precision.FP16_MIXED
         model.train()
         model.zero_grad(set_to_none=True)
@@ -307,6 +316,7 @@ class TrialSession:
         seconds: list[float] = []
         losses: list[float] = []
         steps_done = steady_steps = 0
+        packed_pending = lengths is None and recipe.measures_packed_batch
         with device.step_context(), recipe.step_context():
             scaler = device.grad_scaler() if fp16 else None
             while steps_done < optimizer_steps or (
@@ -315,24 +325,20 @@ class TrialSession:
                 and self._losses_finite(losses)
             ):
                 started = time.perf_counter()
-                had_state = bool(optimizer.state)
+                # the optimizer's state, if it keeps any, is in place for this whole step
+                steady = bool(optimizer.state) or not keeps_state(self.task.optimizer)
                 step_losses: list[torch.Tensor] = []
                 first = steps_done * accumulation_steps
                 batches = [self._batch(batch_size, lengths, first + k) for k in range(accumulation_steps)]
                 for index, batch in enumerate(batches):
                     if first + index == oom_at_micro_step:
                         raise torch.OutOfMemoryError(f"{INJECTED_OOM} before micro-batch {first + index}")
-                    with recipe.micro_step(index, accumulation_steps):
-                        with self._autocast(autocast_dtype):
-                            outputs = model(**batch)
-                        if autocast_dtype is not None:
-                            outputs = _float_outputs(outputs)
-                        loss = outputs["loss"] / accumulation_steps
-                        del outputs
-                        (scaler.scale(loss) if scaler is not None else loss).backward()
-                    step_losses.append(loss.detach())
-                    del loss
+                    step_losses.append(self._micro_step(batch, index, accumulation_steps, scaler))
                     self._micro_steps_done += 1
+                packed_seconds = 0.0
+                if packed_pending and steady and steps_done > 0:
+                    packed_seconds = self._packed_micro_step(batches, batch_size, accumulation_steps, scaler)
+                    packed_pending = False
                 if scaler is not None:
                     scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(parameters, MAX_GRAD_NORM)
@@ -348,13 +354,13 @@ class TrialSession:
                     self._length(lengths, first + k) == self.task.seq_len for k in range(accumulation_steps)
                 )
                 if steps_done > 0 and worst_case:  # the first step is never timed
-                    seconds.append(time.perf_counter() - started)
+                    seconds.append(time.perf_counter() - started - packed_seconds)
                 # Read the step's losses now and let them go: tensors kept across steps would make
                 # the peak depend on how many steps ran (the fp16 scaler can add some).
                 losses.extend(self._values(step_losses))
                 del step_losses
                 steps_done += 1
-                steady_steps += int(had_state and bool(optimizer.state))
+                steady_steps += int(steady)
             del batches, scaler
         del optimizer, parameters
         reserved, allocated = device.peak()
@@ -372,6 +378,49 @@ class TrialSession:
             loss_flag=self._loss_flag(losses) if fp16 else None,
             note=note,
         )
+
+    def _micro_step(
+        self,
+        batch: dict[str, torch.Tensor],
+        index: int,
+        accumulation_steps: int,
+        scaler: torch.amp.GradScaler | None,
+    ) -> torch.Tensor:
+        """Forward and backward of micro-batch ``index`` of ``accumulation_steps``; its loss, detached."""
+        model = self._model
+        assert model is not None
+        autocast_dtype = self._recipe.autocast_dtype
+        with self._recipe.micro_step(index, accumulation_steps):
+            with self._autocast(autocast_dtype):
+                outputs = model(**batch)
+            if autocast_dtype is not None:
+                outputs = _float_outputs(outputs)
+            loss: torch.Tensor = outputs["loss"] / accumulation_steps
+            del outputs
+            scaled: torch.Tensor = scaler.scale(loss) if scaler is not None else loss
+            scaled.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward untyped
+        return loss.detach()
+
+    def _packed_micro_step(
+        self,
+        batches: list[dict[str, torch.Tensor]],
+        batch_size: int,
+        accumulation_steps: int,
+        scaler: torch.amp.GradScaler | None,
+    ) -> float:
+        """One more micro-batch, with no padded position (a packed batch), at the end of a step that
+        runs with the optimizer's state: that state, the step's gradients and its batches are alive,
+        as they are for the last micro-batch of a job whose batches are all packed. Its loss is not kept (it
+        would make the fp16 flag see a batch the job never pads); the seconds it took, device
+        synchronised, are returned, so that the step's time stays the padded step's.
+        (:attr:`probes.recipe.build.Recipe.measures_packed_batch` says when: see the module docstring.)"""
+        self._device.synchronize()
+        started = time.perf_counter()
+        with unpadded_micro_batch():
+            batches.append(self._batch(batch_size))
+            self._micro_step(batches[-1], accumulation_steps - 1, accumulation_steps, scaler)
+        self._device.synchronize()
+        return time.perf_counter() - started
 
     def _length(self, lengths: Sequence[int] | None, index: int) -> int:
         """Micro-batch ``index``'s padded length: ``lengths[index]``, ``seq_len`` past the list's end."""

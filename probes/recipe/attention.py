@@ -312,6 +312,48 @@ class CudaAttentionKernels:
         return original(*args, **kwargs)
 
 
+def packed_batches_take_math(
+    text_config: Any, dtype: torch.dtype, seq_len: int, capability: tuple[int, int]
+) -> bool:
+    """Whether a batch with no padded position sends this model's attention to CUDA's math kernel.
+
+    For a batch with a padded position, transformers' ``sdpa`` attention repeats the key/value heads
+    to the query's count and passes the mask, which the memory-efficient kernel takes. For a batch
+    with none (packed sequences) it passes no mask and, where the model groups its key/value heads
+    (``num_key_value_heads`` < ``num_attention_heads``, head dims up to 256), asks the kernel for
+    grouped heads (``enable_gqa``) instead: flash takes that only in half precision on sm80 and up,
+    the memory-efficient kernel only where this torch's does (:func:`efficient_attention_takes_gqa`;
+    torch 2.11 and 2.13 do not), and the math kernel then keeps b × heads × s × s attention weights
+    that the padded batch never needed. ``text_config``: the
+    language model's config (:func:`probes.models.text_config`); ``dtype``: the dtype attention
+    computes in.
+    """
+    heads = getattr(text_config, "num_attention_heads", None)
+    key_heads = getattr(text_config, "num_key_value_heads", None)
+    if not isinstance(heads, int) or not isinstance(key_heads, int) or not 0 < key_heads < heads:
+        return False
+    head_dim = getattr(text_config, "head_dim", None) or getattr(text_config, "hidden_size", 0) // heads
+    if not 0 < head_dim <= _FLASH_MAX_HEAD_DIM:  # transformers repeats the heads itself above 256
+        return False
+    call = AttentionCall(
+        dtype=dtype,
+        query_heads=heads,
+        key_heads=key_heads,
+        value_heads=key_heads,
+        query_head_dim=head_dim,
+        key_head_dim=head_dim,
+        value_head_dim=head_dim,
+        query_len=seq_len,
+        key_len=seq_len,
+        has_mask=False,
+        dropout=float(getattr(text_config, "attention_dropout", 0.0) or 0.0),
+        is_causal=True,
+        enable_gqa=True,
+        requires_grad=True,
+    )
+    return cuda_kernel(call, capability, efficient_takes_gqa=efficient_attention_takes_gqa()) is Kernel.MATH
+
+
 def parse_capability(label: str | None) -> tuple[int, int]:
     """``"9.0"`` → ``(9, 0)``; the simulated device's ``8.0`` when unknown."""
     try:

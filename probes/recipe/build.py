@@ -33,8 +33,8 @@ import torch
 from transformers import PretrainedConfig
 
 from probes.devices import TrialDevice
-from probes.models import build_model
-from probes.recipe.attention import CudaAttentionKernels, parse_capability
+from probes.models import build_model, text_config, weight_dtype
+from probes.recipe.attention import CudaAttentionKernels, packed_batches_take_math, parse_capability
 from probes.recipe.collectives import FakeReduceScatterValues
 from probes.recipe.ddp import ddp_micro_step, trainer_find_unused_parameters, wrap_ddp
 from probes.recipe.finetuning import builder, resident_tensors
@@ -96,8 +96,14 @@ class Recipe:
         #: the model inside the wrapper (its parameters are what the optimizer steps)
         self.inner: torch.nn.Module | None = None
         self._attention: CudaAttentionKernels | None = None
+        capability = parse_capability(device.info().compute_capability)
         if self._kind != "cuda" and task.attn_implementation is AttnImplementation.SDPA:
-            self._attention = CudaAttentionKernels(parse_capability(device.info().compute_capability))
+            self._attention = CudaAttentionKernels(capability)
+        #: whether each trial also runs one micro-batch with no padded position (a packed batch)
+        self.measures_packed_batch = (
+            task.attn_implementation is AttnImplementation.SDPA
+            and packed_batches_take_math(text_config(config), self.attention_dtype, task.seq_len, capability)
+        )
 
     @property
     def strategy(self) -> Strategy:
@@ -107,6 +113,12 @@ class Recipe:
     def attention(self) -> CudaAttentionKernels | None:
         """The attention emulation (``None`` on a real GPU and for other kernels)."""
         return self._attention
+
+    @property
+    def attention_dtype(self) -> torch.dtype:
+        """The dtype attention computes in: a mixed precision's low one (by autocast, or under FSDP2 by
+        its policy), the weights' otherwise."""
+        return _AUTOCAST.get(self.task.precision) or weight_dtype(self.task.precision)
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:

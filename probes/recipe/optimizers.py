@@ -35,6 +35,11 @@ _NO_DECAY_PATTERNS = (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)"
 """``Trainer.get_decay_parameter_names``' patterns."""
 
 
+def keeps_state(name: Optimizer) -> bool:
+    """Whether the optimizer creates state in its first ``step()`` (every one but momentum-less SGD)."""
+    return name is not Optimizer.SGD
+
+
 def parameter_groups(model: torch.nn.Module) -> list[dict[str, object]]:
     """Trainer's two groups: weight decay (0.0 by default) for most weights, none for biases and norms."""
     from transformers.trainer_pt_utils import get_parameter_names

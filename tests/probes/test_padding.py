@@ -9,7 +9,7 @@ import pytest
 from probes import trial as trial_module
 from probes.devices import predict as predict_module
 from probes.engine import run_probe
-from probes.padding import MIN_PADDED_LENGTH, has_padded_position
+from probes.padding import MIN_PADDED_LENGTH, has_padded_position, unpadded_micro_batch
 from probes.spec import ConfigTask, ModelSpec, Precision, ProbeSpec
 from probes.trial import TrialSession
 
@@ -30,16 +30,19 @@ TINY: dict[str, dict[str, object]] = {
 }
 
 
-def _peak(arch: str, device: str) -> int:
+def _peak(arch: str, device: str, *, packed_micro_batch: bool = True, seq_len: int = SEQ_LEN) -> int:
+    """One trial's peak; ``packed_micro_batch=False``: without the packed micro-batch a trial of a
+    model whose packed batches take another kernel adds (every micro-batch is then the same)."""
     task = ConfigTask(
         model=ModelSpec(architecture=arch, config=TINY[arch]),
-        seq_len=SEQ_LEN,
+        seq_len=seq_len,
         precision=Precision.FP32,
         gradient_checkpointing=False,
         device=device,
         memory_limit_bytes=64 * MiB,
     )
     with TrialSession(task) as session:
+        session.recipe.measures_packed_batch &= packed_micro_batch
         record = session.run(BATCH, accumulation_steps=2, optimizer_steps=2)
     assert record.peak_reserved_bytes is not None, record
     return record.peak_reserved_bytes
@@ -69,11 +72,34 @@ def test_predict_counts_the_padded_batch_simulated_runs(arch: str, monkeypatch: 
     """Predict's fake masks answer "padded" as the real probe mask does, so both devices take the
     same mask path. (On Llama the CPU's SDPA kernel with an explicit mask needs less than with
     ``is_causal`` at this size, so the peak itself is no test of the mask there.)"""
-    padded = _peak(arch, "predict")
-    assert padded == _peak(arch, "simulated")
+    assert _peak(arch, "predict") == _peak(arch, "simulated")
+    padded = _peak(arch, "predict", packed_micro_batch=False)
+    assert padded == _peak(arch, "simulated", packed_micro_batch=False)
     monkeypatch.setattr(trial_module, "has_padded_position", lambda length: False)
     monkeypatch.setattr(predict_module, "has_padded_position", lambda length: False)
-    assert _peak(arch, "predict") != padded  # the mask path is not the all-ones one
+    # the mask path is not the all-ones one
+    assert _peak(arch, "predict", packed_micro_batch=False) != padded
+
+
+@pytest.mark.parametrize("device", ["simulated", "predict"])
+def test_a_trial_covers_a_packed_job_where_packed_batches_need_more(device: str) -> None:
+    """``32-true`` Llama with grouped K/V heads: with no padded position transformers asks SDPA for
+    grouped heads, which no fused CUDA kernel takes in fp32, and the math kernel keeps the attention
+    weights. A job whose batches are all packed needs more than a padded one; the trial's own
+    packed micro-batch makes its peak cover that job too."""
+    seq_len = 128
+    trial = _peak("llama", device, seq_len=seq_len)
+    padded_only = _peak("llama", device, packed_micro_batch=False, seq_len=seq_len)
+    with unpadded_micro_batch():  # every micro-batch packed
+        packed_only = _peak("llama", device, packed_micro_batch=False, seq_len=seq_len)
+    assert packed_only > padded_only  # what the trial missed before
+    assert trial >= packed_only
+
+
+def test_a_packed_micro_batch_has_no_padded_position() -> None:
+    with unpadded_micro_batch():
+        assert not has_padded_position(SEQ_LEN)
+    assert has_padded_position(SEQ_LEN)
 
 
 @pytest.mark.slow

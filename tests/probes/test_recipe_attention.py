@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers import LlamaConfig
 
 from probes.devices.counting import CountingMode
 from probes.recipe.attention import (
@@ -16,6 +18,7 @@ from probes.recipe.attention import (
     cpu_kernel,
     cuda_kernel,
     efficient_attention_takes_gqa,
+    packed_batches_take_math,
     parse_capability,
 )
 
@@ -91,6 +94,26 @@ def test_cpu_kernel_is_what_this_torch_picks(dropout: float, dtype: torch.dtype,
 def test_this_torch_has_no_grouped_heads_in_the_efficient_kernel() -> None:
     """The installed torch (2.13) has none; when a release adds them, this fails and says so."""
     assert efficient_attention_takes_gqa() is False
+
+
+@pytest.mark.parametrize(
+    ("overrides", "dtype", "capability", "expected"),
+    [
+        ({}, torch.float32, H100, True),  # the 41.8 GiB case: fp32 has no kernel for grouped heads
+        ({}, torch.bfloat16, H100, False),  # flash takes grouped heads in half precision
+        ({}, torch.float16, T4, True),  # no flash before sm80, and the efficient kernel takes none
+        ({"num_key_value_heads": 32}, torch.float32, H100, False),  # no grouped heads: is_causal, fused
+        ({"head_dim": 512}, torch.float32, H100, False),  # transformers repeats the heads itself
+        ({"attention_dropout": 0.1}, torch.bfloat16, H100, False),  # flash keeps its dropout to a seed
+    ],
+)
+def test_a_packed_batch_takes_math_where_no_fused_kernel_takes_grouped_heads(
+    overrides: dict[str, Any], dtype: torch.dtype, capability: tuple[int, int], expected: bool
+) -> None:
+    config = LlamaConfig(
+        **{"hidden_size": 2048, "num_attention_heads": 32, "num_key_value_heads": 8, **overrides}
+    )
+    assert packed_batches_take_math(config, dtype, 2048, capability) is expected
 
 
 def test_capability_labels() -> None:

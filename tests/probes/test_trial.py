@@ -14,7 +14,7 @@ from probes.devices.simulated import SimulatedDevice
 from probes.environment import collect_versions, maxbatch_version
 from probes.errors import DeviceUnavailable, ProbeInputError
 from probes.recipe import build as recipe_build
-from probes.spec import ConfigTask, ModelSpec, Outcome, Precision, TrialRecord
+from probes.spec import ConfigTask, ModelSpec, Optimizer, Outcome, Precision, TrialRecord
 from probes.trial import TrialSession
 
 MiB = 2**20
@@ -283,6 +283,17 @@ def test_fp16_steps_skipped_by_the_scaler_are_made_up() -> None:
     assert record.loss_flag is None
     # steps 1-3 skipped, step 4 creates the state, step 5 runs with it
     assert record.optimizer_steps == 5
+    assert record.message is None
+
+
+@pytest.mark.parametrize("precision", [Precision.FP32, Precision.FP16_MIXED])
+def test_an_optimizer_without_state_runs_the_steps_asked_for(precision: Precision) -> None:
+    """Momentum-less SGD never creates state: there is none to wait for, and no note says so."""
+    sgd = task(precision).model_copy(update={"optimizer": Optimizer.SGD})
+    with TrialSession(sgd) as opened:
+        record = run(opened, 1)
+    assert record.outcome is Outcome.FIT
+    assert record.optimizer_steps == 2
     assert record.message is None
 
 
