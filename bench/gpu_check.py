@@ -13,7 +13,9 @@ and the next one runs; the report is rewritten after every part, so a killed run
    and on, under a memory limit: max batch per config, trials, seconds (from the probe's events);
 3. predicted against measured peak: one trial per config on ``predict`` (fake tensors, same memory
    limit, no overhead added) and on ``cuda:0``, for a ~1B and a ~7B Llama, two precisions,
-   checkpointing off and on; the ratio and the difference calibrate ``probes/overhead.py``;
+   checkpointing off and on; the ratio and the difference calibrate ``probes/overhead.py``; for a
+   config whose trial adds a packed micro-batch (32-true: grouped K/V heads), also a trial of packed
+   batches only, which the trial's peak must cover;
 4. ``python -m bench.compare_finders --profile cuda``, cut off by a time budget;
 5. LoRA and QLoRA (issue 9): one trial per method and checkpointing on ``predict`` and ``cuda:0``
    (~1B Llama, bf16-mixed), the predicted against the allocated peak;
@@ -279,6 +281,7 @@ def peaks_worker(device: str, memory: int, out: Path) -> None:
     """Child mode: one trial per (shape, precision, checkpointing) on ``device``; JSON lines to ``out``."""
     import torch
 
+    from probes.padding import unpadded_micro_batch
     from probes.spec import ConfigTask, ModelSpec, Precision
     from probes.trial import TrialSession
 
@@ -314,6 +317,12 @@ def peaks_worker(device: str, memory: int, out: Path) -> None:
                             free, total = torch.cuda.mem_get_info()
                             # what the process holds beyond the caching allocator: context, kernel images
                             row["outside_allocator"] = int(total - free - torch.cuda.memory_reserved())
+                        if session.recipe.measures_packed_batch:
+                            # a job whose batches are all packed, which the trial's packed micro-batch covers
+                            session.recipe.measures_packed_batch = False
+                            with unpadded_micro_batch():
+                                packed = session.run(batch, accumulation_steps=2, optimizer_steps=2)
+                            row["packed_only_allocated"] = packed.peak_allocated_bytes
                 except Exception as exc:  # noqa: BLE001 - recorded; the next config runs
                     row.update(outcome="error", message=f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
                 row["seconds"] = round(time.monotonic() - started, 2)
@@ -365,7 +374,7 @@ def part_peaks(timeout: float, memory: int, log: Path, work: Path) -> Part:
         "outcomes (cuda / predict) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    table = []
+    table: list[dict[str, Any]] = []
     for key in sorted(set(measured) | set(predicted)):
         m, p = measured.get(key, {}), predicted.get(key, {})
         pred, reserved, allocated = p.get("reserved"), m.get("reserved"), m.get("allocated")
@@ -383,6 +392,23 @@ def part_peaks(timeout: float, memory: int, log: Path, work: Path) -> Part:
             f"{gib(reserved - pred) if reserved and pred else '-'} | {gib(m.get('outside_allocator'))} | "
             f"{m.get('outcome', '-')} / {p.get('outcome', '-')} |"
         )
+    covered = [row for row in table if "packed_only_allocated" in row["measured"]]
+    if covered:
+        part.lines += [
+            "",
+            "Packed batches (cuda:0, allocated GiB): a job whose batches are all packed, against the trial",
+            "",
+            "| shape | precision | ckpt | packed only | trial | trial covers it |",
+            "|---|---|---|---|---|---|",
+        ]
+        for row in covered:
+            shape, precision, checkpointing = row["key"]
+            cuda_row: dict[str, Any] = row["measured"]
+            packed, trial = cuda_row.get("packed_only_allocated"), cuda_row.get("allocated")
+            part.lines.append(
+                f"| {shape} | {precision} | {'on' if checkpointing else 'off'} | {_gib_text(packed)} | "
+                f"{_gib_text(trial)} | {'yes' if packed and trial and trial >= packed else 'NO'} |"
+            )
     part.data = table
     return part
 
