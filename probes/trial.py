@@ -317,6 +317,7 @@ class TrialSession:
         losses: list[float] = []
         steps_done = steady_steps = 0
         packed_pending = lengths is None and recipe.measures_packed_batch
+        stateless = not keeps_state(self.task.optimizer)
         with device.step_context(), recipe.step_context():
             scaler = device.grad_scaler() if fp16 else None
             while steps_done < optimizer_steps or (
@@ -326,7 +327,7 @@ class TrialSession:
             ):
                 started = time.perf_counter()
                 # the optimizer's state, if it keeps any, is in place for this whole step
-                steady = bool(optimizer.state) or not keeps_state(self.task.optimizer)
+                steady = stateless or bool(optimizer.state)
                 step_losses: list[torch.Tensor] = []
                 first = steps_done * accumulation_steps
                 batches = [self._batch(batch_size, lengths, first + k) for k in range(accumulation_steps)]

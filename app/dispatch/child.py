@@ -95,13 +95,13 @@ def lower_session_priority(pid: int, nice: int, *, attempts: int = 6) -> None:
     for attempt in range(attempts):
         try:
             path.write_text(f"{nice}\n")
-        except BlockingIOError:
+        except BlockingIOError:  # the kernel's rate limit: try again
             if attempt + 1 < attempts:
                 time.sleep(0.05)
+            continue
         except OSError:
-            return
-        else:
-            return
+            pass  # no autogroups, or the child is gone
+        return
     log.warning(
         "the kernel refused the scheduler priority of probe session %d: it competes with the service",
         pid,

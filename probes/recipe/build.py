@@ -89,14 +89,15 @@ class Recipe:
         self._build_model = build or builder_for(task)
         self._config = config
         self._device = device
-        self._kind = device.info().kind
+        info = device.info()
+        self._kind = info.kind
         self._world: World | None = None
         #: the module the step loop calls (the wrapper, or the model itself)
         self.model: torch.nn.Module | None = None
         #: the model inside the wrapper (its parameters are what the optimizer steps)
         self.inner: torch.nn.Module | None = None
         self._attention: CudaAttentionKernels | None = None
-        capability = parse_capability(device.info().compute_capability)
+        capability = parse_capability(info.compute_capability)
         if self._kind != "cuda" and task.attn_implementation is AttnImplementation.SDPA:
             self._attention = CudaAttentionKernels(capability)
         #: whether each trial also runs one micro-batch with no padded position (a packed batch)
