@@ -591,6 +591,8 @@ class ProbeSpec(Frozen):
     def _default_strategies(cls, data: object) -> object:
         if isinstance(data, dict) and data.get("strategies") is None:
             world_size = data.get("world_size", 1)
+            if isinstance(world_size, float) and world_size.is_integer():
+                world_size = int(world_size)  # 2.0 is 2 in JSON Schema, as the field takes it
             ranks = world_size if isinstance(world_size, int) and not isinstance(world_size, bool) else 1
             data = {**data, "strategies": default_strategies(ranks)}
         return data

@@ -236,6 +236,13 @@ def test_an_integral_float_is_an_integer_as_json_schema_says() -> None:
     assert isinstance(spec.lora_r, int)
 
 
+def test_an_integral_float_world_size_gets_the_multi_rank_strategies() -> None:
+    """``world_size: 2.0`` is 2 (:func:`test_an_integral_float_is_an_integer_as_json_schema_says`),
+    so its default strategies are those of 2 ranks, not of one."""
+    assert _spec(world_size=2.0).strategies == (Strategy.DDP, Strategy.FSDP)
+    assert _spec(world_size=1.0).strategies == (Strategy.SINGLE,)
+
+
 def test_lora_numbers_are_strict() -> None:
     with pytest.raises(ValidationError):
         _spec(lora_r="8")
