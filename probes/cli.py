@@ -81,6 +81,7 @@ def build_spec(
     lora_alpha: int | None = None,
     lora_dropout: float | None = None,
     lora_target_modules: str | None = None,
+    sync_each_batch: bool = False,
     target_batch_size: int,
     world_size: int,
     device: str,
@@ -134,6 +135,7 @@ def build_spec(
         "confirm_optimizer_steps": confirm_steps,
         "gpu_type": gpu_type,
         "predict_seeding": predict_seeding,
+        "sync_each_batch": sync_each_batch,
     }
     confirmation = {"confirm_varied_steps": confirm_varied_steps, "cuda_alloc_conf": cuda_alloc_conf}
     fields.update({name: value for name, value in confirmation.items() if value is not None})
@@ -382,6 +384,13 @@ def probe(
             "--lora-target-modules", help="all-linear (default) or comma-separated names, e.g. q_proj,v_proj"
         ),
     ] = None,
+    sync_each_batch: Annotated[
+        bool,
+        typer.Option(
+            "--sync-each-batch",
+            help="fsdp: reduce-scatter after every accumulation micro-batch (Accelerate's sync_each_batch)",
+        ),
+    ] = False,
     world_size: Annotated[int, typer.Option("--world-size", help="data-parallel ranks")] = 1,
     device: Annotated[str, typer.Option("--device", help="cuda:N, simulated or predict")] = "simulated",
     memory: Annotated[
@@ -448,6 +457,7 @@ def probe(
         lora_alpha=lora_alpha,
         lora_dropout=lora_dropout,
         lora_target_modules=lora_target_modules,
+        sync_each_batch=sync_each_batch,
         target_batch_size=target_batch_size,
         world_size=world_size,
         device=device,

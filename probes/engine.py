@@ -545,7 +545,7 @@ def run_probe(
             raise real[0]
         if errors or (cancel is not None and cancel.is_set()):
             raise ProbeCancelled("the probe was cancelled")
-        results = explain_shortfalls([f.result() for f in futures])
+        results = explain_shortfalls([f.result() for f in futures], sync_each_batch=spec.sync_each_batch)
 
     return ProbeResult(
         spec=spec,

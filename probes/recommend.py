@@ -103,6 +103,8 @@ def training_arguments(
     # (layer norm, softmax) in fp32 and raises activation memory above what the trial measured.
     if strategy is Strategy.FSDP:
         args.update(_fsdp_arguments(gradient_checkpointing, layer_classes, support))
+        if spec.sync_each_batch:
+            args["accelerator_config"] = {"gradient_accumulation_kwargs": {"sync_each_batch": True}}
     elif gradient_checkpointing:
         key = "activation_checkpointing" if support.has_activation_checkpointing else "gradient_checkpointing"
         args[key] = True

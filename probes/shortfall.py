@@ -5,7 +5,9 @@
   bytes of the allocation that failed — so the sentence says "at least". (Measuring the exact need
   would take a full uncapped step per such config: on the 8B probe, eight more trials.)
 - :func:`explain_shortfalls` adds, to every such config, the probed strategies with the same
-  precision and checkpointing that do fit (``fits_with``), and says so in the reason.
+  precision and checkpointing that do fit (``fits_with``), and says so in the reason; to an
+  ``fsdp`` config whose trials kept the unsharded gradients between micro-steps (Accelerate's
+  default), that ``sync_each_batch`` would not (:data:`DEFERRED_SYNC_HINT`).
 - :func:`single_rank_warning`: ``single`` with ``world_size`` > 1 measures one process training
   the whole model alone — no DDP buckets, no FSDP sharding — which is not what ``torchrun`` runs.
 """
@@ -62,13 +64,25 @@ def exact_need(need_bytes: int, capacity_bytes: int | None) -> Need:
     )
 
 
-def explain_shortfalls(results: list[ConfigResult]) -> list[ConfigResult]:
-    """``results`` with ``fits_with`` (and its sentence) on every config where batch size 1 fails."""
+DEFERRED_SYNC_HINT = (
+    "fsdp's gradient accumulation (Accelerate's default) kept the unsharded gradients until the last "
+    "micro-batch; with sync_each_batch a rank keeps only its shard of them"
+)
+
+
+def explain_shortfalls(results: list[ConfigResult], *, sync_each_batch: bool = False) -> list[ConfigResult]:
+    """``results`` with ``fits_with`` (and its sentence) on every config where batch size 1 fails.
+
+    ``sync_each_batch``: the request's; without it, an ``fsdp`` config that ran trials and fits
+    nothing also names that lever."""
     explained = []
     for config in results:
         if config.status is not ConfigStatus.OK or config.max_batch_size is not None:
             explained.append(config)
             continue
+        update: dict[str, object] = {}
+        if config.strategy is Strategy.FSDP and config.trials and not sync_each_batch:
+            update["reason"] = f"{config.reason}; {DEFERRED_SYNC_HINT}"
         fitting = [
             other
             for other in results
@@ -77,18 +91,12 @@ def explain_shortfalls(results: list[ConfigResult]) -> list[ConfigResult]:
             and other.gradient_checkpointing == config.gradient_checkpointing
             and other.max_batch_size is not None
         ]
-        if not fitting:
-            explained.append(config)
-            continue
-        instead = ", ".join(f"{o.strategy.value} (max batch size {o.max_batch_size})" for o in fitting)
-        explained.append(
-            config.model_copy(
-                update={
-                    "fits_with": tuple(o.strategy for o in fitting),
-                    "reason": f"{config.reason}; with the same precision and checkpointing, {instead} fits",
-                }
-            )
-        )
+        if fitting:
+            instead = ", ".join(f"{o.strategy.value} (max batch size {o.max_batch_size})" for o in fitting)
+            reason = update.get("reason", config.reason)
+            update["fits_with"] = tuple(o.strategy for o in fitting)
+            update["reason"] = f"{reason}; with the same precision and checkpointing, {instead} fits"
+        explained.append(config.model_copy(update=update) if update else config)
     return explained
 
 

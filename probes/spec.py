@@ -395,8 +395,9 @@ def _request_schema(schema: dict[str, Any]) -> None:
     """What the validators take, as JSON Schema: the spellings ``precisions``, ``strategies`` and
     ``gradient_checkpointing`` accept (one value or a non-empty list; precision aliases; strategies
     also null for the default by world size), the optimizer's names and aliases, and the
-    rules between fields that :meth:`ProbeSpec._memory_for_simulated` checks as ``if``/``then`` (all
-    but ``headroom_bytes < memory_limit_bytes``, which JSON Schema cannot state)."""
+    rules between fields that :meth:`ProbeSpec._memory_for_simulated` and
+    :meth:`ProbeSpec._sync_each_batch_with_fsdp` check as ``if``/``then`` (all but
+    ``headroom_bytes < memory_limit_bytes``, which JSON Schema cannot state)."""
     properties = schema["properties"]
     properties["device"]["pattern"] = DEVICE_SCHEMA_PATTERN
     spellings = {"type": "string", "enum": sorted(PRECISION_ALIASES)}
@@ -434,7 +435,25 @@ def _request_schema(schema: dict[str, Any]) -> None:
         {"if": _given("gpu"), "then": _device("predict")},
         {"if": _device(FLEET_DEVICE), "then": _given("gpu_type")},
         {"if": _given("gpu_type"), "then": {"properties": {"device": {"not": {"pattern": "^cuda"}}}}},
+        {
+            "if": {"required": ["sync_each_batch"], "properties": {"sync_each_batch": {"const": True}}},
+            "then": _with_fsdp(),
+        },
     ]
+
+
+def _with_fsdp() -> dict[str, Any]:
+    """JSON Schema: ``fsdp`` is among the strategies — named, or by default (null or absent
+    strategies with ``world_size`` above 1)."""
+    fsdp = {"const": Strategy.FSDP.value}
+    named = {"anyOf": [{"type": "array", "contains": fsdp}, fsdp]}
+    by_default = {"properties": {"strategies": {"type": "null"}, "world_size": {"minimum": 2}}}
+    return {
+        "anyOf": [
+            {"required": ["strategies"], "properties": {"strategies": named}},
+            {**by_default, "required": ["world_size"]},
+        ]
+    }
 
 
 _TARGET_NAME = r"[^,\s][^,]{0,199}"
@@ -501,6 +520,13 @@ class ProbeSpec(Frozen):
         default=ALL_LINEAR,
         description="'all-linear' (peft's: every linear layer but the output head) or module names, "
         "e.g. [q_proj, v_proj]",
+    )
+    sync_each_batch: Bool = Field(
+        default=False,
+        description="fsdp with gradient accumulation: reduce-scatter the gradients after every "
+        "micro-batch (Accelerate's sync_each_batch) instead of keeping the unsharded gradients until "
+        "the last one; less memory, one reduce-scatter per micro-batch. The trials run so, and the "
+        "recommendation's training_arguments set it in accelerator_config",
     )
     target_effective_batch_size: Int = Field(gt=0, le=MAX_BATCH)
     world_size: Int = Field(default=1, gt=0, le=MAX_WORLD_SIZE)
@@ -715,6 +741,15 @@ class ProbeSpec(Frozen):
             )
         if self.memory_limit_bytes is not None and self.headroom_bytes >= self.memory_limit_bytes:
             raise ValueError("headroom_bytes must be smaller than memory_limit_bytes")
+        return self
+
+    @model_validator(mode="after")
+    def _sync_each_batch_with_fsdp(self) -> ProbeSpec:
+        if self.sync_each_batch and Strategy.FSDP not in self.strategies:
+            named = ", ".join(s.value for s in self.strategies)
+            raise ValueError(
+                f"sync_each_batch changes how fsdp accumulates gradients; strategies has no fsdp ({named})"
+            )
         return self
 
     @property
@@ -1081,6 +1116,9 @@ class ConfigTask(Frozen):
     optimizer: Optimizer = Optimizer.ADAMW_TORCH
     attn_implementation: AttnImplementation = AttnImplementation.SDPA
     finetuning: FinetuningSpec = Field(default_factory=FinetuningSpec)
+    #: ``fsdp``: reduce-scatter after every micro-step (Accelerate's ``sync_each_batch``); false for
+    #: other strategies, whose steps it does not change
+    sync_each_batch: bool = False
     device: DeviceName
     memory_limit_bytes: int | None = None
     headroom_bytes: int = 0
@@ -1110,6 +1148,7 @@ class ConfigTask(Frozen):
             optimizer=spec.optimizer,
             attn_implementation=spec.attn_implementation,
             finetuning=spec.finetuning_spec,
+            sync_each_batch=spec.sync_each_batch and strategy is Strategy.FSDP,
             device=spec.device,
             memory_limit_bytes=spec.memory_limit_bytes,
             headroom_bytes=spec.headroom_bytes,

@@ -184,11 +184,12 @@ class Recipe:
         return optimizer
 
     def micro_step(self, index: int, count: int) -> AbstractContextManager[Any]:
-        """Accelerate's gradient accumulation: no gradient sync on every micro-step but the last."""
+        """Accelerate's gradient accumulation: no gradient sync on every micro-step but the last
+        (under FSDP with ``sync_each_batch``, a sync on every micro-step)."""
         model = self.model
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
             return ddp_micro_step(model, index, count)
-        if self.strategy is Strategy.FSDP and model is not None:
+        if self.strategy is Strategy.FSDP and model is not None and not self.task.sync_each_batch:
             return fsdp_micro_step(model, index, count)
         return nullcontext()
 

@@ -20,7 +20,9 @@ Every unit gets the mixed-precision policy Accelerate sets for the precision
 
 Gradient accumulation as Accelerate does it for FSDP2: ``set_requires_gradient_sync(False)`` on
 every micro-step but the last, so the *unsharded* gradients accumulate on every rank until the last
-micro-step's reduce-scatter — a different memory picture from DDP's ``no_sync``.
+micro-step's reduce-scatter — a different memory picture from DDP's ``no_sync``. With Accelerate's
+``sync_each_batch`` (the request's field of that name) every micro-step reduce-scatters and FSDP2
+adds the result to the sharded gradients, so no unsharded gradient outlives its micro-step.
 
 ``tests/probes/test_recipe_fsdp.py`` applies Accelerate's own ``fsdp2_prepare_model`` to the same
 model and compares the units, their flags and policies with ours.

@@ -248,11 +248,13 @@ def test_training_flags_round_trip_through_hf_argument_parser(tmp_path: Path) ->
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 @pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("sync_each_batch", [False, True])
 def test_strategy_arguments_read_back_by_a_real_hf_argument_parser(
-    strategy: str, checkpointing: bool, tmp_path: Path
+    strategy: str, checkpointing: bool, sync_each_batch: bool, tmp_path: Path
 ) -> None:
     """What the recommendation emits for DDP and FSDP2 survives ``--format args`` (``fsdp=True`` is
-    the bare ``--fsdp``; ``--fsdp True`` is refused by transformers as an unknown legacy option)."""
+    the bare ``--fsdp``; ``--fsdp True`` is refused by transformers as an unknown legacy option;
+    ``accelerator_config`` is JSON)."""
     from probes.hf_support import training_arguments_support
     from probes.recommend import training_arguments
     from probes.spec import Plan, Precision, ProbeSpec, Strategy
@@ -265,6 +267,7 @@ def test_strategy_arguments_read_back_by_a_real_hf_argument_parser(
             "world_size": 2,
             "device": "simulated",
             "memory_limit_bytes": 2**30,
+            "sync_each_batch": sync_each_batch,
         }
     )
     plan_ = Plan(
@@ -291,6 +294,8 @@ def test_strategy_arguments_read_back_by_a_real_hf_argument_parser(
         assert args.fsdp_config["version"] == 2
         assert args.fsdp_config["transformer_layer_cls_to_wrap"] == ["LlamaDecoderLayer"]
         assert args.fsdp_config["activation_checkpointing"] is checkpointing
+        sync = args.accelerator_config.gradient_accumulation_kwargs or {}
+        assert sync.get("sync_each_batch", False) is sync_each_batch
     else:
         assert not args.fsdp
         assert args.ddp_find_unused_parameters is (not checkpointing)

@@ -28,6 +28,22 @@ def test_the_new_fields_are_accepted_and_kept(tmp_path: Path) -> None:
     assert spec["strategies"] == ["ddp", "fsdp"]
     assert spec["optimizer"] == "adamw_torch"
     assert spec["attn_implementation"] == "eager"
+    assert spec["sync_each_batch"] is False
+
+
+def test_sync_each_batch_is_kept_with_fsdp_and_a_422_without(tmp_path: Path) -> None:
+    body = {**probe_body(), "world_size": 4, "sync_each_batch": True}
+    with TestClient(create_app(make_settings(tmp_path))) as client:
+        response = client.post("/v1/probes", json=body)
+        assert response.status_code in (200, 202), response.text
+        spec = client.get(response.headers["Location"]).json()["spec"]
+        without = client.post("/v1/probes", json={**body, "strategies": ["ddp"]})
+        assert_problem(without, 422)
+        assert "strategies has no fsdp (ddp)" in without.text
+        loose = client.post("/v1/probes", json={**body, "sync_each_batch": "yes"})
+        assert_problem(loose, 422)
+    assert spec["sync_each_batch"] is True
+    assert spec["strategies"] == ["ddp", "fsdp"]
 
 
 def test_the_finetuning_fields_are_kept_and_a_bad_one_is_a_422(tmp_path: Path) -> None:

@@ -22,8 +22,9 @@ Kinds of run:
     with the plugin ``TrainingArguments`` would build: transformer wrap policy, ``reshard_after_forward``,
     the precision's mixed-precision policy) and then Trainer's loop by hand: the whole accumulation
     window prefetched, ``set_requires_gradient_sync(False)`` on every micro-step but the last (what
-    ``Accelerator.no_sync`` does for FSDP2), loss / accumulation, backward, ``clip_grad_norm_(1.0)``,
-    AdamW step, ``zero_grad``.
+    ``Accelerator.no_sync`` does for FSDP2; none with the recommendation's ``accelerator_config``
+    ``gradient_accumulation_kwargs.sync_each_batch``, as Trainer does), loss / accumulation,
+    backward, ``clip_grad_norm_(1.0)``, AdamW step, ``zero_grad``.
 
 A run with ``peft_config`` (LoRA) builds its adapters as a user's script does,
 ``get_peft_model(model, LoraConfig(**peft_config))``, before Trainer or the FSDP2 preparation; the
@@ -210,6 +211,8 @@ def run_fsdp_by_hand(run: dict[str, Any]) -> dict[str, Any]:
     # Accelerate loads the model on the host and shards it onto the device: count from the shards on.
     mode = CountingMode(limit_bytes=run["cap"])
     micro, accumulation, steps = run["per_device_train_batch_size"], run["gradient_accumulation_steps"], 3
+    accumulation_kwargs = run["accelerator_config"].get("gradient_accumulation_kwargs", {})
+    sync_each_batch = bool(accumulation_kwargs.get("sync_each_batch", False))
     dataset = RandomTokens(micro * accumulation * steps, run["seq_len"], vocab_of(model))
 
     def batch(index: int) -> dict[str, torch.Tensor]:
@@ -229,7 +232,7 @@ def run_fsdp_by_hand(run: dict[str, Any]) -> dict[str, Any]:
             batches = [batch(step * accumulation + i) for i in range(accumulation)]  # the window, prefetched
             for index, batch_ in enumerate(batches):
                 last = index == len(batches) - 1
-                prepared.set_requires_gradient_sync(last)
+                prepared.set_requires_gradient_sync(last or sync_each_batch)
                 loss = prepared(**batch_).loss / accumulation
                 loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)

@@ -93,11 +93,13 @@ class Cell:
     #: also probe one process training alone, to show what the old answer would have been
     with_single: bool = False
     finetuning: FinetuningMethod = FinetuningMethod.FULL
+    sync_each_batch: bool = False
 
     @property
     def name(self) -> str:
         lora = "" if self.finetuning is FinetuningMethod.FULL else f"-{self.finetuning.value}"
-        return f"{self.architecture}-{self.strategy.value}-{self.ranks}{lora}"
+        sync = "-sync-each-batch" if self.sync_each_batch else ""
+        return f"{self.architecture}-{self.strategy.value}-{self.ranks}{lora}{sync}"
 
     def spec(self, strategies: tuple[Strategy, ...]) -> ProbeSpec:
         return ProbeSpec(
@@ -113,6 +115,7 @@ class Cell:
             max_batch_size_limit=16,
             confirm_optimizer_steps=2,
             finetuning=self.finetuning,
+            sync_each_batch=self.sync_each_batch,
         )
 
 
@@ -127,6 +130,9 @@ CELLS = (
     # LoRA (rank 16, all linear layers): a rank fits 4 (Llama DDP: 59.6 MiB, GPT-2 FSDP2: 163.9 MiB), not 8
     Cell("llama", LLAMA, Strategy.DDP, ranks=2, cap=80 * MiB, target=16, finetuning=FinetuningMethod.LORA),
     Cell("gpt2", GPT2, Strategy.FSDP, ranks=2, cap=220 * MiB, target=16, finetuning=FinetuningMethod.LORA),
+    # Accelerate's sync_each_batch: no unsharded gradient outlives its micro-step (the job reads it
+    # from the recommendation's accelerator_config)
+    Cell("llama", LLAMA, Strategy.FSDP, ranks=2, cap=95 * MiB, target=16, sync_each_batch=True),
 )
 
 
@@ -145,6 +151,7 @@ def _trial_task(cell: Cell) -> ConfigTask:
         device="simulated",
         memory_limit_bytes=cell.cap,
         finetuning=FinetuningSpec(method=cell.finetuning),
+        sync_each_batch=cell.sync_each_batch,
     )
 
 
@@ -163,15 +170,17 @@ def _job_run(cell: Cell, result: ProbeResult, name: str, micro: int, accumulatio
         assert result.recommendation is not None
         assert result.recommendation.peft_config is not None
         common["peft_config"] = result.recommendation.peft_config
+    assert result.recommendation is not None
+    arguments = result.recommendation.training_arguments
     if cell.strategy is Strategy.DDP:
-        assert result.recommendation is not None
-        return {**common, "kind": "trainer", "training_arguments": result.recommendation.training_arguments}
+        return {**common, "kind": "trainer", "training_arguments": arguments}
     return {
         **common,
         "kind": "fsdp_by_hand",
         "mixed_precision": "no",
         "checkpointing": False,
         "layer_classes": ["GPT2Block"] if cell.architecture == "gpt2" else ["LlamaDecoderLayer"],
+        "accelerator_config": arguments.get("accelerator_config") or {},
     }
 
 

@@ -25,7 +25,13 @@ TINY_LLAMA = {
 }
 
 
-def _task(strategy: Strategy, ranks: int, precision: Precision = Precision.BF16_MIXED) -> ConfigTask:
+def _task(
+    strategy: Strategy,
+    ranks: int,
+    precision: Precision = Precision.BF16_MIXED,
+    *,
+    sync_each_batch: bool = False,
+) -> ConfigTask:
     return ConfigTask(
         model=ModelSpec(architecture="llama", config=TINY_LLAMA),
         seq_len=128,
@@ -33,6 +39,7 @@ def _task(strategy: Strategy, ranks: int, precision: Precision = Precision.BF16_
         gradient_checkpointing=False,
         strategy=strategy,
         world_size=ranks,
+        sync_each_batch=sync_each_batch,
         device="cuda:0",
     )
 
@@ -55,6 +62,12 @@ def test_fsdp_over_more_ranks_needs_less_per_rank() -> None:
     two = _peak(_task(Strategy.FSDP, 2))
     eight = _peak(_task(Strategy.FSDP, 8))
     assert eight < two
+
+
+def test_fsdp_with_sync_each_batch_keeps_no_unsharded_gradients_between_micro_steps() -> None:
+    deferred = _peak(_task(Strategy.FSDP, 8))
+    each = _peak(_task(Strategy.FSDP, 8, sync_each_batch=True))
+    assert each < deferred
 
 
 def test_fp32_runs_cudas_own_kernel() -> None:

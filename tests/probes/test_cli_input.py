@@ -35,6 +35,11 @@ BASE = ["--seq-len", "128", "--target-batch-size", "256", "--device", "simulated
         (["--architecture", "gpt2", "--finetuning", "lora", "--lora-r", "0"], "lora_r"),
         (["--architecture", "gpt2", "--lora-dropout", "1"], "lora_dropout"),
         (["--architecture", "gpt2", "--lora-target-modules", "all-linear,c_attn"], "cannot be combined"),
+        (["--architecture", "gpt2", "--sync-each-batch"], "strategies has no fsdp (single)"),
+        (
+            ["--architecture", "gpt2", "--world-size", "2", "--strategy", "ddp", "--sync-each-batch"],
+            "sync_each_batch changes how fsdp accumulates gradients",
+        ),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(app: typer.Typer, args: list[str], fragment: str) -> None:

@@ -213,6 +213,37 @@ def test_fsdp_arguments_are_accepted_as_they_are(
     assert plugin["activation_checkpointing"] is ckpt
 
 
+def test_sync_each_batch_reaches_accelerates_gradient_accumulation(support: TrainingArgumentsSupport) -> None:
+    """The FSDP arguments of a request with ``sync_each_batch`` set it where Trainer hands it to
+    Accelerate; DDP's arguments leave it out (it changes no memory there)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, Trainer
+
+    spec = _spec(world_size=8, sync_each_batch=True)
+    fsdp, ddp = (
+        training_arguments(
+            precision=Precision.FP32,
+            gradient_checkpointing=False,
+            plan=_plan(4, 8, world=8),
+            spec=spec,
+            support=support,
+            strategy=strategy,
+            layer_classes=("GPT2Block",),
+        )
+        for strategy in (Strategy.FSDP, Strategy.DDP)
+    )
+    assert "accelerator_config" not in ddp
+    built = _construct(fsdp)
+    assert built.accelerator_config.gradient_accumulation_kwargs == {"sync_each_batch": True}  # type: ignore[attr-defined]
+    config = AutoConfig.for_model(
+        "gpt2", n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=16, bos_token_id=0, eos_token_id=0
+    )
+    # Trainer refuses fsdp outside a distributed launch: the same arguments less the FSDP keys
+    plain = _construct({k: v for k, v in fsdp.items() if k not in ("fsdp", "fsdp_config")})
+    model = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
+    trainer = Trainer(model=model, args=plain)  # type: ignore[arg-type]
+    assert trainer.accelerator.gradient_state.plugin_kwargs["sync_each_batch"] is True
+
+
 def test_ddp_arguments_name_what_was_measured(support: TrainingArgumentsSupport) -> None:
     for ckpt in (False, True):
         args = training_arguments(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from probes.shortfall import explain_shortfalls, min_batch_need, single_rank_warning
+from probes.shortfall import DEFERRED_SYNC_HINT, explain_shortfalls, min_batch_need, single_rank_warning
 from probes.spec import ConfigResult, ConfigStatus, Outcome, Precision, Strategy, TrialRecord
 
 MiB = 2**20
@@ -104,3 +104,19 @@ def test_the_cli_table_shows_what_batch_1_needed() -> None:
     assert "b=1 needs ≥ 300.00 MiB" in text
     assert "8 ranks" in text
     assert "fsdp" in text
+
+
+def test_fsdp_that_fits_nothing_after_its_trials_names_sync_each_batch() -> None:
+    tried = _config(
+        Strategy.FSDP, None, "batch size 1 does not fit: it needs 80.30 GiB per device"
+    ).model_copy(update={"trials": (TrialRecord(batch_size=1, outcome=Outcome.OVER_HEADROOM),)})
+    untried = _config(Strategy.FSDP, None, "no trial ran").model_copy(
+        update={"gradient_checkpointing": False}
+    )
+    explained = explain_shortfalls([tried, untried])
+    assert (
+        explained[0].reason
+        == f"batch size 1 does not fit: it needs 80.30 GiB per device; {DEFERRED_SYNC_HINT}"
+    )
+    assert explained[1] == untried  # no trial: the weights, gradients and state alone do not fit
+    assert explain_shortfalls([tried], sync_each_batch=True) == [tried]

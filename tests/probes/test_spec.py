@@ -270,6 +270,15 @@ def test_lora_numbers_are_strict() -> None:
         {"confirm_varied_steps": None},
         {"confirm_varied_steps": 0},
         {"confirm_varied_steps": 257},
+        {"sync_each_batch": True},  # one rank: single only
+        {"sync_each_batch": True, "world_size": 2},
+        {"sync_each_batch": True, "world_size": 2.0},
+        {"sync_each_batch": True, "world_size": 2, "strategies": None},
+        {"sync_each_batch": True, "world_size": 2, "strategies": ["ddp"]},
+        {"sync_each_batch": True, "world_size": 2, "strategies": "fsdp"},
+        {"sync_each_batch": True, "strategies": ["single", "fsdp"]},
+        {"sync_each_batch": False, "strategies": ["ddp"], "world_size": 2},
+        {"sync_each_batch": 1, "world_size": 2},
     ],
 )
 def test_the_request_schema_and_the_validator_agree_on_fields_main_added(fields: dict[str, Any]) -> None:
