@@ -22,15 +22,19 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 CARDS = ["A100-40GB", "H100-80GB"]
 
 
-def choose(browser: Browser, *, cards: list[str], lora_r: str = "4") -> None:
-    """The shared form filling, then: predict on ``cards``, checkpointing off, FSDP on 2 ranks, LoRA."""
+def choose(browser: Browser, *, cards: list[str], lora_r: str = "4", strategy: str = "fsdp") -> None:
+    """The shared form filling, then: predict on ``cards``, checkpointing off, ``strategy`` on 2 ranks
+    with ``sync_each_batch``, LoRA."""
     fill_form(browser)
     browser.fill("#f-world_size", "2")
     for box in browser.find_all("input[name=gradient_checkpointing]"):
         if browser.attribute(box, "value") == "true" and browser.is_selected(box):
             browser.click(box)
     for box in browser.find_all("input[name=strategies]"):
-        if (browser.attribute(box, "value") == "fsdp") != browser.is_selected(box):
+        if (browser.attribute(box, "value") == strategy) != browser.is_selected(box):
+            browser.click(box)
+    for box in browser.find_all("#f-sync_each_batch"):  # checked, whatever an earlier test left
+        if not browser.is_selected(box):
             browser.click(box)
     browser.run(
         "const s = document.querySelector('#f-device'); s.value = 'predict';"
@@ -84,6 +88,10 @@ def test_the_form_sends_the_cards_and_the_job_it_describes(cards_job: dict[str, 
     assert spec["world_size"] == 2
     assert (spec["finetuning"], spec["lora_r"], spec["lora_target_modules"]) == ("lora", 4, "all-linear")
     assert (spec["optimizer"], spec["attn_implementation"]) == ("adamw_torch", "sdpa")
+    assert spec["sync_each_batch"] is True
+    for card in cards_job["result"]["cards"]:
+        accumulation = card["recommendation"]["training_arguments"]["accelerator_config"]
+        assert accumulation == {"gradient_accumulation_kwargs": {"sync_each_batch": True}}
     assert [card["gpu"] for card in cards_job["result"]["cards"]] == CARDS
 
 
@@ -148,4 +156,15 @@ def test_the_form_shows_the_service_s_refusal_of_a_lora_field(browser: Browser, 
     assert list(errors) == ["f-lora_r-error"]
     assert "greater than or equal to 1" in errors["f-lora_r-error"]
     assert "#/new" in browser.url()
+    assert page_errors(browser) == []
+
+
+def test_sync_each_batch_without_fsdp_is_refused_beside_its_box(browser: Browser, service: Service) -> None:
+    browser.set_window(1280, 900)
+    browser.get(f"{service.url}/#/new")
+    choose(browser, cards=CARDS[:1], strategy="ddp")
+    browser.click_on("#submit-probe")
+    errors = browser.wait_for("the service's error", lambda: visible_errors(browser))
+    assert list(errors) == ["f-sync_each_batch-error"]
+    assert "strategies has no fsdp (ddp)" in errors["f-sync_each_batch-error"]
     assert page_errors(browser) == []

@@ -46,6 +46,7 @@ const CODE_FIELDS = {
 /** Field names that a model-level validation message may mention, most specific first. */
 const MENTIONS = [
   ["model.architecture", "model.architecture"], ["model.name_or_path", "model.name_or_path"],
+  ["sync_each_batch", "sync_each_batch"],
   ["headroom_bytes", "headroom_bytes"], ["memory_limit_bytes", "memory_limit_bytes"], ["gpu", "gpu"],
   ["precisions", "precisions"], ["gradient_checkpointing", "gradient_checkpointing"], ["seq_len", "seq_len"],
   ["world_size", "world_size"], ["target_effective_batch_size", "target_effective_batch_size"],
@@ -156,6 +157,10 @@ export function formView(root, query) {
   const gpuField = field("gpu", "GPUs to predict for", gpuSelect,
     "A card from the predict table, or several to compare them side by side (Ctrl/⌘-click); or give a memory limit instead");
   const finetuningSelect = selectInput("finetuning", FINETUNING, start.finetuning || "full");
+  const syncField = h("label", { class: "check", "data-field": "sync_each_batch" },
+    h("input", { type: "checkbox", name: "sync_each_batch", id: fieldId("sync_each_batch"), checked: Boolean(start.sync_each_batch) }),
+    "fsdp: reduce-scatter every micro-batch (Accelerate's sync_each_batch)",
+    h("p", { class: "field-error", id: `${fieldId("sync_each_batch")}-error`, hidden: true }));
   const loraFields = h("div", { class: "grid-3", id: "lora-fields" },
     field("lora_r", "LoRA rank (r)", numberInput("lora_r", start.lora_r ?? 16, { min: 1 })),
     field("lora_alpha", "LoRA alpha", numberInput("lora_alpha", start.lora_alpha ?? 32, { min: 1 }), "scaling = alpha / r"),
@@ -202,7 +207,7 @@ export function formView(root, query) {
           "An HF optim name"),
         field("attn_implementation", "Attention kernel",
           selectInput("attn_implementation", ATTENTION, start.attn_implementation || "sdpa"))),
-      h("div", { class: "grid-3" }, field("finetuning", "Fine-tuning", finetuningSelect)),
+      h("div", { class: "grid-3" }, field("finetuning", "Fine-tuning", finetuningSelect), syncField),
       loraFields),
     h("section", { class: "card" },
       h("h2", {}, "Device"),
@@ -367,6 +372,7 @@ export function formView(root, query) {
     if (strategies.length) spec.strategies = strategies; // none: the service's default for the world size
     spec.optimizer = get("optimizer").value;
     spec.attn_implementation = get("attn_implementation").value;
+    if (get("sync_each_batch").checked) spec.sync_each_batch = true;
     spec.finetuning = finetuningSelect.value;
     if (spec.finetuning !== "full") {
       integer("lora_r");
