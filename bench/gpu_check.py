@@ -759,7 +759,9 @@ def part_cuda_ceiling(timeout: float, log: Path, work: Path) -> Part:
 # - ``ddp-nccl``: DDP on a real one-rank NCCL group (the Reducer, its buckets, NCCL) on cuda:0,
 #   against ``predict`` of the same config (``strategy ddp``, ``world_size`` 1);
 # - ``fsdp-fake8``: FSDP2 on the fake process group of 8 ranks on cuda:0 (one GPU measuring a rank of
-#   an 8-GPU job), against ``predict``;
+#   an 8-GPU job), against ``predict``; ``fsdp-fake8-sync-each-batch`` the same with Accelerate's
+#   ``sync_each_batch`` (a reduce-scatter every micro-step: the peak should fall by about 7/8 of the
+#   unsharded gradients);
 # - ``fp32-attention``: the ~1B GQA Llama in fp32 without checkpointing at seq 2048 (where CUDA's
 #   SDPA falls back to the math kernel), allocated bytes against ``predict`` — within 5 %;
 # - ``fsdp-soak``: the engine's answer for FSDP over 8 ranks on cuda:0 (bf16-mixed, checkpointing
@@ -770,7 +772,14 @@ ATTENTION_TOLERANCE = 0.05
 
 
 def _distributed_task(
-    device: str, strategy: str, ranks: int, precision: str, checkpointing: bool, memory: int
+    device: str,
+    strategy: str,
+    ranks: int,
+    precision: str,
+    checkpointing: bool,
+    memory: int,
+    *,
+    sync_each_batch: bool = False,
 ) -> Any:
     from probes.spec import ConfigTask, ModelSpec, Precision, Strategy
 
@@ -781,6 +790,7 @@ def _distributed_task(
         gradient_checkpointing=checkpointing,
         strategy=Strategy(strategy),
         world_size=ranks,
+        sync_each_batch=sync_each_batch,
         device=device,
         memory_limit_bytes=memory,
     )
@@ -835,6 +845,13 @@ def distributed_worker(memory: int, out: Path) -> None:
         predicted = _one_trial(_distributed_task("predict", "fsdp", 8, "bf16-mixed", False, memory), 2)
         return {"measured": measured, "predicted": predicted}
 
+    def fsdp_fake8_sync_each_batch() -> dict[str, Any]:
+        rows = [
+            _one_trial(_distributed_task(d, "fsdp", 8, "bf16-mixed", False, memory, sync_each_batch=True), 2)
+            for d in ("cuda:0", "predict")
+        ]
+        return {"measured": rows[0], "predicted": rows[1]}
+
     def fp32_attention() -> dict[str, Any]:
         measured = _one_trial(_distributed_task("cuda:0", "single", 1, "32-true", False, memory), 2)
         predicted = _one_trial(_distributed_task("predict", "single", 1, "32-true", False, memory), 2)
@@ -865,6 +882,7 @@ def distributed_worker(memory: int, out: Path) -> None:
 
     guarded("ddp-nccl", ddp_nccl)
     guarded("fsdp-fake8", fsdp_fake8)
+    guarded("fsdp-fake8-sync-each-batch", fsdp_fake8_sync_each_batch)
     guarded("fp32-attention", fp32_attention)
     guarded("fsdp-soak", fsdp_soak)
 

@@ -1,7 +1,7 @@
 """Llama-3-8B fine-tuned on 8 x H100-80GB: the whole ``predict`` probe, timed, through the real CLI.
 
 ``python -m bench.predict_llama3_8b [--save RESULT.json] [--strategy fsdp ...] [--finetuning lora]
-[--shape 8b|70b|405b]``
+[--shape 8b|70b|405b] [--sync-each-batch]``
 
 ``--shape 70b``/``405b`` probe the Llama-2-70B and Llama-3.1-405B shapes of ``bench.depth_predict``
 (``--architecture llama --config-json …``) instead of the 8B ``config.json``; their targets are
@@ -49,11 +49,15 @@ def checkout_environment() -> dict[str, str]:
 TARGETS = {"8b": 180.0, "70b": 120.0, "405b": 180.0}
 
 
-def command(strategies: list[str], finetuning: str | None = None, shape: str = "8b") -> list[str]:
+def command(
+    strategies: list[str], finetuning: str | None = None, shape: str = "8b", *, sync_each_batch: bool = False
+) -> list[str]:
     maxbatch = Path(sys.executable).with_name("maxbatch")
     extra = [flag for strategy in strategies for flag in ("--strategy", strategy)]
     if finetuning is not None:
         extra += ["--finetuning", finetuning]
+    if sync_each_batch:
+        extra.append("--sync-each-batch")
     if shape == "8b":
         model = ["--model", str(MODEL)]
     else:
@@ -119,8 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--finetuning", choices=["full", "lora", "qlora"], help="default: full")
     parser.add_argument("--save", type=Path, help="write the probe's JSON result here")
     parser.add_argument("--shape", choices=sorted(TARGETS), default="8b", help="default: 8b")
+    parser.add_argument(
+        "--sync-each-batch", action="store_true", help="fsdp: reduce-scatter every micro-batch (Accelerate's)"
+    )
     args = parser.parse_args(argv)
-    argv_shown = command(args.strategy, args.finetuning, args.shape)
+    argv_shown = command(args.strategy, args.finetuning, args.shape, sync_each_batch=args.sync_each_batch)
     print("$ " + " ".join(argv_shown))
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
     watch = TreeWatch(os.getpid())
