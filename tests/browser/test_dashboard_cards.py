@@ -3,7 +3,8 @@
 The new-probe form chooses two cards in its multi-select, FSDP on 2 ranks and LoRA; the probe
 (tiny GPT-2, 32-true, no checkpointing, 64 MiB for tensors on each card) runs on ``predict``; the
 job page shows the cards side by side and, for the card picked, its table and curves, each
-compared with the API's JSON. A second test: the form shows the service's refusal of a LoRA field.
+compared with the API's JSON. Then the form shows the service's refusal of a LoRA rank of 0 and of
+sync_each_batch without fsdp, each beside its field.
 """
 
 from __future__ import annotations
@@ -147,24 +148,23 @@ def test_the_cards_stand_side_by_side_and_the_picker_shows_each(
     assert page_errors(browser) == []
 
 
-def test_the_form_shows_the_service_s_refusal_of_a_lora_field(browser: Browser, service: Service) -> None:
+@pytest.mark.parametrize(
+    ("change", "field", "fragment"),
+    [
+        ({"lora_r": "0"}, "lora_r", "greater than or equal to 1"),
+        ({"strategy": "ddp"}, "sync_each_batch", "strategies has no fsdp (ddp)"),
+    ],
+    ids=["lora-rank-0", "sync-each-batch-without-fsdp"],
+)
+def test_the_form_shows_the_service_s_refusal_beside_the_field(
+    browser: Browser, service: Service, change: dict[str, str], field: str, fragment: str
+) -> None:
     browser.set_window(1280, 900)
     browser.get(f"{service.url}/#/new")
-    choose(browser, cards=CARDS[:1], lora_r="0")
+    choose(browser, cards=CARDS[:1], **change)
     browser.click_on("#submit-probe")
     errors = browser.wait_for("the service's error", lambda: visible_errors(browser))
-    assert list(errors) == ["f-lora_r-error"]
-    assert "greater than or equal to 1" in errors["f-lora_r-error"]
+    assert list(errors) == [f"f-{field}-error"]
+    assert fragment in errors[f"f-{field}-error"]
     assert "#/new" in browser.url()
-    assert page_errors(browser) == []
-
-
-def test_sync_each_batch_without_fsdp_is_refused_beside_its_box(browser: Browser, service: Service) -> None:
-    browser.set_window(1280, 900)
-    browser.get(f"{service.url}/#/new")
-    choose(browser, cards=CARDS[:1], strategy="ddp")
-    browser.click_on("#submit-probe")
-    errors = browser.wait_for("the service's error", lambda: visible_errors(browser))
-    assert list(errors) == ["f-sync_each_batch-error"]
-    assert "strategies has no fsdp (ddp)" in errors["f-sync_each_batch-error"]
     assert page_errors(browser) == []
