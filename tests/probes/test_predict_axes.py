@@ -3,7 +3,8 @@
 Strategies (DDP with :class:`~probes.recipe.ddp.ShapeReducer` standing in for the C++ Reducer on
 fake tensors; FSDP2 on the fake process group), at 2 and 4 ranks, on GPT-2, Llama and Qwen2 shapes;
 the optimizers (Trainer's classes and options); the attention kernels (``sdpa`` through the CUDA
-kernel emulation, ``eager``); LoRA under DDP and FSDP2 and QLoRA under DDP on the three shapes.
+kernel emulation, ``eager``); LoRA under DDP and FSDP2 and QLoRA under DDP on the three shapes;
+FSDP2 with ``sync_each_batch``.
 Every trial takes two accumulation steps (so DDP's ``no_sync`` and
 FSDP2's deferred gradient sync run) over two optimizer steps, at two batch sizes. The cases run in
 two worker processes, one per core.
@@ -140,11 +141,10 @@ def matrix() -> dict[Case, dict[str, list[tuple[str, int | None]]]]:
 
 def _id(case: Case) -> str:
     ckpt = "ckpt" if case.checkpointing else "nockpt"
+    sync = "-sync-each-batch" if case.sync_each_batch else ""
     return (
         f"{case.arch}-{case.strategy.value}{case.ranks}-{case.precision.value}-{ckpt}-"
-        f"{case.optimizer.value}-{case.attention.value}-{case.finetuning.value}"
-        + "-sync-each-batch"
-        * case.sync_each_batch
+        f"{case.optimizer.value}-{case.attention.value}-{case.finetuning.value}{sync}"
     )
 
 
