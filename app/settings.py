@@ -192,10 +192,12 @@ class Settings(BaseSettings):
         default=60, gt=0, description="Upper bound for `GET /v1/probes/{id}?wait=`."
     )
     queue_deadline_seconds: float | None = Field(
-        default=3600,
+        default=None,
         gt=0,
         description="A job that has not started this long after it was queued fails (code `queue-timeout`, "
-        "with the reason it waited); both dispatchers. Unset: wait forever.",
+        "with the reason it waited); both dispatchers. Unset (or `0`, `none`, `off`): wait forever. On a "
+        "fleet, set it so that a job for a GPU type whose every card is busy fails instead of waiting "
+        "indefinitely.",
     )
     dispatcher: Literal["local", "ray"] = Field(
         default="local",
@@ -228,6 +230,16 @@ class Settings(BaseSettings):
         problem = token_problem(value.get_secret_value())
         if problem is not None:
             raise ValueError(problem)
+        return value
+
+    @field_validator("queue_deadline_seconds", mode="before")
+    @classmethod
+    def _deadline_off(cls, value: object) -> object:
+        """``0``, ``none``, ``off`` and an empty value switch the queue deadline off."""
+        if isinstance(value, str) and value.strip().lower() in {"", "0", "none", "off", "null"}:
+            return None
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0:
+            return None
         return value
 
     @field_validator("log_level", mode="before")

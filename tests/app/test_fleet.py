@@ -3,7 +3,7 @@
 ``fleet`` is parametrised: ``local`` is the service in this process with a stand-in NVML that
 has two H100-80GB and one A100-40GB; ``ray`` is ``maxbatch serve`` in a subprocess with
 ``MAXBATCH_DISPATCHER=ray``, driving a real Ray cluster on this machine (a head and two nodes
-with fake GPUs of those two types, :mod:`tests.app.ray_cluster`; one cluster for the module).
+with fake GPUs of those two types, :mod:`tests.app.fleets`; one cluster for the module).
 Nothing about Ray is mocked.
 
 Which probe child runs where: the suite uses the fake probe child (``tests/app/fake_probe.py``:
@@ -256,6 +256,7 @@ def test_a_busy_type_queues_with_the_reason_then_runs(fleet: Fleet, tmp_path: Pa
     pidfile = tmp_path / "child.pid"
     holder = _submit(fleet.client, _body("A100-40GB", fake="sleep", config={"fake_pidfile": str(pidfile)}))
     _wait(fleet.client, holder["id"], lambda j: j["status"] == "running")
+    _wait_for_free(fleet.client, "A100-40GB", 0)
     waiter = _submit(fleet.client, _body("A100-40GB", config={"waits": 1}))
     queued = _wait(fleet.client, waiter["id"], lambda j: bool(j["queued_reason"]))
     assert queued["status"] == "queued"
@@ -267,6 +268,21 @@ def test_a_busy_type_queues_with_the_reason_then_runs(fleet: Fleet, tmp_path: Pa
     assert done["status"] == "succeeded"
     assert done["queued_reason"] is None
     assert "A100-40GB" in fleet.ran_on(done)
+    _wait_for_free(fleet.client, "A100-40GB", 1)
+
+
+def _wait_for_free(client: Client, gpu_type: str, free: int, timeout: float = 30) -> None:
+    """Until ``/v1/devices`` lists ``free`` idle GPUs of ``gpu_type`` (Ray reports a released GPU
+    a moment after the task ends)."""
+    deadline = time.monotonic() + timeout
+    entry: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        devices = client.get("/v1/devices").json()["devices"]
+        entry = next(d for d in devices if d["kind"] == "gpu" and d["gpu_type"] == gpu_type)
+        if entry["free"] == free:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{gpu_type} never showed {free} free within {timeout} s: {entry}")
 
 
 def test_a_gpu_index_means_this_machine_or_is_refused_on_a_cluster(fleet: Fleet) -> None:

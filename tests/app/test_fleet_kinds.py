@@ -155,3 +155,21 @@ def test_asking_for_ray_without_ray_is_one_clear_error(monkeypatch: pytest.Monke
     with pytest.raises(RuntimeError, match=r"pip install 'maxbatch\[ray\]'"):
         require_dispatcher(Settings(_env_file=None, dispatcher="ray"))
     require_dispatcher(Settings(_env_file=None))
+
+
+@pytest.mark.parametrize("spelling", ["", "0", "none", "OFF", "null"])
+def test_the_queue_deadline_is_off_by_default_and_can_be_switched_off(
+    spelling: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert Settings().queue_deadline_seconds is None
+    monkeypatch.setenv("MAXBATCH_QUEUE_DEADLINE_SECONDS", spelling)
+    assert Settings().queue_deadline_seconds is None
+    monkeypatch.setenv("MAXBATCH_QUEUE_DEADLINE_SECONDS", "900")
+    assert Settings().queue_deadline_seconds == 900
+
+
+@pytest.mark.parametrize("value", ["-5", "soon"])
+def test_a_queue_deadline_that_is_no_duration_is_refused(value: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MAXBATCH_QUEUE_DEADLINE_SECONDS", value)
+    with pytest.raises(ValueError, match="queue_deadline_seconds"):
+        Settings()
