@@ -22,7 +22,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 from probes.confirmation import ConfirmationPlan, confirmation_plan, confirmation_report, judge_confirmation
@@ -355,8 +355,12 @@ def _search_config(
     memo: TrialMemo | None = None,
     *,
     depth_extrapolation: bool = True,
+    prefetched_seed: Future[tuple[PredictedBracket | None, Seeding]] | None = None,
 ) -> ConfigResult:
     """One config that is not skipped: seeded by ``predict`` where asked, searched, confirmed.
+
+    ``prefetched_seed``: the prediction already under way (:class:`SeedPrefetch`); without it a
+    seeded config asks ``predict`` itself, just before its first trial on the device.
 
     On ``predict`` a deep model is first answered from its base depths (``probes.deep_predict``);
     where that does not apply, the search runs at full depth and the result says why.
@@ -380,7 +384,9 @@ def _search_config(
     confirm = not device.predicted
     seed: PredictedBracket | None = None
     seeding: Seeding | None = None
-    if spec.predict_seeding and not device.predicted and capacity is not None:
+    if prefetched_seed is not None:
+        seed, seeding = prefetched_seed.result()
+    elif spec.predict_seeding and not device.predicted and capacity is not None:
         seed, seeding = _predict_seed(spec, task, capacity, stop)
     floor = _memory_floor(spec, task.precision, task.strategy, context)
     plan = confirmation_plan(spec, device.kind) if confirm else None
@@ -418,6 +424,48 @@ def _search_config(
         confirmation=report,
     )
     return result if depth_note is None else result.model_copy(update={"depth_extrapolation": depth_note})
+
+
+def prefetches_seeds(device: DeviceInfo) -> bool:
+    """Whether the predictions that seed the searches start together, before the first device trial:
+    on ``cuda``, where configs run one at a time, so the CPU predicts the later configs while the
+    GPU measures the first (on ``simulated`` the configs already use both cores)."""
+    return device.kind == "cuda"
+
+
+class SeedPrefetch:
+    """Every seeded config's ``predict`` run (:func:`_predict_seed`), started at once on a pool of
+    CPU workers (one per core, two at most), so that no config holds the GPU idle while its
+    prediction is made. Empty where :func:`prefetches_seeds` says no."""
+
+    def __init__(
+        self,
+        spec: ProbeSpec,
+        configs: list[tuple[Precision, bool, Strategy]],
+        context: InfoReply,
+        stop: threading.Event,
+        *,
+        allow_remote_code: bool,
+    ) -> None:
+        self.futures: dict[int, Future[tuple[PredictedBracket | None, Seeding]]] = {}
+        self._pool: ThreadPoolExecutor | None = None
+        capacity = context.device.capacity_bytes
+        if not spec.predict_seeding or not prefetches_seeds(context.device) or capacity is None:
+            return
+        self._pool = ThreadPoolExecutor(
+            max_workers=max(1, min(2, os.cpu_count() or 1)), thread_name_prefix="seed"
+        )
+        for index, (precision, checkpointing, strategy) in enumerate(configs):
+            if _skip_reason(spec, precision, strategy, context) is None:
+                task = ConfigTask.for_config(
+                    spec, precision, checkpointing, strategy, allow_remote_code=allow_remote_code
+                )
+                self.futures[index] = self._pool.submit(_predict_seed, spec, task, capacity, stop)
+
+    def close(self) -> None:
+        """Drop the predictions not started; wait for the running ones (``stop`` ends their children)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _inspect(task: ConfigTask, cancel: threading.Event | None) -> InfoReply:
@@ -482,6 +530,7 @@ def run_probe(
     device = context.device
     stop = threading.Event()
     event_lock = threading.Lock()
+    prefetch = SeedPrefetch(spec, configs, context, stop, allow_remote_code=allow_remote_code)
 
     def probe_config(
         index: int, precision: Precision, checkpointing: bool, strategy: Strategy
@@ -520,7 +569,14 @@ def run_probe(
                 spec, precision, checkpointing, strategy, allow_remote_code=allow_remote_code
             )
             result = _search_config(
-                spec, task, context, emit, stop, trial_memo, depth_extrapolation=depth_extrapolation
+                spec,
+                task,
+                context,
+                emit,
+                stop,
+                trial_memo,
+                depth_extrapolation=depth_extrapolation,
+                prefetched_seed=prefetch.futures.get(index),
             )
         emit(EventKind.CONFIG_DONE, None, result, None)
         return result
@@ -539,6 +595,7 @@ def run_probe(
             if stop.is_set():
                 for future in futures:
                     future.cancel()
+            prefetch.close()
         errors = [e for f in futures if not f.cancelled() and (e := f.exception()) is not None]
         real = [e for e in errors if not isinstance(e, ProbeCancelled)]
         if real:

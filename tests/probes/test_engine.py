@@ -341,6 +341,43 @@ def test_predict_seeding_confirms_the_prediction_with_two_trials_and_the_same_an
     assert sum(len(c.trials) for c in seeded.configs) < sum(len(c.trials) for c in plain.configs)
 
 
+def test_on_a_gpu_every_prediction_starts_before_the_first_config_is_done(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """cuda runs one config at a time: the later configs' predictions run on the CPU meanwhile.
+    The simulated device stands for cuda here (``prefetches_seeds``), one config at a time."""
+    spec = tiny_spec("gpt2", precisions=["32-true"], gradient_checkpointing=[False, True])
+    inline = run_probe(spec, max_concurrent_configs=1)
+    started: list[tuple[float, str]] = []
+    real_seed = engine._predict_seed
+
+    def timed_seed(*args: object, **kwargs: object) -> object:
+        started.append((time.monotonic(), threading.current_thread().name))
+        return real_seed(*args, **kwargs)  # type: ignore[arg-type]
+
+    done: list[float] = []
+
+    def on_event(event: ProbeEvent) -> None:
+        if event.kind is EventKind.CONFIG_DONE:
+            done.append(time.monotonic())
+
+    monkeypatch.setattr(engine, "prefetches_seeds", lambda device: device.kind in ("cuda", "simulated"))
+    monkeypatch.setattr(engine, "_predict_seed", timed_seed)
+    prefetched = run_probe(spec, max_concurrent_configs=1, on_event=on_event)
+    assert len(started) == 2
+    assert all(name.startswith("seed") for _, name in started)
+    assert max(at for at, _ in started) < min(done)
+    for a, b in zip(inline.configs, prefetched.configs, strict=True):
+        assert (a.max_batch_size, a.first_failing_batch_size, a.peak_memory_bytes) == (
+            b.max_batch_size,
+            b.first_failing_batch_size,
+            b.peak_memory_bytes,
+        )
+        assert a.seeding is not None
+        assert b.seeding is not None
+        assert a.seeding.model_dump() == b.seeding.model_dump()
+
+
 def test_a_prediction_that_cannot_be_made_leaves_the_ordinary_search() -> None:
     spec = tiny_spec(
         "gpt2", precisions=["32-true"], gradient_checkpointing=[False], trial_timeout_seconds=0.01
