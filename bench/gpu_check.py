@@ -8,9 +8,11 @@ time limits add up to 945 s; ``--parts 7`` runs the distributed checks alone, at
 Parts, each in its own subprocess with a timeout; a part that fails or runs out of time is recorded
 and the next one runs; the report is rewritten after every part, so a killed run leaves what it had:
 
-1. ``pytest -m gpu tests/gpu``;
+1. ``pytest -m gpu tests/gpu`` but ``test_ray_gpu.py`` (part 6 runs the fleet);
 2. ``python -m probes run`` on a ~1B Llama (seq 2048) in 32-true and bf16-mixed, checkpointing off
    and on, under a memory limit: max batch per config, trials, seconds (from the probe's events);
+   and (issue 11 item 6) the order the FLOPs estimate ranks those configs in on this card against
+   their measured tokens/s;
 3. predicted against measured peak: one trial per config on ``predict`` (fake tensors, same memory
    limit, no overhead added) and on ``cuda:0``, for a ~1B and a ~7B Llama, two precisions,
    checkpointing off and on; the ratio and the difference calibrate ``probes/overhead.py``; for a
@@ -23,14 +25,18 @@ and the next one runs; the report is rewritten after every part, so a killed run
    (``ray start --head``), ``maxbatch serve`` with ``MAXBATCH_DISPATCHER=ray``, one probe placed by
    the GPU type the service lists, against the same probe run directly on ``cuda:0``;
 7. issue 9, strategies: DDP on a one-rank NCCL group and FSDP2 on a fake group of 8 against
-   ``predict``, the fp32 attention kernel predicted within 5 %, and a 20-step soak at the engine's
-   FSDP size (see the block near the end).
+   ``predict`` (verdict: the prediction covers what was allocated), the fp32 attention kernel
+   predicted within 5 % (against the whole card, where its trial fits), and a 20-step soak at the
+   engine's FSDP size (see the block near the end); a pair gets a verdict only when both trials fit.
 8. host-memory ceilings on cuda (issue 12): one trial of the ~1B Llama in a trial child under
    ``RLIMIT_DATA`` of none, 16, 8, 4 and 2 GiB: does CUDA start and train under it, and what the
    child's peak RSS is (what ``MAXBATCH_PROBE_CUDA_HOST_MEMORY_BYTES`` must leave room for);
-9. (``--parts 9 10``, issue 11) a ~0.85B and a 7B Llama (bf16-mixed, checkpointing off and on)
-   searched on ``cuda:0`` by the trial loop with the plain search and with the predict-seeded one:
-   GPU trials, GPU-seconds, same answers;
+9. (``--parts 9 10``, issue 11, at most 570 s, against the whole card: under the 32 GiB probe
+   limit the 7B fits nothing) a ~0.85B and a 7B Llama (bf16-mixed, checkpointing off and on)
+   searched on ``cuda:0`` by the trial loop with the plain search and with the predict-seeded one
+   (GPU trials, GPU-seconds of the trials alone, same answers), then by the whole engine
+   (``run_probe``, fresh children, the confirmation) with ``predict_seeding`` off and on: the
+   device's trials per config and the probe's wall time, which is what holds the GPU;
 10. then, at every size part 9 returned, the engine's confirmation on cuda (worst case, then
    varied lengths, the derived headroom) and :data:`SOAK_STEPS` optimizer steps under dynamic
    padding, with the request's default ``PYTORCH_CUDA_ALLOC_CONF`` set as a trial child sets it:
@@ -180,9 +186,13 @@ def cuda_available() -> tuple[bool, str]:
 
 
 def part_tests(timeout: float, log: Path) -> Part:
-    part = Part("1. pytest -m gpu tests/gpu")
+    # test_ray_gpu starts a Ray cluster (15-20 s) and is part 6's subject: left to that part
+    part = Part("1. pytest -m gpu tests/gpu (without test_ray_gpu.py: part 6)")
     ran = run_streaming(
-        [sys.executable, "-m", "pytest", "-m", "gpu", "tests/gpu", "-q", "-p", "no:cacheprovider"],
+        [
+            *(sys.executable, "-m", "pytest", "-m", "gpu", "tests/gpu", "-q", "-p", "no:cacheprovider"),
+            *("--deselect", "tests/gpu/test_ray_gpu.py"),
+        ],
         timeout,
         log,
     )
@@ -270,8 +280,48 @@ def part_probe(timeout: float, memory: int, log: Path, work: Path) -> Part:
         )
     if ran.returncode not in (0, None) and not rows:
         part.lines.append(f"\n```\n{ran.stderr_tail[-1500:]}\n```")
+    if result_path.exists():
+        with contextlib.suppress(Exception):  # a report line, never a crashed part
+            part.lines += ranking_lines(result_path, cuda_available()[1])
     part.data = rows
     return part
+
+
+def ranking_lines(result_path: Path, device: str) -> list[str]:
+    """Issue 11 item 6 on a real GPU: the order ``probes.step_time.rank_configs`` gives the probe's
+    configs on this card (what ``predict`` would recommend by) against their measured tokens/s."""
+    from probes.models import inspect_model
+    from probes.spec import ProbeResult
+    from probes.step_time import CARD_THROUGHPUT, ModelShape, rank_configs
+
+    result = ProbeResult.model_validate_json(result_path.read_text(encoding="utf-8"))
+    squeezed = device.upper().replace(" ", "")
+    card = next((c for c in CARD_THROUGHPUT if c.name.split("-")[0].upper() in squeezed), None)
+    if card is None:
+        return ["", f"- ranking check: no throughput figure for this card ({device})"]
+    facts = inspect_model(result.spec.model, result.spec.seq_len, allow_remote_code=False)
+    if facts.layers is None or facts.hidden_size is None:
+        return ["", "- ranking check: the model states no layers or hidden size"]
+    shape = ModelShape(
+        active_parameter_count=facts.active_parameter_count or facts.parameter_count,
+        parameter_count=facts.parameter_count,
+        layers=facts.layers,
+        hidden_size=facts.hidden_size,
+    )
+
+    def name(config: Any) -> str:
+        return f"{config.precision.value}{' ckpt' if config.gradient_checkpointing else ''}"
+
+    estimated = rank_configs(list(result.configs), shape, card, seq_len=result.spec.seq_len)
+    ranked = [name(c) for c, _ in estimated]
+    timed = [c for c in result.configs if c.plan is not None and c.tokens_per_second]
+    measured = [name(c) for c in sorted(timed, key=lambda c: -(c.tokens_per_second or 0.0))]
+    same = [n for n in ranked if n in measured] == measured
+    return [
+        "",
+        f"- ranking check ({card.name}): estimated fastest first {ranked}; measured tokens/s, fastest "
+        f"first {measured}; {'same order' if same else 'ORDER DIFFERS'}",
+    ]
 
 
 # -- part 3: predicted against measured peaks ------------------------------------------------------
@@ -811,8 +861,10 @@ def _one_trial(task: Any, batch: int, steps: int = 2) -> dict[str, Any]:
     }
 
 
-def distributed_worker(memory: int, out: Path) -> None:
-    """Child mode for part 7: each check appends one JSON line to ``out``."""
+def distributed_worker(memory: int, card_memory: int, out: Path) -> None:
+    """Child mode for part 7: each check appends one JSON line to ``out``. The fp32 attention check
+    runs against ``card_memory`` (the whole card): under the probe limit its trial (41.8 GiB on an
+    H200) would run out and compare two cut-off peaks."""
     import socket
 
     import torch.distributed as dist
@@ -853,8 +905,8 @@ def distributed_worker(memory: int, out: Path) -> None:
         return {"measured": rows[0], "predicted": rows[1]}
 
     def fp32_attention() -> dict[str, Any]:
-        measured = _one_trial(_distributed_task("cuda:0", "single", 1, "32-true", False, memory), 2)
-        predicted = _one_trial(_distributed_task("predict", "single", 1, "32-true", False, memory), 2)
+        measured = _one_trial(_distributed_task("cuda:0", "single", 1, "32-true", False, card_memory), 2)
+        predicted = _one_trial(_distributed_task("predict", "single", 1, "32-true", False, card_memory), 2)
         return {"measured": measured, "predicted": predicted}
 
     def fsdp_soak() -> dict[str, Any]:
@@ -887,12 +939,30 @@ def distributed_worker(memory: int, out: Path) -> None:
     guarded("fsdp-soak", fsdp_soak)
 
 
-def part_distributed(timeout: float, memory: int, log: Path, work: Path) -> Part:
-    part = Part(f"7. distributed strategies, fp32 attention, FSDP soak (memory limit {memory / GiB:g} GiB)")
-    rows_file = work / "distributed.jsonl"
-    ran = run_streaming(
-        [sys.executable, "-m", "bench.gpu_check", "_distributed", str(memory), str(rows_file)], timeout, log
+def distributed_verdict(check: str, measured: dict[str, Any], predicted: dict[str, Any]) -> str:
+    """What a measured/predicted pair says: nothing unless both trials fit (a peak cut off by an
+    out-of-memory error is no peak); the fp32 attention check must agree within 5 %, the others
+    must not predict less than was allocated (a too-low prediction is the error predict must not
+    make)."""
+    if measured.get("outcome") != "fit" or predicted.get("outcome") != "fit":
+        return " — no verdict: a trial did not fit"
+    allocated, reserved = measured.get("allocated"), predicted.get("reserved")
+    if not allocated or not reserved:
+        return " — no verdict: a peak is missing"
+    ratio = allocated / reserved
+    if check == "fp32-attention":
+        return " — within 5 %" if abs(ratio - 1) <= ATTENTION_TOLERANCE else " — OUTSIDE 5 %"
+    return " — predicted covers allocated" if ratio <= 1 else " — PREDICTED TOO LOW"
+
+
+def part_distributed(timeout: float, memory: int, card_memory: int, log: Path, work: Path) -> Part:
+    part = Part(
+        f"7. distributed strategies, fp32 attention, FSDP soak (memory limit {memory / GiB:g} GiB; "
+        f"fp32 attention {card_memory / GiB:.1f} GiB)"
     )
+    rows_file = work / "distributed.jsonl"
+    command = [sys.executable, "-m", "bench.gpu_check", "_distributed", str(memory), str(card_memory)]
+    ran = run_streaming([*command, str(rows_file)], timeout, log)
     part.seconds = ran.seconds
     part.status = (
         "timed out" if ran.timed_out else ("ok" if ran.returncode == 0 else f"exit {ran.returncode}")
@@ -917,9 +987,7 @@ def part_distributed(timeout: float, memory: int, log: Path, work: Path) -> Part
             if measured.get("allocated") and predicted.get("reserved")
             else None
         )
-        verdict = ""
-        if row["check"] == "fp32-attention" and ratio is not None:
-            verdict = " — within 5 %" if abs(ratio - 1) <= ATTENTION_TOLERANCE else " — OUTSIDE 5 %"
+        verdict = distributed_verdict(row["check"], measured, predicted)
         shown = "-" if ratio is None else f"{ratio:.3f}"
         part.lines.append(
             f"- {row['check']}: measured allocated {_gib_text(measured.get('allocated'))} GiB "
@@ -1006,6 +1074,51 @@ def seeded_worker(shape: str, mode: str, memory: int, out: Path) -> None:
             handle.write(json.dumps(row) + "\n")
 
 
+def engine_seeded_worker(shape: str, memory: int, out: Path) -> None:
+    """Child mode: the whole engine (``run_probe``: a fresh child per trial, the confirmation with its
+    varied lengths) on cuda:0 for ``shape``, ``predict_seeding`` off then on; one JSON line per config
+    and mode with the device's trials, and one per mode with the probe's wall time (the GPU's hold)."""
+    from probes.engine import run_probe
+    from probes.spec import ModelSpec, ProbeSpec
+
+    config, seq_len = SEED_SHAPES[shape]
+    for seeding in (False, True):
+        spec = ProbeSpec(
+            model=ModelSpec(architecture="llama", config=config),
+            seq_len=seq_len,
+            precisions=[SEED_PRECISION],
+            gradient_checkpointing=[False, True],
+            target_effective_batch_size=256,
+            device="cuda:0",
+            memory_limit_bytes=memory,
+            predict_seeding=seeding,
+        )
+        started = time.monotonic()
+        result = run_probe(spec)
+        wall = round(time.monotonic() - started, 1)
+        rows = [
+            {
+                "shape": shape,
+                "mode": "engine seeded" if seeding else "engine plain",
+                "checkpointing": c.gradient_checkpointing,
+                "sizes": [f"{t.batch_size}{'' if t.outcome.value == 'fit' else 'x'}" for t in c.trials],
+                "gpu_trials": c.seeding.device_trials if c.seeding is not None else len(c.trials),
+                "gpu_seconds": None,
+                "predicted": (
+                    [c.seeding.predicted_max_batch_size, c.seeding.predicted_first_failing_batch_size]
+                    if c.seeding is not None
+                    else None
+                ),
+                "prediction_right": c.seeding.prediction_right if c.seeding is not None else None,
+                "answer": [c.max_batch_size, c.first_failing_batch_size],
+                "probe_wall_seconds": wall,
+            }
+            for c in result.configs
+        ]
+        with out.open("a", encoding="utf-8") as handle:
+            handle.writelines(json.dumps(row) + "\n" for row in rows)
+
+
 def part_seeded(timeout: float, memory: int, log: Path, work: Path) -> Part:
     part = Part(
         f"9. predict-seeded search vs the plain search on cuda:0 (issue 11), {SEED_PRECISION}, "
@@ -1015,21 +1128,13 @@ def part_seeded(timeout: float, memory: int, log: Path, work: Path) -> Part:
     started = time.monotonic()
     statuses = []
     for shape in SEED_SHAPES:
-        for mode in ("plain", "seeded"):
+        for mode in ("plain", "seeded", "engine"):
             left = timeout - (time.monotonic() - started)
             if left < 10:
                 statuses.append(f"{shape} {mode}: no time left")
                 continue
-            command = [
-                sys.executable,
-                "-m",
-                "bench.gpu_check",
-                "_seeded",
-                shape,
-                mode,
-                str(memory),
-                str(rows_file),
-            ]
+            worker = ["_engine_seeded", shape] if mode == "engine" else ["_seeded", shape, mode]
+            command = [sys.executable, "-m", "bench.gpu_check", *worker, str(memory), str(rows_file)]
             ran = run_streaming(command, left, log)
             statuses.append(
                 f"{shape} {mode}: "
@@ -1045,15 +1150,16 @@ def part_seeded(timeout: float, memory: int, log: Path, work: Path) -> Part:
     part.lines = [
         f"- {part.status}; {part.seconds:.0f} s",
         "",
-        "| shape | ckpt | mode | predicted | GPU sizes | GPU trials | GPU s | predict CPU s | answer "
-        "| right |",
+        "| shape | ckpt | mode | predicted | GPU sizes | GPU trials | GPU s (engine: the probe's wall) "
+        "| predict CPU s | answer | right |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         part.lines.append(
             f"| {row['shape']} | {'on' if row['checkpointing'] else 'off'} | {row['mode']} | "
             f"{row.get('predicted', '-')} | {' '.join(row['sizes'])} | {row['gpu_trials']} | "
-            f"{row['gpu_seconds']} | {row.get('predict_cpu_seconds', '-')} | {row['answer']} | "
+            f"{row['gpu_seconds'] or row.get('probe_wall_seconds', '-')} | "
+            f"{row.get('predict_cpu_seconds', '-')} | {row['answer']} | "
             f"{row.get('prediction_right', '-')} |"
         )
     answers: dict[tuple[str, bool], set[str]] = {}
@@ -1210,10 +1316,13 @@ def main(argv: list[str] | None = None) -> int:
         peft_peaks_worker(args_list[1], int(args_list[2]), Path(args_list[3]))
         return 0
     if args_list[:1] == ["_distributed"]:
-        distributed_worker(int(args_list[1]), Path(args_list[2]))
+        distributed_worker(int(args_list[1]), int(args_list[2]), Path(args_list[3]))
         return 0
     if args_list[:1] == ["_seeded"]:
         seeded_worker(args_list[1], args_list[2], int(args_list[3]), Path(args_list[4]))
+        return 0
+    if args_list[:1] == ["_engine_seeded"]:
+        engine_seeded_worker(args_list[1], int(args_list[2]), Path(args_list[3]))
         return 0
     if args_list[:1] == ["_soak"]:
         soak_worker(int(args_list[1]), Path(args_list[2]), Path(args_list[3]))
@@ -1262,10 +1371,12 @@ def main(argv: list[str] | None = None) -> int:
             4: lambda: part_compare(args.compare_budget + 45, args.compare_budget, out, log),
             5: lambda: part_peft_peaks(110, peak_memory, log, work),
             6: lambda: part_ray(180, min(probe_memory, 16 * GiB), log, work),
-            7: lambda: part_distributed(DISTRIBUTED_LIMIT_SECONDS, probe_memory, log, work),
+            7: lambda: part_distributed(DISTRIBUTED_LIMIT_SECONDS, probe_memory, peak_memory, log, work),
             8: lambda: part_cuda_ceiling(120, log, work),
-            9: lambda: part_seeded(300, probe_memory, log, work),
-            10: lambda: part_soak(240, probe_memory, log, work),
+            # the whole card: under the 32 GiB probe limit the 7B's bf16-mixed weights, gradients and
+            # AdamW state alone (100.4 GiB) fit nothing, and both searches would end at once
+            9: lambda: part_seeded(330, peak_memory, log, work),
+            10: lambda: part_soak(240, peak_memory, log, work),
         }
         for number in args.parts:
             print(f"gpu_check: part {number} ...", file=sys.stderr, flush=True)

@@ -1,7 +1,7 @@
 """Llama-3-8B fine-tuned on 8 x H100-80GB: the whole ``predict`` probe, timed, through the real CLI.
 
 ``python -m bench.predict_llama3_8b [--save RESULT.json] [--strategy fsdp ...] [--finetuning lora]
-[--shape 8b|70b|405b] [--sync-each-batch]``
+[--shape 8b|70b|405b] [--sync-each-batch] [--world-size N]``
 
 ``--shape 70b``/``405b`` probe the Llama-2-70B and Llama-3.1-405B shapes of ``bench.depth_predict``
 (``--architecture llama --config-json …``) instead of the 8B ``config.json``; their targets are
@@ -50,7 +50,12 @@ TARGETS = {"8b": 180.0, "70b": 120.0, "405b": 180.0}
 
 
 def command(
-    strategies: list[str], finetuning: str | None = None, shape: str = "8b", *, sync_each_batch: bool = False
+    strategies: list[str],
+    finetuning: str | None = None,
+    shape: str = "8b",
+    *,
+    sync_each_batch: bool = False,
+    world_size: int = 8,
 ) -> list[str]:
     maxbatch = Path(sys.executable).with_name("maxbatch")
     extra = [flag for strategy in strategies for flag in ("--strategy", strategy)]
@@ -71,7 +76,7 @@ def command(
         "--seq-len",
         "4096",
         "--world-size",
-        "8",
+        str(world_size),
         "--target-batch-size",
         "256",
         "--device",
@@ -126,8 +131,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--sync-each-batch", action="store_true", help="fsdp: reduce-scatter every micro-batch (Accelerate's)"
     )
+    parser.add_argument(
+        "--world-size",
+        type=int,
+        default=8,
+        help="GPUs of the job (default 8; the 405B shape's state fits 80 GB cards from 64 under FSDP)",
+    )
     args = parser.parse_args(argv)
-    argv_shown = command(args.strategy, args.finetuning, args.shape, sync_each_batch=args.sync_each_batch)
+    argv_shown = command(
+        args.strategy,
+        args.finetuning,
+        args.shape,
+        sync_each_batch=args.sync_each_batch,
+        world_size=args.world_size,
+    )
     print("$ " + " ".join(argv_shown))
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
     watch = TreeWatch(os.getpid())
