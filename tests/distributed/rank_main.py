@@ -18,9 +18,11 @@ Kinds of run:
 ``fsdp_by_hand``
     FSDP2 on CPU. With ``use_cpu=True``, transformers 5.24 / Accelerate 1.15 wrap the model in DDP
     even when ``fsdp`` and ``fsdp_config`` are set, so Trainer cannot run FSDP2 here. This run
-    applies Accelerate's own FSDP2 preparation (``accelerate.utils.fsdp_utils.fsdp2_prepare_model``
-    with the plugin ``TrainingArguments`` would build: transformer wrap policy, ``reshard_after_forward``,
-    the precision's mixed-precision policy) and then Trainer's loop by hand: the whole accumulation
+    applies Accelerate's own FSDP2 preparation (``accelerate.utils.fsdp_utils.fsdp2_prepare_model``)
+    with the plugin Trainer builds from the recommended ``training_arguments``
+    (``FullyShardedDataParallelPlugin(**TrainingArguments(...).fsdp_plugin_args)``: the wrap class,
+    ``reshard_after_forward`` and checkpointing the recommendation names; its ``bf16``/``fp16`` as the
+    mixed-precision policy) and then Trainer's loop by hand: the whole accumulation
     window prefetched, ``set_requires_gradient_sync(False)`` on every micro-step but the last (what
     ``Accelerator.no_sync`` does for FSDP2; none with the recommendation's ``accelerator_config``
     ``gradient_accumulation_kwargs.sync_each_batch``, as Trainer does), loss / accumulation,
@@ -184,20 +186,30 @@ def run_trainer(run: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def run_fsdp_by_hand(run: dict[str, Any]) -> dict[str, Any]:
+def recommended_fsdp(training_arguments: dict[str, Any]) -> tuple[Any, str, dict[str, Any]]:
+    """The FSDP plugin, mixed precision and gradient-accumulation kwargs that Trainer would hand
+    Accelerate for the recommended ``training_arguments``: built the way Trainer builds them
+    (``FullyShardedDataParallelPlugin(**args.fsdp_plugin_args)``), so a wrong wrap class, reshard or
+    checkpointing setting in the recommendation is what this job runs."""
     from accelerate.utils import FullyShardedDataParallelPlugin  # type: ignore[import-untyped]
+    from transformers import TrainingArguments
+
+    with tempfile.TemporaryDirectory() as output_dir:
+        args = TrainingArguments(**training_arguments, output_dir=output_dir, use_cpu=True, report_to="none")
+    assert args.fsdp_plugin_args is not None, "the recommendation carries no FSDP settings"
+    plugin = FullyShardedDataParallelPlugin(**args.fsdp_plugin_args)
+    mixed = "bf16" if args.bf16 else ("fp16" if args.fp16 else "no")
+    accelerator_config: Any = args.accelerator_config  # an AcceleratorConfig once constructed
+    accumulation_kwargs = dict(accelerator_config.gradient_accumulation_kwargs or {})
+    return plugin, mixed, accumulation_kwargs
+
+
+def run_fsdp_by_hand(run: dict[str, Any]) -> dict[str, Any]:
     from accelerate.utils.fsdp_utils import fsdp2_prepare_model  # type: ignore[import-untyped]
 
     model = build_model(run)
-    mixed = run["mixed_precision"]  # "no", "bf16" or "fp16", as Trainer's args give Accelerate
-    plugin = FullyShardedDataParallelPlugin(
-        fsdp_version=2,
-        reshard_after_forward=True,
-        auto_wrap_policy="transformer_based_wrap",
-        transformer_cls_names_to_wrap=run["layer_classes"],
-        activation_checkpointing=run["checkpointing"],
-        cpu_ram_efficient_loading=False,
-    )
+    plugin, mixed, accumulation_kwargs = recommended_fsdp(run["training_arguments"])
+    checkpointing = bool(plugin.activation_checkpointing)
     if mixed != "no":
         plugin.set_mixed_precision(mixed)
     accelerator = types.SimpleNamespace(
@@ -211,7 +223,6 @@ def run_fsdp_by_hand(run: dict[str, Any]) -> dict[str, Any]:
     # Accelerate loads the model on the host and shards it onto the device: count from the shards on.
     mode = CountingMode(limit_bytes=run["cap"])
     micro, accumulation, steps = run["per_device_train_batch_size"], run["gradient_accumulation_steps"], 3
-    accumulation_kwargs = run["accelerator_config"].get("gradient_accumulation_kwargs", {})
     sync_each_batch = bool(accumulation_kwargs.get("sync_each_batch", False))
     dataset = RandomTokens(micro * accumulation * steps, run["seq_len"], vocab_of(model))
 
@@ -220,7 +231,7 @@ def run_fsdp_by_hand(run: dict[str, Any]) -> dict[str, Any]:
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
     def train() -> None:
-        if run["checkpointing"]:
+        if checkpointing:
             from accelerate.utils.fsdp_utils import fsdp2_apply_ac
 
             fsdp2_apply_ac(accelerator, model)

@@ -174,14 +174,8 @@ def _job_run(cell: Cell, result: ProbeResult, name: str, micro: int, accumulatio
     arguments = result.recommendation.training_arguments
     if cell.strategy is Strategy.DDP:
         return {**common, "kind": "trainer", "training_arguments": arguments}
-    return {
-        **common,
-        "kind": "fsdp_by_hand",
-        "mixed_precision": "no",
-        "checkpointing": False,
-        "layer_classes": ["GPT2Block"] if cell.architecture == "gpt2" else ["LlamaDecoderLayer"],
-        "accelerator_config": arguments.get("accelerator_config") or {},
-    }
+    # the job builds its FSDP2 plugin from these arguments as Trainer does (rank_main.recommended_fsdp)
+    return {**common, "kind": "fsdp_by_hand", "training_arguments": arguments}
 
 
 def test_lora_answers_are_for_adapters(measured: Measured) -> None:

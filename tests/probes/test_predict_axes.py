@@ -2,9 +2,10 @@
 
 Strategies (DDP with :class:`~probes.recipe.ddp.ShapeReducer` standing in for the C++ Reducer on
 fake tensors; FSDP2 on the fake process group), at 2 and 4 ranks, on GPT-2, Llama and Qwen2 shapes;
-the optimizers (Trainer's classes and options); the attention kernels (``sdpa`` through the CUDA
-kernel emulation, ``eager``); LoRA under DDP and FSDP2 and QLoRA under DDP on the three shapes;
-FSDP2 with ``sync_each_batch``.
+every optimizer (Trainer's classes and options) under DDP, the attention kernels (``sdpa`` through
+the CUDA kernel emulation; ``eager``), LoRA under DDP and FSDP2 and QLoRA under DDP, each on the
+three shapes (``eager`` under DDP on Llama and Qwen2, under FSDP2 on GPT-2); FSDP2 with
+``sync_each_batch``.
 Every trial takes two accumulation steps (so DDP's ``no_sync`` and
 FSDP2's deferred gradient sync run) over two optimizer steps, at two batch sizes. The cases run in
 two worker processes, one per core.
@@ -80,11 +81,16 @@ CASES: list[Case] = [
     _case("llama", Strategy.FSDP, Precision.FP16_MIXED, ranks=4),
     _case("qwen2", Strategy.DDP, Precision.BF16_TRUE, ranks=4),
     _case("gpt2", Strategy.FSDP, Precision.BF16_TRUE, True, ranks=4),
-    *(_case("llama", Strategy.DDP, optimizer=o) for o in Optimizer if o is not Optimizer.ADAMW_TORCH),
+    *(
+        _case(arch, Strategy.DDP, optimizer=o)
+        for arch in TINY
+        for o in Optimizer
+        if o is not Optimizer.ADAMW_TORCH
+    ),
     _case("gpt2", Strategy.SINGLE),
     _case("llama", Strategy.FSDP, optimizer=Optimizer.ADAMW_TORCH_FUSED),
     _case("llama", Strategy.SINGLE, optimizer=Optimizer.ADAMW_BNB_8BIT),
-    _case("qwen2", Strategy.DDP, attention=AttnImplementation.EAGER),
+    *(_case(arch, Strategy.DDP, attention=AttnImplementation.EAGER) for arch in ("qwen2", "llama")),
     _case("gpt2", Strategy.FSDP, Precision.BF16_MIXED, attention=AttnImplementation.EAGER),
     *(
         _case(arch, strategy, precision, checkpointing, finetuning=LORA)
@@ -97,7 +103,7 @@ CASES: list[Case] = [
     _case("gpt2", Strategy.SINGLE, finetuning=LORA),
     _case("llama", Strategy.FSDP, Precision.FP32, ranks=4, finetuning=LORA),
     _case("qwen2", Strategy.DDP, Precision.BF16_TRUE, True, ranks=4, finetuning=LORA),
-    _case("llama", Strategy.DDP, Precision.BF16_MIXED, finetuning=FinetuningMethod.QLORA),
+    *(_case(arch, Strategy.DDP, Precision.BF16_MIXED, finetuning=FinetuningMethod.QLORA) for arch in TINY),
     _case("llama", Strategy.FSDP, sync_each_batch=True),
     _case("gpt2", Strategy.FSDP, Precision.BF16_MIXED, True, ranks=4, sync_each_batch=True),
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -213,7 +214,9 @@ def test_fsdp_arguments_are_accepted_as_they_are(
     assert plugin["activation_checkpointing"] is ckpt
 
 
-def test_sync_each_batch_reaches_accelerates_gradient_accumulation(support: TrainingArgumentsSupport) -> None:
+def test_sync_each_batch_reaches_accelerates_gradient_accumulation(
+    support: TrainingArgumentsSupport, tmp_path: Path
+) -> None:
     """The FSDP arguments of a request with ``sync_each_batch`` set it where Trainer hands it to
     Accelerate; DDP's arguments leave it out (it changes no memory there)."""
     from transformers import AutoConfig, AutoModelForCausalLM, Trainer
@@ -238,7 +241,9 @@ def test_sync_each_batch_reaches_accelerates_gradient_accumulation(support: Trai
         "gpt2", n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=16, bos_token_id=0, eos_token_id=0
     )
     # Trainer refuses fsdp outside a distributed launch: the same arguments less the FSDP keys
-    plain = _construct({k: v for k, v in fsdp.items() if k not in ("fsdp", "fsdp_config")})
+    plain = _construct(
+        {**{k: v for k, v in fsdp.items() if k not in ("fsdp", "fsdp_config")}, "output_dir": str(tmp_path)}
+    )
     model = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
     trainer = Trainer(model=model, args=plain)  # type: ignore[arg-type]
     assert trainer.accelerator.gradient_state.plugin_kwargs["sync_each_batch"] is True
