@@ -3,8 +3,9 @@
 ``python -m bench.hostile_models [--configs 1|8] [--rounds N] [--out DIR]`` starts ``maxbatch serve``
 (``python -m app.cli serve`` on a free port, its own data directory, the real probe command) and,
 from outside over HTTP, for each model of issue 12 against a 64 MiB simulated cap (a width of
-10**6, 10**4 and 10**6 layers, a 10**9 vocabulary, 10**9 positions), plus one whose weights fit
-but whose first step asks for more at once than its trial process may hold:
+10**6, 10**4 and 10**6 layers, a 10**9 vocabulary, 10**9 positions, and 10**6 layers 8 wide),
+plus one whose weights fit but whose first step asks for more at once than its trial process may
+hold (the deep ones are refused at the POST: :data:`REFUSED`):
 
 - sends the hostile POST and, right after it (while it is in flight), an ordinary POST (a tiny
   GPT-2, a new request each time, cancelled once answered); records both answer times;
@@ -57,6 +58,9 @@ BIG_CAP = 192 * MiB
 ANSWER_LIMIT_SECONDS = 5.0
 ORDINARY_LIMIT_SECONDS = 1.0
 ORDINARY = {"n_layer": 2, "n_embd": 64, "n_head": 2, "vocab_size": 1000}
+REFUSED = {"n_layer 10**4", "n_layer 10**6", "n_layer 10**6, 8 wide"}
+"""Hostile models refused at the POST (422 ``too-many-layers``: more than ``probes.models.MAX_LAYERS``
+decoder layers); the others are accepted (202) and answered "nothing fits" without building."""
 HOSTILE: dict[str, tuple[dict[str, Any], int, int]] = {
     # name: (config overrides, memory_limit_bytes, seq_len)
     "n_embd 10**6": ({"n_embd": 10**6, "n_head": 16}, CAP, 64),
@@ -64,6 +68,8 @@ HOSTILE: dict[str, tuple[dict[str, Any], int, int]] = {
     "n_layer 10**6": ({"n_layer": 10**6}, CAP, 64),
     "vocab_size 10**9": ({"vocab_size": 10**9}, CAP, 64),
     "n_positions 10**9": ({"n_positions": 10**9}, CAP, 64),
+    # its first 128 layers weigh ~0.4 MB: the weight count passed, and the trial built layer after layer
+    "n_layer 10**6, 8 wide": ({"n_layer": 10**6, "n_embd": 8, "n_head": 2}, CAP, 64),
     "logits past the host ceiling": (
         {"n_layer": 2, "n_embd": 64, "n_head": 2, "vocab_size": 400_000},
         BIG_CAP,

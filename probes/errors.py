@@ -8,6 +8,7 @@
     │   ├── ModelNotFound          name_or_path is neither a local config nor a reachable hub id
     │   ├── RemoteCodeRefused      the config needs trust_remote_code and it was not allowed
     │   ├── SequenceTooLong        seq_len exceeds the model's position limit
+    │   ├── TooManyLayers          more decoder layers than a trial can build
     │   ├── UnknownGpu             gpu names no card in the predict table
     │   └── DeviceUnavailable      the device asked for is not on this machine
     └── ProbeFailed                the probe ran and could not finish (child crash, timeout)
@@ -48,6 +49,12 @@ class SequenceTooLong(ProbeInputError):
     code = "sequence-too-long"
 
 
+class TooManyLayers(ProbeInputError):
+    """The config asks for more decoder layers than a trial can build (:data:`probes.models.MAX_LAYERS`)."""
+
+    code = "too-many-layers"
+
+
 class UnknownGpu(ProbeInputError):
     code = "unknown-gpu"
 
@@ -68,6 +75,7 @@ INPUT_ERRORS: dict[str, type[ProbeInputError]] = {
         ModelNotFound,
         RemoteCodeRefused,
         SequenceTooLong,
+        TooManyLayers,
         UnknownGpu,
         DeviceUnavailable,
     )

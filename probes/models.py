@@ -33,6 +33,7 @@ from probes.errors import (
     ProbeInputError,
     RemoteCodeRefused,
     SequenceTooLong,
+    TooManyLayers,
     UnknownArchitecture,
 )
 from probes.spec import ModelFacts, ModelSpec, Precision
@@ -259,14 +260,27 @@ def architecture_class(config: PretrainedConfig) -> str:
     return str(architectures[0]) if architectures else type(config).__name__
 
 
+MAX_LAYERS = 1024
+"""The most decoder layers a probe builds: 8 times the deepest published causal LMs (~126). A trial
+builds every layer for real, and the weight count past :data:`FULL_COUNT_MAX_LAYERS` is only a lower
+bound: a deep, narrow config (10**6 layers 8 wide) passed that count under a large cap and then held
+the probe queue while its trial built layer after layer, until the trial's timeout."""
+
+
 def inspect_model(model: ModelSpec, seq_len: int, *, allow_remote_code: bool) -> ModelFacts:
     """Validate the request's model against ``seq_len`` and count its parameters (on the meta device).
 
     The count is :func:`count_weights`'s: exact for configs of up to :data:`FULL_COUNT_MAX_LAYERS`
-    layers, a lower bound (the first that many layers) beyond, so that a config asking for 10**6
-    layers costs what 128 cost. Raises the errors of :func:`load_config`, and :class:`SequenceTooLong`.
+    layers, a lower bound (the first that many layers) beyond. Raises the errors of
+    :func:`load_config`, :class:`SequenceTooLong`, and :class:`TooManyLayers` past :data:`MAX_LAYERS`.
     """
     config = load_config(model, allow_remote_code=allow_remote_code)
+    layers = layer_count(config)
+    if layers is not None and layers > MAX_LAYERS:
+        raise TooManyLayers(
+            f"the {config.model_type} config asks for {layers} decoder layers; maxbatch probes models of at "
+            f"most {MAX_LAYERS} (a trial builds every layer; the deepest published models have ~126)"
+        )
     limit = max_positions(config)
     if limit is not None and seq_len > limit:
         raise SequenceTooLong(

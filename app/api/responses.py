@@ -15,7 +15,7 @@ PROBLEM_STATUSES: dict[int, str] = {
     413: "the body is larger than MAXBATCH_MAX_BODY_BYTES",
     415: "the body is not JSON",
     422: "the request cannot be probed as written (field errors in `errors`, or a `code` such as "
-    "unknown-architecture, sequence-too-long, device-unavailable)",
+    "unknown-architecture, sequence-too-long, too-many-layers, device-unavailable)",
     429: "MAXBATCH_MAX_QUEUED_JOBS jobs are queued; retry after Retry-After seconds",
     503: "the service is starting or stopping, or a part the request needs is down",
 }

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import pytest
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
+from probes.errors import TooManyLayers
 from probes.finetuning_spec import FinetuningMethod, FinetuningSpec
 from probes.models import (
     FIRST_LOOK_LAYERS,
     FULL_COUNT_MAX_LAYERS,
+    MAX_LAYERS,
     WeightCount,
     build_model,
     count_weights,
@@ -178,9 +181,25 @@ def test_a_config_that_cannot_be_cut_is_counted_whole_up_to_the_limit() -> None:
 
 
 def test_inspecting_hostile_configs_builds_nothing_large() -> None:
-    for overrides in ({"n_layer": 10**6}, {"n_embd": 10**6, "n_head": 16}, {"vocab_size": 10**9}):
+    for overrides in ({"n_layer": MAX_LAYERS}, {"n_embd": 10**6, "n_head": 16}, {"vocab_size": 10**9}):
         facts = inspect_model(ModelSpec(architecture="gpt2", config=overrides), 16, allow_remote_code=False)
         assert facts.parameter_count > 10**8
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"n_layer": MAX_LAYERS + 1},
+        {"n_layer": 10**6},
+        {"n_layer": 2**70},
+        {"n_layer": 10**6, "n_embd": 8, "n_head": 2},  # deep and narrow: its first 128 layers weigh ~0.4 MB
+    ],
+)
+def test_more_layers_than_a_trial_can_build_are_refused_before_counting(overrides: dict[str, object]) -> None:
+    started = time.monotonic()
+    with pytest.raises(TooManyLayers, match=f"at most {MAX_LAYERS}"):
+        inspect_model(ModelSpec(architecture="gpt2", config=overrides), 16, allow_remote_code=False)
+    assert time.monotonic() - started < 5
 
 
 def device(

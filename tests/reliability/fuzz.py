@@ -51,6 +51,7 @@ SEMANTIC_CODES = frozenset(
         "invalid-probe",  # the inspector: a config key or value the model rejects; a limit over the card
         "model-not-found",  # a hub id that does not resolve
         "sequence-too-long",  # seq_len over the model's positions
+        "too-many-layers",  # more decoder layers than a trial builds (probes.models.MAX_LAYERS)
         "idempotency-key-reused",  # the same key with another body: state, not shape
         "model-inspection-timeout",  # the inspector ran out of time on a (huge) model
         "gpu-type-unavailable",  # gpu_type names no kind of GPU the service or its fleet has now

@@ -3,13 +3,14 @@
 A real ``maxbatch serve`` (``python -m app.cli serve``) with the real probe command, tested from
 outside over HTTP while every process below the server is watched through ``/proc``
 (:class:`bench.proctree.TreeWatch`). For each model of the issue — a width of 10**6, 10**4 and
-10**6 layers, a vocabulary of 10**9, 10**9 positions, each against a 64 MiB simulated cap — the
-test checks that:
+10**6 layers, a vocabulary of 10**9, 10**9 positions, 10**6 layers 8 wide, each against a 64 MiB
+simulated cap — the test checks that:
 
-- the POST is answered (202), and an ordinary POST sent while the hostile one is in flight is
-  answered too (202);
-- the job ends with every config ``oom`` at batch size 1, saying that the weights alone need more
-  than the device has, and nothing was built;
+- the POST is answered — 422 ``too-many-layers`` for the models deeper than a trial can build
+  (``bench.hostile_models.REFUSED``), 202 for the others — and an ordinary POST sent while the
+  hostile one is in flight is answered too (202);
+- each accepted job ends with every config ``oom`` at batch size 1, saying that the weights alone
+  need more than the device has, and nothing was built;
 - every probe process (inspectors, probe children, the forkserver, trial children) ran under a
   host-memory ceiling (``RLIMIT_DATA``) of the size the settings give its role, and its peak RSS
   (``VmHWM``) stayed under that ceiling;
@@ -32,7 +33,7 @@ from pathlib import Path
 import pytest
 
 from app.settings import Settings
-from bench.hostile_models import BIG_CAP, CAP, HOSTILE, ORDINARY, body, role, timed_post, wait_done
+from bench.hostile_models import BIG_CAP, CAP, HOSTILE, ORDINARY, REFUSED, body, role, timed_post, wait_done
 from bench.proctree import TreeWatch
 from probes.hostmem import CAP_SLACK
 from tests.app.live_server import LiveServer
@@ -69,8 +70,12 @@ def test_hostile_models_are_answered_within_their_ceilings(server: LiveServer) -
                 answer, hostile_seconds = hostile.result()
                 assert ordinary.status_code == 202, ordinary.text
                 client.post(f"/v1/probes/{ordinary.json()['id']}/cancel")
-                assert answer.status_code == 202, f"{name}: {answer.text}"
-                jobs[name] = answer.json()["id"]
+                if name in REFUSED:
+                    assert answer.status_code == 422, f"{name}: {answer.text}"
+                    assert answer.json()["code"] == "too-many-layers", f"{name}: {answer.text}"
+                else:
+                    assert answer.status_code == 202, f"{name}: {answer.text}"
+                    jobs[name] = answer.json()["id"]
                 latencies[name] = (hostile_seconds, ordinary_seconds)
 
         config, memory, seq_len = HOSTILE[PAST_THE_CEILING]
