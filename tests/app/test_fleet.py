@@ -180,6 +180,25 @@ def test_twenty_jobs_across_two_types_all_finish_each_on_a_node_of_its_type(flee
         assert job["queued_reason"] is None
 
 
+def test_cpu_probes_run_side_by_side_on_the_cluster(fleet: Fleet) -> None:
+    """``simulated`` and ``predict`` probes are CPU tasks: the cluster runs several at once, so many
+    predictions proceed in parallel (the local dispatcher has one worker for them)."""
+    if fleet.kind != "ray":
+        pytest.skip("the local dispatcher runs one CPU probe at a time (one worker per device)")
+    jobs = [
+        _submit(fleet.client, probe_body(device="simulated", fake="sleep", config={"side_by_side": i}))
+        for i in range(2)
+    ]
+    try:
+        for job in jobs:  # both hold their probe until cancelled: both running means side by side
+            _wait(fleet.client, job["id"], lambda j: j["status"] == "running")
+        states = [fleet.client.get(f"/v1/probes/{job['id']}").json()["status"] for job in jobs]
+        assert states == ["running", "running"], states
+    finally:
+        for job in jobs:
+            fleet.client.post(f"/v1/probes/{job['id']}/cancel")
+
+
 def test_an_unknown_gpu_type_is_a_422_listing_the_types_there_are(fleet: Fleet) -> None:
     for asked in ("L4-24GB", "A100-80GB", "B200"):
         response = fleet.client.post("/v1/probes", json=_body(asked))
