@@ -87,7 +87,9 @@ def lower_session_priority(pid: int, nice: int, *, attempts: int = 6) -> None:
     (``/proc/<pid>/autogroup``) is what ranks it below the service.
 
     Without ``CAP_SYS_ADMIN`` the kernel takes one such write per 100 ms on the whole machine and
-    answers the others ``EAGAIN``: that write is tried ``attempts`` times, 50 ms apart. Nothing
+    answers the others ``EAGAIN``; right after ``Popen`` returns, a child of a service that is not
+    root may still be finishing its exec, when its ``/proc`` files are root's (``EACCES``): that
+    write is tried ``attempts`` times, 50 ms apart. Nothing
     happens where the kernel has no autogroups or the child is gone already; where the service
     runs in a CPU cgroup of its own (a container), the cgroup schedules it, autogroups do not
     apply, the write changes nothing and the child's plain nice ranks it."""
@@ -95,7 +97,10 @@ def lower_session_priority(pid: int, nice: int, *, attempts: int = 6) -> None:
     for attempt in range(attempts):
         try:
             path.write_text(f"{nice}\n")
-        except BlockingIOError:  # the kernel's rate limit: try again
+        except (BlockingIOError, PermissionError):
+            # EAGAIN: the kernel's rate limit. EACCES: the child is still inside its exec (the
+            # process is not yet dumpable, so its /proc files belong to root) and a service that
+            # is not root may not write yet. Both pass: try again.
             if attempt + 1 < attempts:
                 time.sleep(0.05)
             continue
@@ -109,9 +114,14 @@ def lower_session_priority(pid: int, nice: int, *, attempts: int = 6) -> None:
 
 
 def stop_group(proc: subprocess.Popen[bytes] | subprocess.Popen[str], grace_seconds: float) -> None:
-    """SIGTERM the child's group (the engine exits cleanly on it), SIGKILL it after ``grace_seconds``."""
+    """SIGTERM the probe child alone (its engine cancels: it ends its trial children itself and
+    exits), then SIGKILL the whole group after ``grace_seconds`` at the latest.
+
+    Not the group first: a trial child that a group-wide SIGTERM ended before the engine had read
+    its own was reported by the engine as a ``crash`` trial, stored with the cancelled job."""
     if proc.poll() is None:
-        kill_group(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=grace_seconds)
     kill_group(proc.pid)
