@@ -1077,7 +1077,7 @@ def seeded_worker(shape: str, mode: str, memory: int, out: Path) -> None:
 def engine_seeded_worker(shape: str, memory: int, out: Path) -> None:
     """Child mode: the whole engine (``run_probe``: a fresh child per trial, the confirmation with its
     varied lengths) on cuda:0 for ``shape``, ``predict_seeding`` off then on; one JSON line per config
-    and mode with the device's trials, and one per mode with the probe's wall time (the GPU's hold)."""
+    and mode with the device's trials and that mode's whole probe wall time (the GPU's hold)."""
     from probes.engine import run_probe
     from probes.spec import ModelSpec, ProbeSpec
 
