@@ -223,7 +223,8 @@ def probe_spec(device: str, memory: int, config: dict[str, Any], seq_len: int) -
     }
 
 
-def part_probe(timeout: float, memory: int, log: Path, work: Path) -> Part:
+def part_probe(timeout: float, memory: int, log: Path, work: Path, device: str) -> Part:
+    """``device``: the card's description from :func:`cuda_available` (names the card to rank for)."""
     part = Part(f"2. probe on cuda:0 — llama ~1B, seq 2048, memory limit {memory / GiB:g} GiB")
     spec_path, result_path = work / "probe-spec.json", work / "probe-result.json"
     spec_path.write_text(json.dumps(probe_spec("cuda:0", memory, LLAMA_1B, 2048)), encoding="utf-8")
@@ -282,7 +283,7 @@ def part_probe(timeout: float, memory: int, log: Path, work: Path) -> Part:
         part.lines.append(f"\n```\n{ran.stderr_tail[-1500:]}\n```")
     if result_path.exists():
         with contextlib.suppress(Exception):  # a report line, never a crashed part
-            part.lines += ranking_lines(result_path, cuda_available()[1])
+            part.lines += ranking_lines(result_path, device)
     part.data = rows
     return part
 
@@ -1366,7 +1367,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(scratch)
         plan = {
             1: lambda: part_tests(100, log),
-            2: lambda: part_probe(130, probe_memory, log, work),
+            2: lambda: part_probe(130, probe_memory, log, work, device),
             3: lambda: part_peaks(130, peak_memory, log, work),
             4: lambda: part_compare(args.compare_budget + 45, args.compare_budget, out, log),
             5: lambda: part_peft_peaks(110, peak_memory, log, work),
